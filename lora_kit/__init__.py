@@ -1,0 +1,50 @@
+"""lora_kit: small, fast, exact and safe LoRA adapters for Hugging Face transformers models.
+
+Quick start::
+
+    import lora_kit as lk
+    lm = lk.inject(model, lk.LoraConfig(r=8, alpha=16))   # surgery in place
+    lm.save_adapter("adapters/sst")                       # PEFT-format directory
+    lm = lk.LoraModel.from_pretrained(fresh_model, "adapters/sst")
+"""
+
+from ._version import __version__
+from .adapter_io import AdapterFiles, read_adapter
+from .config import LoraConfig
+from .errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterNameError,
+    ConfigError,
+    LoraKitError,
+    NonFiniteError,
+    NoTargetsError,
+    UnsupportedModuleError,
+)
+from .layers import LoraAdapter, LoRALinear
+from .model import AdapterRecord, LoraModel, ParameterSummary, inject
+from .routing import Selection
+from .targets import presets
+
+__all__ = [
+    "AdapterFiles",
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "AdapterNameError",
+    "AdapterRecord",
+    "ConfigError",
+    "LoRALinear",
+    "LoraAdapter",
+    "LoraConfig",
+    "LoraKitError",
+    "LoraModel",
+    "NoTargetsError",
+    "NonFiniteError",
+    "ParameterSummary",
+    "Selection",
+    "UnsupportedModuleError",
+    "__version__",
+    "inject",
+    "presets",
+    "read_adapter",
+]

@@ -1,0 +1,188 @@
+"""Reading and writing adapter directories (PEFT's format), atomically and without pickle.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. lora_kit adds string
+metadata to the safetensors header (ignored by PEFT): ``lora_kit.format_version``,
+``lora_kit.version``, ``lora_kit.config`` (the `LoraConfig` as JSON) and
+``lora_kit.base_fingerprint`` (see `fingerprint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ._version import __version__
+from .config import LoraConfig
+from .errors import AdapterFormatError, NonFiniteError
+from .peft_format import from_peft_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = "1"
+META_PREFIX = "lora_kit."
+
+
+@dataclass
+class AdapterFiles:
+    """The parsed content of an adapter directory.
+
+    Attributes:
+        path: The directory it was read from.
+        config: The adapter's `LoraConfig` (from ``adapter_config.json``).
+        peft_config: The raw ``adapter_config.json`` dict.
+        tensors: PEFT tensor key -> tensor (CPU).
+        metadata: lora_kit's header metadata, prefix stripped, JSON values decoded
+            (empty for an adapter saved by PEFT).
+    """
+
+    path: Path
+    config: LoraConfig
+    peft_config: dict[str, Any]
+    tensors: dict[str, Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def origin(self) -> str:
+        """``"lora_kit"`` if lora_kit wrote it, else ``"peft"``."""
+        return "lora_kit" if "format_version" in self.metadata else "peft"
+
+
+def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:
+    """Read and check an adapter directory; nothing is unpickled.
+
+    Raises:
+        AdapterFormatError: Missing directory/files, invalid JSON, unsupported features, an
+            unreadable or truncated safetensors file, or non-floating tensors.
+        NonFiniteError: A tensor holds NaN or infinity.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise AdapterFormatError(f"adapter directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise AdapterFormatError(
+            f"{str(root)!r} is a file; an adapter is a directory holding {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}"
+        )
+    config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise AdapterFormatError(
+                f"{str(root)!r} is not an adapter directory: {needed.name} is missing"
+            )
+    try:
+        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(peft_config, dict):
+        raise AdapterFormatError(f"{config_path}: expected a JSON object")
+    config = from_peft_dict(peft_config, str(config_path))
+    tensors, raw_meta = _read_safetensors(weights_path)
+    return AdapterFiles(root, config, peft_config, tensors, _decode_metadata(raw_meta))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(
+            f"{path}: unreadable safetensors file ({exc}); it may be truncated or corrupt: "
+            f"re-save or re-download the adapter"
+        ) from exc
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, not float")
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{path}: tensor {key!r} contains NaN or infinity")
+    return tensors, metadata
+
+
+def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not key.startswith(META_PREFIX):
+            continue
+        name = key[len(META_PREFIX) :]
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def write_adapter(
+    path: str | os.PathLike[str],
+    peft_config: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write an adapter directory atomically (temp directory, then rename into place).
+
+    An existing adapter at ``path`` is replaced only once the new one is complete; an
+    interrupted save leaves the old one (or nothing) and a ``.tmp`` sibling, never a mix.
+
+    Raises:
+        NonFiniteError: A tensor holds NaN or infinity (nothing is written).
+        AdapterFormatError: ``path`` exists and is not an adapter directory.
+    """
+    root = Path(path)
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"refusing to save: tensor {key!r} contains NaN or infinity (did training diverge?)"
+            )
+    is_adapter = root.is_dir() and (root / CONFIG_NAME).exists()
+    if root.exists() and not is_adapter and (root.is_file() or any(root.iterdir())):
+        raise AdapterFormatError(
+            f"refusing to overwrite {str(root)!r}: it exists and is not an adapter directory"
+        )
+    header = {"format": "pt"}
+    header[META_PREFIX + "format_version"] = FORMAT_VERSION
+    header[META_PREFIX + "version"] = __version__
+    for key, value in metadata.items():
+        header[META_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp / WEIGHTS_NAME), metadata=header)
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(peft_config), indent=2) + "\n")
+        _replace_dir(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an old ``target`` is removed only after the move.
+
+    Files in an old ``target`` other than the adapter's own (a model card, a training log)
+    are carried over into the new directory first.
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    for entry in target.iterdir():
+        if not (new / entry.name).exists():
+            shutil.copy2(entry, new / entry.name) if entry.is_file() else shutil.copytree(
+                entry, new / entry.name, symlinks=True
+            )
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

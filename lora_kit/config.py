@@ -1,0 +1,219 @@
+"""`LoraConfig`: the typed, validated description of one adapter, with JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
+
+from .errors import ConfigError
+
+InitMethod = Literal["zero_b", "gaussian"]
+INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
+
+# A target specification: a preset name, a list of module-name suffixes, or a regular expression
+# that must match a whole module name. ``None`` picks the preset for the model's type.
+Targets = str | tuple[str, ...] | None
+
+
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """Whether a ``rank_pattern``/``alpha_pattern`` key applies to ``module_name``.
+
+    Same rule as PEFT: the pattern (a regex) must match a dot-separated suffix of the name,
+    so ``"value"`` matches ``"bert.encoder.layer.0.attention.self.value"`` and
+    ``"layer.0.*value"`` matches only layer 0.
+    """
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter.
+
+    Attributes:
+        r: Rank of the update ``B @ A``; a positive integer.
+        alpha: Scale numerator: the update is multiplied by ``alpha / r``
+            (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
+        targets: Which modules get an adapter: a preset name (see :func:`lora_kit.presets`),
+            a sequence of module-name suffixes (``"c_attn"`` or ``"attn.c_proj"``), or a regular
+            expression that must match the whole module name. ``None`` picks the default preset
+            for ``model.config.model_type``.
+        exclude: Modules never targeted, in the same forms as ``targets`` (no presets).
+        layers: Block indices to touch (the first integer in a module's dotted name);
+            ``None`` means every block.
+        rank_pattern: Per-module rank overrides; keys are regexes matched against a dot-separated
+            suffix of the module name (PEFT's rule); the first matching key wins.
+        alpha_pattern: Per-module alpha overrides, same matching rule.
+        use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
+        init: ``"zero_b"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op) or
+            ``"gaussian"`` (A normal with std ``1/r``, B zero).
+        modules_to_save: Module-name suffixes of whole modules (e.g. a classification head
+            ``"classifier"``) trained and saved with the adapter as full copies.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Targets = None
+    exclude: str | tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: InitMethod = "zero_b"
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise list inputs to tuples so the config stays immutable and hashable-ish.
+        for name in ("targets", "exclude", "layers", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not _is_finite_number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not _is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INIT_METHODS:
+            raise ConfigError(f"LoraConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        _check_spec("targets", self.targets)
+        _check_spec("exclude", self.exclude)
+        if self.layers is not None and (
+            not self.layers
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers)
+        ):
+            raise ConfigError(
+                f"LoraConfig.layers must be None or a non-empty list of block indices >= 0, "
+                f"got {self.layers!r}"
+            )
+        for key, rank in self.rank_pattern.items():
+            _check_regex("rank_pattern", key)
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(
+                    f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}"
+                )
+        for key, alpha in self.alpha_pattern.items():
+            _check_regex("alpha_pattern", key)
+            if not _is_finite_number(alpha) or alpha <= 0:
+                raise ConfigError(
+                    f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {alpha!r}"
+                )
+        if any(not isinstance(m, str) or not m for m in self.modules_to_save):
+            raise ConfigError(
+                f"LoraConfig.modules_to_save must be a list of module-name suffixes, "
+                f"got {self.modules_to_save!r}"
+            )
+
+    # ---- per-module values -------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank used for ``module_name`` (``rank_pattern`` first, else ``r``)."""
+        for pattern, rank in self.rank_pattern.items():
+            if pattern_matches(pattern, module_name):
+                return rank
+        return self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha used for ``module_name`` (``alpha_pattern`` first, else ``alpha``)."""
+        for pattern, alpha in self.alpha_pattern.items():
+            if pattern_matches(pattern, module_name):
+                return alpha
+        return self.alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        """The factor the update ``B @ A`` of ``module_name`` is multiplied by."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # ---- JSON round-trip -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        out = asdict(self)
+        for name in ("targets", "exclude", "layers", "modules_to_save"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        return out
+
+    def to_json(self) -> str:
+        """The config as a JSON string (keys sorted, stable)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Build a config from :meth:`to_dict` output.
+
+        Raises:
+            ConfigError: On unknown keys or invalid values.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown LoraConfig field(s) {unknown}; accepted fields are {sorted(known)}"
+            )
+        try:
+            return cls(**data)
+        except TypeError as exc:  # e.g. a non-string pattern key that breaks normalisation
+            raise ConfigError(f"invalid LoraConfig data: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> LoraConfig:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            ConfigError: If the text is not a JSON object of valid fields.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"LoraConfig JSON is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"LoraConfig JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_regex(field_name: str, pattern: object) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(
+            f"LoraConfig.{field_name} keys must be non-empty strings, got {pattern!r}"
+        )
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"LoraConfig.{field_name}: {pattern!r} is not a valid regular expression ({exc})"
+        ) from exc
+
+
+def _check_spec(field_name: str, spec: object) -> None:
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        _check_regex(field_name, spec)
+        return
+    if (
+        not isinstance(spec, tuple)
+        or not spec
+        or any(not isinstance(s, str) or not s for s in spec)
+    ):
+        raise ConfigError(
+            f"LoraConfig.{field_name} must be a preset name, a regex string, or a non-empty list "
+            f"of module-name suffixes, got {spec!r}"
+        )

@@ -1,0 +1,157 @@
+"""The LoRA layer: a frozen base projection plus any number of named low-rank adapters.
+
+Both ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight stored transposed,
+``[in, out]``) are wrapped the same way: the adapter path always runs in Linear layout
+(``A: [r, in]``, ``B: [out, r]``, exactly PEFT's tensors); only a merged delta is transposed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import InitMethod
+from .errors import UnsupportedModuleError
+from .routing import Router
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's weights in one layer: ``delta(x) = scaling * B(A(dropout(x)))``.
+
+    Attributes:
+        lora_A: ``[r, in_features]``.
+        lora_B: ``[out_features, r]``.
+        scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout probability on the adapter's input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.scaling = scaling
+        self.dropout = dropout
+
+    @property
+    def r(self) -> int:
+        """The adapter's rank."""
+        return self.lora_A.shape[0]
+
+    @torch.no_grad()
+    def reset(self, init: InitMethod, generator: torch.Generator | None = None) -> None:
+        """Initialise A (Kaiming-uniform like ``nn.Linear``, or normal std ``1/r``); zero B."""
+        if init == "gaussian":
+            self.lora_A.normal_(0.0, 1.0 / self.r, generator=generator)
+        else:
+            bound = 1.0 / math.sqrt(self.lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5))
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.lora_B.zero_()
+
+    def delta_weight(self) -> Tensor:
+        """The dense update ``scaling * B @ A`` in fp32, Linear layout ``[out, in]``."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def add_to(self, out: Tensor, x: Tensor, weight: float = 1.0) -> Tensor:
+        """Add this adapter's contribution for input ``x`` to the base output ``out``.
+
+        ``out`` is updated in place when dtypes allow (the base projection's backward does not
+        need its output), which saves one ``[tokens, out]`` temporary per layer.
+
+        Args:
+            out: Base output ``[..., out_features]``.
+            x: Layer input ``[..., in_features]``.
+            weight: Extra factor (weighted stacking; negative subtracts).
+        """
+        a, b = self.lora_A, self.lora_B
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        if self.dropout > 0.0:
+            x = F.dropout(x, self.dropout, self.training)
+        h = F.linear(x, a)  # [..., r]
+        scale = self.scaling * weight
+        if h.dtype == b.dtype == out.dtype and out.is_contiguous():
+            # out[N, o] += scale * h[N, r] @ B^T[r, o]: one fused GEMM, no [N, o] temporary.
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+            return out
+        # Mixed dtypes (fp32 adapter beside a bf16 base, or autocast): the sum is computed in
+        # the wider type and rounded once into out's dtype.
+        return out.add_(F.linear(h, b), alpha=scale)  # [..., out]
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear``/``Conv1D`` plus named adapters, routed by a shared `Router`.
+
+    Attributes:
+        base: The wrapped projection; its parameters are never modified by injection.
+        adapters: Adapter name -> :class:`LoraAdapter`.
+        fan_in_fan_out: True for ``Conv1D`` (weight stored ``[in, out]``).
+    """
+
+    def __init__(self, base: nn.Module, router: Router) -> None:
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.fan_in_fan_out = False
+        elif isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape  # stored [in, out]
+            self.fan_in_fan_out = True
+        else:
+            raise UnsupportedModuleError(
+                f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}"
+            )
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.router = router
+        self._base_digest: str | None = None  # fingerprint cache (see fingerprint.py)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight as stored (``[out, in]`` for Linear, ``[in, out]`` for Conv1D)."""
+        weight = self.base.weight
+        if not isinstance(weight, Tensor):  # unreachable for Linear/Conv1D
+            raise UnsupportedModuleError(f"{type(self.base).__name__} has no weight tensor")
+        return weight
+
+    def add(self, name: str, adapter: LoraAdapter) -> None:
+        """Attach ``adapter`` under ``name`` (the caller checked the name is free)."""
+        self.adapters[name] = adapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``base(x) + sum_k w_k * scaling_k * B_k A_k x`` over the active adapters here.
+
+        Args:
+            x: ``[..., in_features]``.
+
+        Returns:
+            ``[..., out_features]``.
+        """
+        out: Tensor = self.base(x)  # [..., out]
+        adapters = self.adapters
+        for name, weight in self.router.current.weights:
+            if name in adapters:
+                out = self.adapter(name).add_to(out, x, weight)
+        return out
+
+    def adapter(self, name: str) -> LoraAdapter:
+        """The adapter ``name`` (typed access to :attr:`adapters`)."""
+        return cast(LoraAdapter, self.adapters[name])
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.fan_in_fan_out else "Linear"
+        names = ", ".join(f"{n}(r={self.adapter(n).r})" for n in self.adapters)
+        return f"{kind} {self.in_features}->{self.out_features}, adapters=[{names}]"

@@ -1,0 +1,525 @@
+"""`LoraModel`: the handle over a transformers model with LoRA adapters injected in place."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapter_io import AdapterFiles, read_adapter, write_adapter
+from .config import LoraConfig
+from .errors import AdapterMismatchError, AdapterNameError, ConfigError, LoraKitError
+from .fingerprint import check_fingerprint, fingerprint
+from .layers import LoraAdapter, LoRALinear
+from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
+from .routing import BASE_ONLY, Router, Selection
+from .saved_modules import SavedModule
+from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
+from .targets import find_saved_modules, find_targets, resolve_spec
+
+# The PEFT release whose adapter format lora_kit writes (recorded in adapter_config.json).
+PEFT_FORMAT_VERSION = "0.21.2"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+AdapterSelection = str | Mapping[str, float] | None
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """Everything lora_kit knows about one adapter of a model.
+
+    Attributes:
+        name: The adapter's name in this model.
+        config: Its configuration.
+        modules: Names of the projections it adapts.
+        saved_modules: Names of the whole modules it keeps its own copy of.
+        source: The directory it was loaded from, if any.
+    """
+
+    name: str
+    config: LoraConfig
+    modules: tuple[str, ...]
+    saved_modules: tuple[str, ...]
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class ParameterSummary:
+    """Parameter counts of a `LoraModel` (each tensor counted once)."""
+
+    adapter: int
+    saved_modules: int
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return (
+            f"trainable: {self.trainable:,} ({share:.3f}% of {self.total:,}) = "
+            f"{self.adapter:,} adapter + {self.saved_modules:,} modules_to_save"
+        )
+
+
+class LoraModel(nn.Module):
+    """A transformers model with LoRA adapters injected in place.
+
+    Create one with :func:`inject` or :meth:`from_pretrained`. Calling it calls the wrapped
+    model; ``lm.model`` is that model (``generate`` works through :meth:`generate`).
+
+    Adapter selection: :meth:`set_adapter` sets the model-wide default; :meth:`using` and
+    :meth:`disabled` set a selection for the calling thread (or asyncio task) only, so
+    concurrent requests that each use ``with lm.using(name):`` never see each other's adapter.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.router = Router()
+        self._adapters: dict[str, AdapterRecord] = {}
+
+    # ---- adapters ----------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> Mapping[str, LoraConfig]:
+        """Adapter name -> config, read-only."""
+        return MappingProxyType({n: r.config for n, r in self._adapters.items()})
+
+    def adapter_record(self, name: str) -> AdapterRecord:
+        """Everything known about adapter ``name``.
+
+        Raises:
+            AdapterNameError: No adapter of that name.
+        """
+        self._require(name)
+        return self._adapters[name]
+
+    def add_adapter(
+        self, name: str, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32
+    ) -> None:
+        """Inject a new, freshly initialised adapter (not activated; see :meth:`set_adapter`).
+
+        Existing `LoRALinear` wrappers are reused, so adapters may target the same or different
+        modules. The base weights are frozen and never modified.
+
+        Raises:
+            AdapterNameError: ``name`` is invalid or taken.
+            NoTargetsError: Nothing matched (the message lists the modules that exist).
+            UnsupportedModuleError: A matched module is not Linear/Conv1D.
+        """
+        self._check_new_name(name)
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"config must be a lora_kit.LoraConfig, got {type(config).__name__}")
+        targets = find_targets(self.model, config)
+        heads = find_saved_modules(self.model, config.modules_to_save)
+        # Everything is validated: mutate from here on.
+        if not self._adapters:
+            self.model.requires_grad_(False)
+        for target in targets:
+            layer = wrap_lora(self.model, target, self.router)
+            adapter = LoraAdapter(
+                layer.in_features,
+                layer.out_features,
+                r=config.rank_for(target),
+                scaling=config.scaling_for(target),
+                dropout=config.dropout,
+                dtype=adapter_dtype,
+                device=layer.weight.device,
+            )
+            adapter.reset(config.init)
+            layer.add(name, adapter)
+        for head in heads:
+            wrap_saved(self.model, head, self.router).add(name)
+        self._adapters[name] = AdapterRecord(name, config, tuple(targets), tuple(heads))
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter and free its tensors; modules no adapter uses are unwrapped.
+
+        Raises:
+            AdapterNameError: No adapter of that name.
+        """
+        record = self.adapter_record(name)
+        for module_name in record.modules:
+            del self._layer(module_name).adapters[name]
+            unwrap_if_empty(self.model, module_name)
+        for module_name in record.saved_modules:
+            del self._saved(module_name).copies[name]
+            unwrap_if_empty(self.model, module_name)
+        del self._adapters[name]
+        default = self.router.default
+        if name in default.names:
+            self.router.default = Selection(tuple((n, w) for n, w in default.weights if n != name))
+
+    # ---- selection ---------------------------------------------------------------------
+
+    @property
+    def active(self) -> Selection:
+        """The selection in force for the calling thread."""
+        return self.router.current
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The single active adapter's name (None if none, or if a weighted set is active)."""
+        weights = self.router.current.weights
+        return weights[0][0] if len(weights) == 1 and weights[0][1] == 1.0 else None
+
+    def set_adapter(self, selection: AdapterSelection) -> None:
+        """Set the model-wide active adapter(s): a name, ``{name: weight}``, or None (base only).
+
+        Switching costs the same however many adapters are loaded: one assignment.
+
+        Raises:
+            AdapterNameError: An unknown adapter name.
+            ConfigError: A non-finite weight.
+        """
+        self.router.default = self._selection(selection)
+
+    @contextmanager
+    def using(self, selection: AdapterSelection) -> Iterator[None]:
+        """Use ``selection`` in this thread/task inside the block; restored on exit or error."""
+        with self.router.override(self._selection(selection)):
+            yield
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block; restored on exit or error."""
+        with self.router.override(BASE_ONLY):
+            yield
+
+    # ---- parameters --------------------------------------------------------------------
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name``: A, B and its ``modules_to_save`` copies."""
+        record = self.adapter_record(name)
+        params: list[nn.Parameter] = []
+        for module_name in record.modules:
+            adapter = self._layer(module_name).adapter(name)
+            params.extend(adapter.parameters())
+        for module_name in record.saved_modules:
+            params.extend(self._saved(module_name).copies[name].parameters())
+        return params
+
+    def trainable_parameters(self) -> ParameterSummary:
+        """Adapter and ``modules_to_save`` parameter counts against the model total."""
+        adapter = saved = 0
+        for module in self.model.modules():
+            if isinstance(module, LoraAdapter):
+                adapter += sum(p.numel() for p in module.parameters())
+            elif isinstance(module, SavedModule):
+                saved += sum(p.numel() for p in module.copies.parameters())
+        params = list(self.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return ParameterSummary(adapter, saved, trainable, sum(p.numel() for p in params))
+
+    # ---- calling the model ---------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped transformers model with the same arguments."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` with the active adapter(s)."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise LoraKitError(f"{type(self.model).__name__} has no generate method")
+        return generate(*args, **kwargs)
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def save_adapter(self, path: str | os.PathLike[str], name: str | None = None) -> Path:
+        """Save one adapter as a PEFT-format directory (atomic: temp directory, then rename).
+
+        Args:
+            path: Directory to write (created; an existing adapter there is replaced).
+            name: Which adapter; may be omitted when the model has exactly one.
+
+        Returns:
+            The directory written.
+
+        Raises:
+            AdapterNameError: Unknown or ambiguous name.
+            NonFiniteError: The weights contain NaN/inf (nothing is written).
+        """
+        record = self.adapter_record(self._sole_name(name))
+        tensors: dict[str, Tensor] = {}
+        for module_name in record.modules:
+            adapter = self._layer(module_name).adapter(record.name)
+            key_a, key_b = lora_keys(module_name)
+            tensors[key_a], tensors[key_b] = adapter.lora_A, adapter.lora_B
+        for module_name in record.saved_modules:
+            head = self._saved(module_name).copies[record.name]
+            for key, value in head.state_dict().items():
+                tensors[head_key(module_name, key)] = value
+        layers = {m: self._layer(m) for m in record.modules}
+        peft_config = to_peft_dict(
+            record.config,
+            target_modules=self._peft_targets(record),
+            fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+            task_type=task_type_for(type(self.model).__name__),
+            base_model_name_or_path=getattr(
+                getattr(self.model, "config", None), "_name_or_path", None
+            )
+            or None,
+            peft_version=PEFT_FORMAT_VERSION,
+        )
+        metadata = {
+            "config": record.config.to_json(),
+            "base_fingerprint": fingerprint(self.model, layers),
+            "adapter_name": record.name,
+        }
+        return write_adapter(path, peft_config, tensors, metadata)
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        check_base: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> str:
+        """Load an adapter directory (lora_kit's or PEFT's) under ``name``; not activated.
+
+        Loading is strict and atomic: every key, shape and value, and the base fingerprint when
+        the file has one, is checked before the model is touched.
+
+        Args:
+            path: The adapter directory.
+            name: Name to give it; defaults to the directory's name.
+            check_base: Verify the base fingerprint recorded by lora_kit (if present).
+            adapter_dtype: dtype of the adapter tensors in memory.
+
+        Returns:
+            The name it was loaded under.
+
+        Raises:
+            AdapterFormatError: Unreadable, truncated, non-finite or unsupported files.
+            AdapterMismatchError: Keys, shapes or base fingerprint do not fit this model.
+            AdapterNameError: The name is taken.
+        """
+        files = read_adapter(path)
+        name = name if name is not None else files.path.resolve().name
+        self._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        return name
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        name: str = "default",
+        *,
+        check_base: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> LoraModel:
+        """Inject and load a saved adapter in one call, and activate it.
+
+        Raises:
+            The errors of :meth:`load_adapter`; ``model`` is unchanged when one is raised.
+        """
+        _refuse_injected(model)
+        files = read_adapter(path)
+        lm = cls(model)
+        lm._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        lm.set_adapter(name)
+        return lm
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _load(
+        self, files: AdapterFiles, name: str, *, check_base: bool, adapter_dtype: torch.dtype
+    ) -> None:
+        self._check_new_name(name)
+        source = str(files.path)
+        targets = find_targets(self.model, files.config)
+        heads = find_saved_modules(self.model, files.config.modules_to_save)
+        expected: dict[str, tuple[int, ...]] = {}
+        for target in targets:
+            layer = self.model.get_submodule(target)
+            out_f, in_f = _features(layer)
+            rank = files.config.rank_for(target)
+            key_a, key_b = lora_keys(target)
+            expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
+        for head in heads:
+            module = self.model.get_submodule(head)
+            original = module.original if isinstance(module, SavedModule) else module
+            for key, value in original.state_dict().items():
+                expected[head_key(head, key)] = tuple(value.shape)
+        _check_keys(expected, files.tensors, source)
+        fp = files.metadata.get("base_fingerprint")
+        if check_base and isinstance(fp, dict):
+            check_fingerprint(
+                fp, self.model, {t: self.model.get_submodule(t) for t in targets}, source
+            )
+        # Everything is validated: mutate from here on.
+        self.add_adapter(name, files.config, adapter_dtype=adapter_dtype)
+        with torch.no_grad():
+            for target in targets:
+                adapter = self._layer(target).adapter(name)
+                key_a, key_b = lora_keys(target)
+                adapter.lora_A.copy_(files.tensors[key_a])
+                adapter.lora_B.copy_(files.tensors[key_b])
+            for head in heads:
+                prefix = head_key(head, "")
+                state = {
+                    k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)
+                }
+                self._saved(head).copies[name].load_state_dict(state, strict=True)
+        record = self._adapters[name]
+        self._adapters[name] = AdapterRecord(
+            name, record.config, record.modules, record.saved_modules, source
+        )
+
+    def _peft_targets(self, record: AdapterRecord) -> str | tuple[str, ...]:
+        # With layers/exclude, the exact module names are the one form every PEFT release
+        # reads the same way; otherwise keep the user's suffix list or regex.
+        if record.config.layers is not None or record.config.exclude is not None:
+            return record.modules
+        return resolve_spec(record.config, self.model)
+
+    def _selection(self, selection: AdapterSelection) -> Selection:
+        if selection is None:
+            return BASE_ONLY
+        if isinstance(selection, str):
+            self._require(selection)
+            return Selection(((selection, 1.0),))
+        if isinstance(selection, Mapping):
+            pairs = []
+            for adapter_name, weight in selection.items():
+                self._require(adapter_name)
+                value = float(weight)
+                if not torch.isfinite(torch.tensor(value)):
+                    raise ConfigError(
+                        f"weight of adapter {adapter_name!r} must be finite, got {weight!r}"
+                    )
+                pairs.append((adapter_name, value))
+            return Selection(tuple(pairs))
+        raise AdapterNameError(
+            f"select adapters with a name, a {{name: weight}} mapping, or None; "
+            f"got {type(selection).__name__}"
+        )
+
+    def _require(self, name: str) -> None:
+        if name not in self._adapters:
+            raise AdapterNameError(
+                f"no adapter named {name!r}; loaded adapters: {sorted(self._adapters) or 'none'}"
+            )
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise AdapterNameError(
+                f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' "
+                f"(no dots or spaces)"
+            )
+        if name in self._adapters:
+            raise AdapterNameError(
+                f"an adapter named {name!r} already exists; pick another name or "
+                f"delete_adapter({name!r}) first"
+            )
+
+    def _sole_name(self, name: str | None) -> str:
+        if name is not None:
+            return name
+        if len(self._adapters) == 1:
+            return next(iter(self._adapters))
+        raise AdapterNameError(
+            f"this model has {len(self._adapters)} adapters ({sorted(self._adapters)}): "
+            f"say which one with name="
+        )
+
+    def _layer(self, module_name: str) -> LoRALinear:
+        layer = self.model.get_submodule(module_name)
+        if not isinstance(layer, LoRALinear):
+            raise LoraKitError(f"{module_name!r} is not a LoRA layer (was the model edited?)")
+        return layer
+
+    def _saved(self, module_name: str) -> SavedModule:
+        wrapper = self.model.get_submodule(module_name)
+        if not isinstance(wrapper, SavedModule):
+            raise LoraKitError(f"{module_name!r} is not a saved module (was the model edited?)")
+        return wrapper
+
+
+def inject(
+    model: nn.Module,
+    config: LoraConfig | None = None,
+    name: str = "default",
+    *,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> LoraModel:
+    """Inject a fresh LoRA adapter into ``model`` in place and activate it.
+
+    Args:
+        model: A transformers model (GPT-2 and BERT families have presets; any model with
+            ``nn.Linear``/``Conv1D`` projections works with explicit targets).
+        config: The adapter's config; defaults to ``LoraConfig()`` (r=8, alpha=16, the model
+            type's default preset).
+        name: The adapter's name.
+        adapter_dtype: dtype of the adapter tensors (fp32 by default, also beside a bf16 base).
+
+    Returns:
+        The `LoraModel` handle; ``model`` itself is modified in place.
+
+    Raises:
+        LoraKitError: The model already has lora_kit layers (use ``add_adapter`` on its handle).
+        NoTargetsError, UnsupportedModuleError, ConfigError: Nothing is changed when raised.
+    """
+    _refuse_injected(model)
+    lm = LoraModel(model)
+    lm.add_adapter(
+        name, config if config is not None else LoraConfig(), adapter_dtype=adapter_dtype
+    )
+    lm.set_adapter(name)
+    return lm
+
+
+def _refuse_injected(model: nn.Module) -> None:
+    if any(isinstance(m, LoRALinear | SavedModule) for m in model.modules()):
+        raise LoraKitError(
+            f"this {type(model).__name__} already has lora_kit layers; add adapters through "
+            f"the LoraModel handle that injected them (lm.add_adapter / lm.load_adapter)"
+        )
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear, Conv1D or `LoRALinear`."""
+    if isinstance(layer, LoRALinear):
+        return layer.out_features, layer.in_features
+    from .fingerprint import describe
+
+    out_f, in_f, _ = describe(layer)
+    return out_f, in_f
+
+
+def _check_keys(
+    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
+) -> None:
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise AdapterMismatchError(
+            f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all): the "
+            f"adapter's config targets this module but the file has no weights for it; was it "
+            f"saved for another model or with other targets?"
+        )
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if unexpected:
+        example = next(iter(expected), "none")
+        raise AdapterMismatchError(
+            f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) matches "
+            f"no targeted module of this model (expected keys like {example!r}); the adapter "
+            f"was probably saved for a different model or module naming"
+        )
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            module = key.removeprefix("base_model.model.")
+            raise AdapterMismatchError(
+                f"{source}: {module} has shape {list(got)} in the file, this model needs "
+                f"{list(shape)}; the adapter was trained on a base with other dimensions"
+            )

@@ -1,0 +1,210 @@
+"""Translation between `LoraConfig` and PEFT's ``adapter_config.json``, and PEFT's tensor keys.
+
+Facts (peft 0.21): tensor keys are ``base_model.model.<module path>.lora_A.weight`` /
+``.lora_B.weight`` with no adapter name, heads are ``base_model.model.<module path>.<param>``;
+GPT-2 Conv1D adapters set ``fan_in_fan_out: true``. We write only the keys an adapter needs, so
+older PEFT releases (which reject unknown keys) read our files too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .config import LoraConfig
+from .errors import AdapterFormatError, ConfigError
+
+PREFIX = "base_model.model."
+
+# Keys of a PEFT LoRA config that lora_kit understands (others are ignored with a warning).
+_KNOWN_KEYS = {
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "lora_bias",
+    "target_parameters",
+    "layer_replication",
+    "use_qalora",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "qalora_group_size",
+    "eva_config",
+    "corda_config",
+    "arrow_config",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "use_bdlora",
+    "velora_config",
+    "ensure_weight_tying",
+}
+
+# Features that change what an adapter computes; loading them as plain LoRA would be wrong.
+# key -> value(s) that are fine.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "target_parameters": (None, [], ()),
+    "layer_replication": (None, [], ()),
+    "use_qalora": (False, None),
+    "trainable_token_indices": (None, {}, []),
+    "alora_invocation_tokens": (None, [], ()),
+    "use_bdlora": (None, False),
+}
+
+# init_lora_weights values that leave the base untouched (PiSSA, OLoRA, LoftQ, EVA ... rewrite
+# the base weights, so an adapter trained with them needs that modified base).
+_PLAIN_INITS = (True, False, "gaussian")
+
+_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
+def lora_keys(module_name: str) -> tuple[str, str]:
+    """The PEFT tensor keys of a module's A and B."""
+    base = PREFIX + module_name
+    return f"{base}.lora_A.weight", f"{base}.lora_B.weight"
+
+
+def head_key(module_name: str, param_name: str) -> str:
+    """The PEFT tensor key of a ``modules_to_save`` parameter/buffer."""
+    return f"{PREFIX}{module_name}.{param_name}"
+
+
+def task_type_for(model_class: str) -> str | None:
+    """PEFT's task type for a transformers model class name (None if unknown)."""
+    for suffix, task in _TASK_TYPES.items():
+        if model_class.endswith(suffix):
+            return task
+    return None
+
+
+def to_peft_dict(
+    config: LoraConfig,
+    *,
+    target_modules: str | Sequence[str],
+    fan_in_fan_out: bool,
+    task_type: str | None,
+    base_model_name_or_path: str | None,
+    peft_version: str,
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` content for ``config``.
+
+    Args:
+        config: The adapter's config.
+        target_modules: What PEFT should target, already resolved by the caller (a suffix list,
+            a regex, or the exact module names when layers/exclude were used).
+        fan_in_fan_out: Whether the targets are Conv1D.
+        task_type: PEFT task type (``SEQ_CLS`` makes PEFT restore the classifier head).
+        base_model_name_or_path: Recorded as PEFT does.
+        peft_version: The PEFT release whose format this mirrors.
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "r": config.r,
+        "lora_alpha": int(config.alpha) if float(config.alpha).is_integer() else config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": target_modules
+        if isinstance(target_modules, str)
+        else list(target_modules),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "peft_version": peft_version,
+    }
+
+
+def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
+    """Parse an ``adapter_config.json`` into a `LoraConfig`.
+
+    Unknown keys are ignored with a warning; features lora_kit does not implement are refused.
+
+    Raises:
+        AdapterFormatError: Not a LoRA config, an unsupported feature, or invalid values.
+    """
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(
+            f"{source}: peft_type is {data.get('peft_type')!r}; lora_kit reads LoRA adapters only"
+        )
+    for key, fine in _UNSUPPORTED.items():
+        if key in data and data[key] not in fine:
+            raise AdapterFormatError(
+                f"{source}: {key}={data[key]!r} is a PEFT feature lora_kit does not implement; "
+                f"loading it as plain LoRA would give wrong outputs. Use PEFT for this adapter."
+            )
+    init = data.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise AdapterFormatError(
+            f"{source}: init_lora_weights={init!r} modifies the base weights (PiSSA/OLoRA/LoftQ "
+            f"style); lora_kit needs the unmodified base. Use PEFT for this adapter."
+        )
+    unknown = sorted(set(data) - _KNOWN_KEYS)
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown adapter_config keys {unknown}", stacklevel=3)
+    if "target_modules" not in data or data["target_modules"] is None:
+        raise AdapterFormatError(f"{source}: adapter_config.json has no target_modules")
+    if data["target_modules"] == "all-linear":
+        raise AdapterFormatError(
+            f"{source}: target_modules='all-linear' depends on PEFT's model-specific expansion; "
+            f"re-save the adapter with an explicit module list"
+        )
+    layers = data.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    modules_to_save = list(data.get("modules_to_save") or [])
+    try:
+        return LoraConfig(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            dropout=data.get("lora_dropout", 0.0),
+            targets=data["target_modules"],
+            exclude=data.get("exclude_modules") or None,
+            layers=tuple(layers) if layers else None,
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            use_rslora=bool(data.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "zero_b",
+            modules_to_save=tuple(modules_to_save),
+        )
+    except ConfigError as exc:
+        raise AdapterFormatError(f"{source}: invalid adapter_config.json: {exc}") from exc

@@ -1,0 +1,45 @@
+"""Replacing modules inside a model: wrapping projections and heads, and undoing it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import LoRALinear
+from .routing import Router
+from .saved_modules import SavedModule
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted path ``name`` inside ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def wrap_lora(root: nn.Module, name: str, router: Router) -> LoRALinear:
+    """The `LoRALinear` at ``name``, wrapping the module there first if needed."""
+    module = root.get_submodule(name)
+    if isinstance(module, LoRALinear):
+        return module
+    layer = LoRALinear(module, router)
+    set_submodule(root, name, layer)
+    return layer
+
+
+def wrap_saved(root: nn.Module, name: str, router: Router) -> SavedModule:
+    """The `SavedModule` at ``name``, wrapping the module there first if needed."""
+    module = root.get_submodule(name)
+    if isinstance(module, SavedModule):
+        return module
+    wrapper = SavedModule(module, router)
+    set_submodule(root, name, wrapper)
+    return wrapper
+
+
+def unwrap_if_empty(root: nn.Module, name: str) -> None:
+    """Put the original module back at ``name`` once no adapter uses its wrapper."""
+    module = root.get_submodule(name)
+    if isinstance(module, LoRALinear) and not len(module.adapters):
+        set_submodule(root, name, module.base)
+    elif isinstance(module, SavedModule) and not len(module.copies):
+        set_submodule(root, name, module.original)
