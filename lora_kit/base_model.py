@@ -1,0 +1,103 @@
+"""Resolving and loading a base model given as a local folder or a Hugging Face Hub id.
+
+Offline mode (``HF_HUB_OFFLINE=1``) is respected: only the local Hub cache is consulted. When
+nothing works, the error lists every place that was tried.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import LoraKitError
+
+
+class BaseModelError(LoraKitError):
+    """A base model could not be found or loaded."""
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face Hub access is switched off (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_base(spec: str | os.PathLike[str]) -> Path:
+    """The local folder holding base model ``spec`` (a folder, or a Hub id in cache/online).
+
+    Raises:
+        BaseModelError: Neither a folder nor a resolvable Hub id; the message lists what was
+            tried.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(
+                f"{str(path)!r} is a folder but has no config.json: pass a transformers model "
+                f"folder (written by save_pretrained) or a Hub id"
+            )
+        return path
+    tried = [f"local folder {str(path)!r}: does not exist"]
+    repo_id = str(spec)
+    if path.is_file() or repo_id.count("/") > 1 or not repo_id:
+        raise BaseModelError(f"cannot resolve base model {repo_id!r}; tried: {'; '.join(tried)}")
+    from huggingface_hub import snapshot_download
+
+    attempts = [True] if hub_offline() else [True, False]
+    for local_only in attempts:
+        where = "Hugging Face cache" if local_only else "Hugging Face Hub (network)"
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=local_only))
+        except Exception as exc:  # huggingface_hub raises many types; we report each
+            tried.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    if hub_offline():
+        tried.append("network: skipped because HF_HUB_OFFLINE is set")
+    raise BaseModelError(f"cannot resolve base model {repo_id!r}; tried: {'; '.join(tried)}")
+
+
+def load_base(
+    spec: str | os.PathLike[str],
+    *,
+    model_class: str | None = None,
+    dtype: torch.dtype | None = None,
+    extra: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Load a transformers model from a folder or Hub id.
+
+    Args:
+        spec: Folder or Hub id.
+        model_class: transformers class name (e.g. ``"AutoModelForSequenceClassification"``);
+            defaults to the first of the checkpoint's ``architectures``, else ``AutoModel``.
+        dtype: Load weights in this dtype (default: as stored).
+        extra: Further ``from_pretrained`` options (e.g. ``{"num_labels": 3}``).
+
+    Raises:
+        BaseModelError: Not found, unknown class, or the checkpoint failed to load.
+    """
+    folder = resolve_base(spec)
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    name = model_class or next(iter(getattr(config, "architectures", None) or []), "AutoModel")
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise BaseModelError(f"{folder}: transformers has no model class {name!r}")
+    options: dict[str, Any] = dict(extra or {})
+    if dtype is not None:
+        options["dtype"] = dtype
+    try:
+        model: nn.Module = cls.from_pretrained(folder, local_files_only=True, **options)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BaseModelError(f"{folder}: could not load as {name}: {exc}") from exc
+    return model.eval()
+
+
+def load_tokenizer(spec: str | os.PathLike[str]) -> Any | None:
+    """The tokenizer stored with base ``spec``, or None if it has none."""
+    folder = resolve_base(spec)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
