@@ -34,6 +34,11 @@ def main_options(
     """LoRA adapters for Hugging Face transformers models."""
 
 
+from . import demo as _demo  # noqa: E402  (commands register after the app exists)
+
+app.command("demo")(_demo.demo)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

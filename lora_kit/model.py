@@ -262,7 +262,7 @@ class LoraModel(nn.Module):
             record.config,
             target_modules=self._peft_targets(record),
             fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-            task_type=task_type_for(type(self.model).__name__),
+            task_type=self._peft_task_type(record),
             base_model_name_or_path=getattr(
                 getattr(self.model, "config", None), "_name_or_path", None
             )
@@ -375,6 +375,14 @@ class LoraModel(nn.Module):
         self._adapters[name] = AdapterRecord(
             name, record.config, record.modules, record.saved_modules, source
         )
+
+    def _peft_task_type(self, record: AdapterRecord) -> str | None:
+        # PEFT's SEQ_CLS/TOKEN_CLS loaders insist on finding the head's weights in the file;
+        # without a saved head, the generic task-less form loads the same adapter everywhere.
+        task = task_type_for(type(self.model).__name__)
+        if task in ("SEQ_CLS", "TOKEN_CLS") and not record.saved_modules:
+            return None
+        return task
 
     def _peft_targets(self, record: AdapterRecord) -> str | tuple[str, ...]:
         # With layers/exclude, the exact module names are the one form every PEFT release

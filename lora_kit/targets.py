@@ -168,13 +168,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if wanted_layers is not None and layer_index(name) not in wanted_layers:
             continue
         if not is_supported:
-            if isinstance(spec, str):
-                # A regex can legitimately match containers ("h.0.attn"); only leaves count.
-                if not any(True for _ in module.children()):
-                    raise UnsupportedModuleError(
-                        f"target {name!r} is a {type(module).__name__}; lora_kit wraps only "
-                        f"nn.Linear and transformers Conv1D: narrow LoraConfig.targets"
-                    )
+            # A regex may sweep up containers ("h.0.attn") and parameter-free leaves (dropout,
+            # activations); only a module with weights of its own is a real, unsupported target.
+            if isinstance(spec, str) and not any(True for _ in module.parameters(recurse=False)):
                 continue
             raise UnsupportedModuleError(
                 f"target {name!r} is a {type(module).__name__}; lora_kit wraps only nn.Linear "

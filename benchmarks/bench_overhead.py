@@ -1,0 +1,138 @@
+"""Unmerged forward overhead of one LoRA adapter over the base model: lora_kit vs PEFT.
+
+GPT-2-small and BERT-base shapes built from config (random weights: timing only), r=8, all
+projections, CPU, fp32, no grad. Whole model and per layer (one projection of each kind),
+next to the adapter's theoretical extra FLOPs.
+
+    python -m benchmarks.bench_overhead [--repeats 30] [--threads N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from peft import LoraConfig as PeftConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+from transformers.pytorch_utils import Conv1D
+
+import lora_kit as lk
+
+from .harness import Stats, interleaved, report
+
+R = 8
+
+
+def _overhead(stats: dict[str, Stats], name: str) -> float:
+    return stats[name].median / stats["base"].median - 1.0
+
+
+def whole_model(arch: str, repeats: int, batch: int, seq: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        base: nn.Module = GPT2Model(GPT2Config()).eval()
+        targets = list(lk.presets()["gpt2-all"])
+    else:
+        base = BertModel(BertConfig()).eval()
+        targets = list(lk.presets()["bert-all"])
+    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=R, alpha=16, targets=targets)).eval()
+    theirs = get_peft_model(
+        copy.deepcopy(base), PeftConfig(r=R, lora_alpha=16, target_modules=targets)
+    ).eval()
+    ids = torch.randint(0, 1000, (batch, seq))
+
+    def run(model: nn.Module) -> None:
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    stats = interleaved(
+        {"base": lambda: run(base), "lora_kit": lambda: run(ours), "peft": lambda: run(theirs)},
+        repeats=repeats,
+        warmup=3,
+    )
+    lk_o, peft_o = _overhead(stats, "lora_kit"), _overhead(stats, "peft")
+    return {
+        "case": f"{arch} whole model (b={batch}, s={seq})",
+        "base": f"{stats['base'].median * 1e3:.1f} ms",
+        "lora_kit": f"{100 * lk_o:+.1f}%",
+        "peft": f"{100 * peft_o:+.1f}%",
+        "flops": f"+{100 * _model_flop_share(base, targets):.1f}%",
+        "lk/peft overhead": f"{lk_o / peft_o:.2f}" if peft_o > 0 else "n/a",
+    }
+
+
+def _model_flop_share(model: nn.Module, targets: list[str]) -> float:
+    """Adapter FLOPs over the targeted projections' FLOPs: r*(in+out) / (in*out)."""
+    dense = extra = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | Conv1D) and any(
+            name == t or name.endswith("." + t) for t in targets
+        ):
+            w = module.weight
+            n_in, n_out = (
+                (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
+            )
+            dense += n_in * n_out
+            extra += R * (n_in + n_out)
+    return extra / dense
+
+
+def one_layer(kind: str, n_in: int, n_out: int, repeats: int, tokens: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
+    base = nn.Sequential()
+    base.add_module("proj", layer)
+    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=R, targets=["proj"])).eval()
+    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=R, target_modules=["proj"])).eval()
+    x = torch.randn(tokens, n_in)
+
+    def run(model: nn.Module) -> None:
+        with torch.inference_mode():
+            model(x)
+
+    stats = interleaved(
+        {"base": lambda: run(base), "lora_kit": lambda: run(ours), "peft": lambda: run(theirs)},
+        repeats=repeats * 5,
+        warmup=10,
+    )
+    lk_o, peft_o = _overhead(stats, "lora_kit"), _overhead(stats, "peft")
+    return {
+        "case": f"{kind} {n_in}->{n_out} ({tokens} tokens)",
+        "base": f"{stats['base'].median * 1e3:.2f} ms",
+        "lora_kit": f"{100 * lk_o:+.1f}%",
+        "peft": f"{100 * peft_o:+.1f}%",
+        "flops": f"+{100 * R * (n_in + n_out) / (n_in * n_out):.1f}%",
+        "lk/peft overhead": f"{lk_o / peft_o:.2f}" if peft_o > 0 else "n/a",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokens = args.batch * args.seq
+    rows = [
+        one_layer("Conv1D", 768, 2304, args.repeats, tokens),  # GPT-2 c_attn
+        one_layer("Conv1D", 768, 3072, args.repeats, tokens),  # GPT-2 c_fc
+        one_layer("Linear", 768, 768, args.repeats, tokens),  # BERT query
+        one_layer("Linear", 3072, 768, args.repeats, tokens),  # BERT output.dense
+        whole_model("bert", args.repeats, args.batch, args.seq),
+        whole_model("gpt2", args.repeats, args.batch, args.seq),
+    ]
+    title = (
+        f"Unmerged forward overhead vs base, r={R}, all projections, fp32 CPU, "
+        f"{args.threads} threads, medians of {args.repeats} interleaved runs"
+    )
+    report(title, rows, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()

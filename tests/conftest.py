@@ -1,0 +1,95 @@
+"""Tiny GPT-2 and BERT models built from config (no downloads), shared by every test module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+VOCAB = 100
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-block GPT-2 (Conv1D projections, n_embd 32), deterministic for ``seed``."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    """A 2-layer BERT classifier (Linear projections, hidden 32, 3 labels), deterministic."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture under test."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    attn_preset: str
+    all_preset: str
+    head: str | None  # a head to train as modules_to_save
+
+    def inputs(self, batch: int = 2, seq: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=gen)}
+
+
+GPT2 = Arch("gpt2", tiny_gpt2, "gpt2-attn", "gpt2-all", None)
+BERT = Arch("bert", tiny_bert, "bert-qv", "bert-all", "classifier")
+ARCHS = [GPT2, BERT]
+
+
+@pytest.fixture(params=ARCHS, ids=lambda a: a.name)
+def arch(request: pytest.FixtureRequest) -> Arch:
+    """Parametrises a test over GPT-2 (Conv1D) and BERT (Linear)."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits, without autograd."""
+    with torch.no_grad():
+        return model(**inputs).logits  # type: ignore[no-any-return]
+
+
+def randomize(lm: nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Give every adapter tensor (and head copy) random values, so adapters change outputs."""
+    from lora_kit import LoraAdapter
+    from lora_kit.saved_modules import SavedModule
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lm.modules():
+            if isinstance(module, LoraAdapter):
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif isinstance(module, SavedModule):
+                for p in module.copies.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer, to compare after an operation."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,225 @@
+"""Adapter files: exact round-trip, strict and atomic loading, atomic saving."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora_kit as lk
+from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from tests.conftest import Arch, logits, randomize, state_copy
+
+
+def _saved(arch: Arch, tmp_path: Path, **overrides: object) -> tuple[lk.LoraModel, Path]:
+    config = lk.LoraConfig(
+        r=4,
+        targets=arch.all_preset,
+        rank_pattern={"c_fc|query": 2},
+        modules_to_save=(arch.head,) if arch.head else (),
+        **overrides,
+    )
+    lm = lk.inject(arch.build(0), config)
+    randomize(lm)
+    return lm, lm.save_adapter(tmp_path / "adapter")
+
+
+def test_save_load_into_fresh_base_is_bit_identical(arch: Arch, tmp_path: Path) -> None:
+    lm, path = _saved(arch, tmp_path)
+    inputs = arch.inputs()
+    fresh = lk.LoraModel.from_pretrained(arch.build(0), path)
+    assert torch.equal(logits(fresh, inputs), logits(lm, inputs))
+    files = read_adapter(path)
+    assert files.origin == "lora_kit"
+    assert files.metadata["base_fingerprint"]["model_type"] == arch.name
+    assert lk.LoraConfig.from_dict(files.metadata["config"]) == lm.adapters["default"]
+
+
+def test_load_adapter_defaults_to_directory_name(arch: Arch, tmp_path: Path) -> None:
+    _, path = _saved(arch, tmp_path)
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=2))
+    assert lm.load_adapter(path) == "adapter"
+    assert lm.active_adapter == "default"  # loading does not activate (as in PEFT)
+
+
+def _assert_untouched(lm: lk.LoraModel, before: dict[str, torch.Tensor]) -> None:
+    assert set(lm.adapters) == {"default"}
+    after = state_copy(lm)
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _edit_config(key: str, value: object) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        data = json.loads((path / CONFIG_NAME).read_text())
+        data[key] = value
+        (path / CONFIG_NAME).write_text(json.dumps(data))
+
+    return edit
+
+
+def _edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        tensors = load_file(path / WEIGHTS_NAME)
+        change(tensors)
+        save_file(tensors, path / WEIGHTS_NAME)
+
+    return edit
+
+
+def _truncate(path: Path) -> None:
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+
+
+def _first_a(t: dict[str, torch.Tensor]) -> str:
+    return next(k for k in sorted(t) if k.endswith("lora_A.weight"))
+
+
+BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
+    "missing config": (
+        lambda p: (p / CONFIG_NAME).unlink(),
+        lk.AdapterFormatError,
+        "adapter_config.json is missing",
+    ),
+    "invalid json": (
+        lambda p: (p / CONFIG_NAME).write_text("{oops"),
+        lk.AdapterFormatError,
+        "not valid JSON",
+    ),
+    "truncated": (_truncate, lk.AdapterFormatError, "truncated or corrupt"),
+    "dora": (_edit_config("use_dora", True), lk.AdapterFormatError, "use_dora"),
+    "pissa": (_edit_config("init_lora_weights", "pissa"), lk.AdapterFormatError, "base weights"),
+    "nan": (_edit_tensors(lambda t: t[_first_a(t)].fill_(float("nan"))), lk.NonFiniteError, "NaN"),
+    "missing key": (
+        _edit_tensors(lambda t: t.pop(_first_a(t))),
+        lk.AdapterMismatchError,
+        "missing tensor .*lora_A",
+    ),
+    "renamed key": (
+        _edit_tensors(lambda t: t.update({"base_model.model.x.lora_A.weight": t.pop(_first_a(t))})),
+        lk.AdapterMismatchError,
+        "missing tensor",
+    ),
+    "extra key": (
+        _edit_tensors(
+            lambda t: t.update({"base_model.model.zzz.lora_A.weight": torch.zeros(2, 2)})
+        ),
+        lk.AdapterMismatchError,
+        "unexpected tensor 'base_model.model.zzz",
+    ),
+    "wrong shape": (
+        _edit_tensors(lambda t: t.update({_first_a(t): torch.zeros(4, 31)})),
+        lk.AdapterMismatchError,
+        r"shape \[4, 31\].*needs \[\d+, 32\]",
+    ),
+    "wrong rank in config": (_edit_config("rank_pattern", {}), lk.AdapterMismatchError, "shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_raise_and_change_nothing(arch: Arch, tmp_path: Path, case: str) -> None:
+    _, path = _saved(arch, tmp_path)
+    corrupt, error, message = BAD_FILES[case]
+    corrupt(path)
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=2))
+    before = state_copy(lm)
+    with pytest.raises(error, match=message):
+        lm.load_adapter(path, name="bad")
+    _assert_untouched(lm, before)
+
+
+def test_wrong_base_is_refused_unless_unchecked(arch: Arch, tmp_path: Path) -> None:
+    _, path = _saved(arch, tmp_path)
+    other = arch.build(seed=123)  # same architecture, different weights
+    before = state_copy(other)
+    with pytest.raises(lk.AdapterMismatchError, match="base weights differ"):
+        lk.LoraModel.from_pretrained(other, path)
+    assert not any(isinstance(m, lk.LoRALinear) for m in other.modules())
+    assert all(torch.equal(v, before[k]) for k, v in state_copy(other).items())
+    lk.LoraModel.from_pretrained(other, path, check_base=False)  # the user's explicit choice
+
+
+def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
+    from tests.conftest import BERT, GPT2
+
+    _, path = _saved(GPT2, tmp_path)
+    with pytest.raises(lk.LoraKitError):
+        lk.LoraModel.from_pretrained(BERT.build(0), path)
+
+
+def test_fingerprint_matches_the_same_base_in_bf16(tmp_path: Path) -> None:
+    from tests.conftest import GPT2
+
+    _, path = _saved(GPT2, tmp_path)
+    lk.LoraModel.from_pretrained(GPT2.build(0).to(torch.bfloat16), path)
+
+
+def test_missing_directory_and_file_instead_of_directory(tmp_path: Path) -> None:
+    from tests.conftest import GPT2
+
+    lm = lk.inject(GPT2.build(0), lk.LoraConfig(r=2))
+    with pytest.raises(lk.AdapterFormatError, match="does not exist"):
+        lm.load_adapter(tmp_path / "nope")
+    (tmp_path / "f.safetensors").write_bytes(b"x")
+    with pytest.raises(lk.AdapterFormatError, match="is a file"):
+        lm.load_adapter(tmp_path / "f.safetensors")
+
+
+def test_nan_weights_are_not_saved_and_old_adapter_survives(arch: Arch, tmp_path: Path) -> None:
+    lm, path = _saved(arch, tmp_path)
+    old = (path / WEIGHTS_NAME).read_bytes()
+    layer = next(m for m in lm.modules() if isinstance(m, lk.LoRALinear))
+    with torch.no_grad():
+        layer.adapter("default").lora_B[0, 0] = float("nan")
+    with pytest.raises(lk.NonFiniteError, match="NaN"):
+        lm.save_adapter(path)
+    assert (path / WEIGHTS_NAME).read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp left behind
+
+
+def test_interrupted_save_keeps_the_old_adapter(
+    arch: Arch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm, path = _saved(arch, tmp_path)
+    old = {p.name: p.read_bytes() for p in path.iterdir()}
+    (path / "README.md").write_text("notes")
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lora_kit.adapter_io.save_file", crash)
+    randomize(lm, seed=5)
+    with pytest.raises(KeyboardInterrupt):
+        lm.save_adapter(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.name != "README.md"} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    monkeypatch.undo()
+    lm.save_adapter(path)  # a later save replaces it and keeps the user's other files
+    assert (path / "README.md").read_text() == "notes"
+    assert (path / WEIGHTS_NAME).read_bytes() != old[WEIGHTS_NAME]
+
+
+def test_refuses_to_overwrite_a_non_adapter_directory(tmp_path: Path) -> None:
+    from tests.conftest import GPT2
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "important.txt").write_text("keep me")
+    lm = lk.inject(GPT2.build(0), lk.LoraConfig(r=2))
+    with pytest.raises(lk.AdapterFormatError, match="not an adapter directory"):
+        lm.save_adapter(tmp_path / "data")
+    assert (tmp_path / "data" / "important.txt").read_text() == "keep me"
+
+
+def test_save_needs_a_name_when_ambiguous(tmp_path: Path) -> None:
+    from tests.conftest import GPT2
+
+    lm = lk.inject(copy.deepcopy(GPT2.build(0)), lk.LoraConfig(r=2))
+    lm.add_adapter("b", lk.LoraConfig(r=2))
+    with pytest.raises(lk.AdapterNameError, match="say which one"):
+        lm.save_adapter(tmp_path / "x")

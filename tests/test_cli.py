@@ -1,0 +1,48 @@
+"""The `lorakit` entry point: --help, --version, and the demo command (runner + subprocess)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from lora_kit import __version__
+from lora_kit_cli.app import app
+
+runner = CliRunner()
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"lorakit {__version__}"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "demo" in result.stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    assert runner.invoke(app, ["no-such-command"]).exit_code == 2
+
+
+def test_demo_json_reports_exact_reload_and_peft_match(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["ok"] is True
+    for row in payload["results"]:
+        assert row["reload_vs_live"] == 0.0 and row["peft_vs_live"] <= 1e-5
+        assert row["adapter_vs_base"] > 0.0
+        assert (Path(row["adapter_path"]) / "adapter_model.safetensors").is_file()
+
+
+def test_console_script_runs_in_a_subprocess() -> None:
+    exe = shutil.which("lorakit") or str(Path(sys.executable).parent / "lorakit")
+    done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and __version__ in done.stdout
+    import_cli = subprocess.run(
+        [sys.executable, "-c", "import cli"], capture_output=True, text=True, cwd="/", timeout=60
+    )
+    assert import_cli.returncode != 0  # the distribution does not claim the name `cli`

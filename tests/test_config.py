@@ -1,0 +1,74 @@
+"""LoraConfig: validation in one place, JSON round-trip, per-module rank/alpha/scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lora_kit import ConfigError, LoraConfig
+
+
+def test_json_round_trip_keeps_every_field() -> None:
+    config = LoraConfig(
+        r=4,
+        alpha=8,
+        dropout=0.1,
+        targets=["c_attn", "mlp.c_fc"],
+        exclude="h\\.1\\..*",
+        layers=[0, 1],
+        rank_pattern={"c_fc": 2},
+        alpha_pattern={"c_attn": 3.5},
+        use_rslora=True,
+        init="gaussian",
+        modules_to_save=["classifier"],
+    )
+    again = LoraConfig.from_json(config.to_json())
+    assert again == config
+    assert again.targets == ("c_attn", "mlp.c_fc")  # lists normalised to tuples
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"r": 0}, "r"),
+        ({"r": -3}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"init": "pissa"}, "init"),
+        ({"targets": []}, "targets"),
+        ({"targets": "(unclosed"}, "targets"),
+        ({"layers": [-1]}, "layers"),
+        ({"rank_pattern": {"q": 0}}, "rank_pattern"),
+        ({"alpha_pattern": {"q": -1.0}}, "alpha_pattern"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"LoraConfig\.{field}"):
+        LoraConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unknown_json_field_is_refused_with_the_accepted_list() -> None:
+    with pytest.raises(ConfigError, match="unknown LoraConfig field.*'rank'.*accepted"):
+        LoraConfig.from_dict({"rank": 8})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        LoraConfig.from_json("{r: 8")
+
+
+def test_rank_and_alpha_patterns_follow_peft_suffix_rule() -> None:
+    config = LoraConfig(
+        r=8,
+        alpha=16,
+        rank_pattern={"value": 2, "layer\\.1\\..*query": 4},
+        alpha_pattern={"query": 32},
+    )
+    assert config.rank_for("bert.encoder.layer.0.attention.self.value") == 2
+    assert config.rank_for("bert.encoder.layer.1.attention.self.query") == 4
+    assert config.rank_for("bert.encoder.layer.0.attention.self.query") == 8
+    assert config.rank_for("bert.encoder.layer.0.attention.self.xvalue") == 8  # dot boundary
+    assert config.scaling_for("bert.encoder.layer.0.attention.self.query") == 32 / 8
+    rs = LoraConfig(r=16, alpha=8, use_rslora=True)
+    assert math.isclose(rs.scaling_for("any"), 8 / 4)

@@ -1,0 +1,93 @@
+"""LoRALinear: Linear and Conv1D behave identically; the fused update matches the formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lora_kit import LoraAdapter, LoRALinear, UnsupportedModuleError
+from lora_kit.routing import Router, Selection
+
+
+def _pair(in_f: int = 24, out_f: int = 40) -> tuple[LoRALinear, LoRALinear, Router]:
+    """A Linear(W) and a Conv1D(W^T) wrapper sharing one router and identical adapters."""
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f)
+    conv = Conv1D(out_f, in_f)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())  # Conv1D stores [in, out]
+        conv.bias.copy_(linear.bias)
+    router = Router()
+    wrapped = LoRALinear(linear, router), LoRALinear(conv, router)
+    for layer in wrapped:
+        for name, seed in (("a", 1), ("b", 2)):
+            adapter = LoraAdapter(in_f, out_f, r=4, scaling=2.0)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                adapter.lora_A.copy_(torch.randn(4, in_f, generator=gen))
+                adapter.lora_B.copy_(torch.randn(out_f, 4, generator=gen))
+            layer.add(name, adapter)
+    return wrapped[0], wrapped[1], router
+
+
+@pytest.mark.parametrize("selection", [(), (("a", 1.0),), (("a", 0.7), ("b", -0.3))])
+def test_linear_and_conv1d_give_the_same_output(selection: tuple[tuple[str, float], ...]) -> None:
+    linear, conv, router = _pair()
+    router.default = Selection(selection)
+    x = torch.randn(3, 5, 24)
+    # fp32 tolerance: Linear and Conv1D run different GEMM kernels (addmm vs linear) on
+    # transposed storage, so sums may be ordered differently: a few ulps of outputs ~10.
+    torch.testing.assert_close(linear(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_update_matches_the_formula_and_weights() -> None:
+    linear, _, router = _pair()
+    x = torch.randn(2, 7, 24)
+    a, b = linear.adapter("a"), linear.adapter("b")
+    reference = (
+        linear.base(x)
+        + 0.7 * a.scaling * x @ a.lora_A.t() @ a.lora_B.t()
+        - 0.3 * b.scaling * x @ b.lora_A.t() @ b.lora_B.t()
+    )
+    router.default = Selection((("a", 0.7), ("b", -0.3)))
+    torch.testing.assert_close(linear(x), reference, rtol=1e-5, atol=1e-5)
+    # delta_weight is the same map in Linear layout [out, in]
+    torch.testing.assert_close(
+        x @ a.delta_weight().t(), a.scaling * x @ a.lora_A.t() @ a.lora_B.t()
+    )
+
+
+def test_fp32_adapter_beside_bf16_base_rounds_once() -> None:
+    linear, _, router = _pair()
+    base_bf16 = nn.Linear(24, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        base_bf16.weight.copy_(linear.base.weight)
+        base_bf16.bias.copy_(linear.base.bias)
+    layer = LoRALinear(base_bf16, router)
+    layer.add("a", linear.adapter("a"))  # fp32 adapter
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(4, 24).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    a = linear.adapter("a")
+    exact = base_bf16(x).float() + a.scaling * x.float() @ a.lora_A.t() @ a.lora_B.t()
+    # one bf16 rounding of the exact fp32 sum: within half a bf16 ulp (2^-8 relative)
+    torch.testing.assert_close(out.float(), exact.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_gradients_flow_to_adapters_only() -> None:
+    linear, _, router = _pair()
+    linear.base.requires_grad_(False)
+    router.default = Selection((("a", 1.0),))
+    linear(torch.randn(2, 3, 24)).pow(2).sum().backward()
+    assert linear.adapter("a").lora_A.grad is not None
+    assert linear.adapter("a").lora_B.grad is not None
+    assert linear.adapter("b").lora_A.grad is None  # inactive
+    assert linear.base.weight.grad is None
+
+
+def test_only_linear_and_conv1d_can_be_wrapped() -> None:
+    with pytest.raises(UnsupportedModuleError, match="Embedding"):
+        LoRALinear(nn.Embedding(3, 4), Router())

@@ -1,0 +1,157 @@
+"""LoraModel: injection, selection, multiple adapters, training touches adapters only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lora_kit as lk
+from lora_kit import LoRALinear
+from tests.conftest import Arch, logits, randomize, state_copy
+
+
+def test_fresh_adapter_is_bit_identical_then_changes(arch: Arch) -> None:
+    model = arch.build(0)
+    reference = copy.deepcopy(model)
+    inputs = arch.inputs()
+    lm = lk.inject(model, lk.LoraConfig(r=4, targets=arch.all_preset))
+    assert torch.equal(logits(lm, inputs), logits(reference, inputs))  # zero B: exact no-op
+    randomize(lm)
+    assert not torch.allclose(logits(lm, inputs), logits(reference, inputs), atol=1e-3)
+
+
+def test_injection_wraps_in_place_and_freezes_the_base(arch: Arch) -> None:
+    model = arch.build(0)
+    before = state_copy(model)
+    lm = lk.inject(model, lk.LoraConfig(r=4, targets=arch.all_preset))
+    assert lm.model is model
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == (8 if arch.name == "gpt2" else 12)
+    for name, tensor in state_copy(lm.model).items():
+        if ".adapters." not in name:
+            assert torch.equal(tensor, before[name.replace(".base.", ".")])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.default.lora_" in n for n in trainable)
+
+
+def test_one_optimizer_step_changes_only_adapter_and_head(arch: Arch) -> None:
+    model = arch.build(0)
+    config = lk.LoraConfig(
+        r=4, targets=arch.attn_preset, modules_to_save=(arch.head,) if arch.head else ()
+    )
+    lm = lk.inject(model, config).train()
+    randomize(lm)
+    before = state_copy(lm)
+    optim = torch.optim.AdamW(lm.adapter_parameters("default"), lr=1e-2)
+    inputs = arch.inputs()
+    labels = inputs["input_ids"] if arch.name == "gpt2" else torch.tensor([0, 2])
+    lm(**inputs, labels=labels).loss.backward()
+    optim.step()
+    changed = {k for k, v in state_copy(lm).items() if not torch.equal(v, before[k])}
+    expected_kinds = {".adapters.default.lora_A", ".adapters.default.lora_B"}
+    if arch.head:
+        expected_kinds.add(".copies.default.")
+    assert changed and all(any(kind in k for kind in expected_kinds) for k in changed)
+    assert any(".copies.default." in k for k in changed) == bool(arch.head)
+
+
+def test_second_adapter_reuses_layers_and_selection_switches(arch: Arch) -> None:
+    model = arch.build(0)
+    inputs = arch.inputs()
+    base_out = logits(model, inputs)
+    lm = lk.inject(model, lk.LoraConfig(r=4, targets=arch.attn_preset))
+    lm.add_adapter("other", lk.LoraConfig(r=2, targets=arch.all_preset))
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == (8 if arch.name == "gpt2" else 12)  # attn layers wrapped once
+    randomize(lm)
+    assert lm.active_adapter == "default"
+    out_default = logits(lm, inputs)
+    lm.set_adapter("other")
+    out_other = logits(lm, inputs)
+    assert not torch.allclose(out_default, out_other)
+    lm.set_adapter(None)
+    assert torch.equal(logits(lm, inputs), base_out)
+    lm.set_adapter({"default": 1.0, "other": 1.0})
+    both = logits(lm, inputs)
+    assert not torch.allclose(both, out_default) and not torch.allclose(both, out_other)
+    assert set(lm.adapters) == {"default", "other"}
+
+
+def test_disabled_and_using_restore_even_on_error(arch: Arch) -> None:
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=4))
+    randomize(lm)
+    inputs = arch.inputs()
+    with_adapter = logits(lm, inputs)
+    with lm.disabled():
+        assert torch.equal(logits(lm, inputs), logits(lm.model, inputs))
+        assert lm.active.weights == ()
+    with pytest.raises(RuntimeError), lm.disabled():
+        raise RuntimeError("boom")
+    assert lm.active_adapter == "default"
+    assert torch.equal(logits(lm, inputs), with_adapter)
+    lm.add_adapter("b", lk.LoraConfig(r=2))
+    with lm.using("b"):
+        assert lm.active_adapter == "b"
+    assert lm.active_adapter == "default"
+
+
+def test_delete_adapter_unwraps_and_frees(arch: Arch) -> None:
+    model = arch.build(0)
+    reference = copy.deepcopy(model)
+    lm = lk.inject(model, lk.LoraConfig(r=4, targets=arch.attn_preset))
+    lm.add_adapter(
+        "wide",
+        lk.LoraConfig(
+            r=2, targets=arch.all_preset, modules_to_save=(arch.head,) if arch.head else ()
+        ),
+    )
+    lm.set_adapter("wide")
+    lm.delete_adapter("wide")
+    assert lm.active.weights == () and set(lm.adapters) == {"default"}
+    assert not any(".adapters.wide." in k or ".copies." in k for k in lm.state_dict())
+    lm.delete_adapter("default")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert list(state_copy(model)) == list(state_copy(reference))  # original structure back
+
+
+def test_name_errors(arch: Arch) -> None:
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=4))
+    with pytest.raises(lk.AdapterNameError, match="already exists"):
+        lm.add_adapter("default", lk.LoraConfig(r=2))
+    with pytest.raises(lk.AdapterNameError, match="invalid"):
+        lm.add_adapter("a.b", lk.LoraConfig(r=2))
+    with pytest.raises(lk.AdapterNameError, match="no adapter named 'nope'.*default"):
+        lm.set_adapter("nope")
+    with pytest.raises(lk.ConfigError, match="finite"):
+        lm.set_adapter({"default": float("inf")})
+    with pytest.raises(lk.LoraKitError, match="already has lora_kit layers"):
+        lk.inject(lm.model, lk.LoraConfig())
+
+
+def test_failed_injection_leaves_the_model_untouched(arch: Arch) -> None:
+    model = arch.build(0)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(lk.NoTargetsError):
+        lk.inject(model, lk.LoraConfig(targets=["nothing_here"]))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_trainable_parameters_summary(arch: Arch) -> None:
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=4, targets=arch.attn_preset))
+    summary = lm.trainable_parameters()
+    per_layer = {"gpt2": 4 * 32 + 96 * 4, "bert": 4 * 32 + 32 * 4}[arch.name]
+    assert summary.adapter == summary.trainable == per_layer * (2 if arch.name == "gpt2" else 4)
+    assert "trainable:" in str(summary) and f"{summary.total:,}" in str(summary)
+
+
+def test_generate_runs_with_the_adapter() -> None:
+    from tests.conftest import GPT2
+
+    lm = lk.inject(GPT2.build(0), lk.LoraConfig(r=4))
+    randomize(lm)
+    ids = GPT2.inputs(batch=1, seq=4)["input_ids"]
+    out = lm.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)

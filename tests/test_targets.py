@@ -1,0 +1,75 @@
+"""Presets and target matching: PEFT's rules, layers/exclude, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import lora_kit as lk
+from lora_kit.targets import find_targets, layer_index
+from tests.conftest import tiny_bert, tiny_gpt2
+
+
+def test_presets_are_listed_and_default_follows_model_type() -> None:
+    table = lk.presets()
+    assert table["gpt2-all"] == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert {"gpt2-attn", "bert-qv", "bert-all"} <= set(table)
+    assert find_targets(tiny_gpt2(), lk.LoraConfig()) == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.1.attn.c_attn",
+    ]
+    assert [n.rsplit(".", 1)[-1] for n in find_targets(tiny_bert(), lk.LoraConfig())] == [
+        "query",
+        "value",
+    ] * 2
+
+
+def test_gpt2_all_and_bert_all_cover_every_projection() -> None:
+    assert len(find_targets(tiny_gpt2(), lk.LoraConfig(targets="gpt2-all"))) == 8
+    bert = find_targets(tiny_bert(), lk.LoraConfig(targets="bert-all"))
+    assert len(bert) == 12 and all("classifier" not in n and "pooler" not in n for n in bert)
+
+
+def test_suffix_regex_layers_exclude() -> None:
+    model = tiny_gpt2()
+    assert find_targets(model, lk.LoraConfig(targets=["c_proj"], layers=[1])) == [
+        "transformer.h.1.attn.c_proj",
+        "transformer.h.1.mlp.c_proj",
+    ]
+    assert find_targets(model, lk.LoraConfig(targets=r".*\.0\.mlp\..*")) == [
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ]
+    assert find_targets(model, lk.LoraConfig(targets=["c_proj"], exclude=["mlp.c_proj"])) == [
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.1.attn.c_proj",
+    ]
+    # PEFT's rule: a suffix matches on a dot boundary only
+    with pytest.raises(lk.NoTargetsError):
+        find_targets(model, lk.LoraConfig(targets=["_attn"]))  # "c_attn" ends with it, no dot
+    with pytest.raises(lk.UnsupportedModuleError, match="GPT2Attention"):
+        find_targets(model, lk.LoraConfig(targets=["attn"]))  # the block, not a projection
+
+
+def test_no_match_lists_what_the_model_has() -> None:
+    with pytest.raises(lk.NoTargetsError, match=r"q_proj.*h\.\*\.attn\.c_attn"):
+        find_targets(tiny_gpt2(), lk.LoraConfig(targets=["q_proj"]))
+
+
+def test_unsupported_module_type_is_refused() -> None:
+    with pytest.raises(lk.UnsupportedModuleError, match="Embedding"):
+        find_targets(tiny_gpt2(), lk.LoraConfig(targets=["wte"]))
+    with pytest.raises(lk.UnsupportedModuleError, match="LayerNorm"):
+        find_targets(tiny_gpt2(), lk.LoraConfig(targets=r".*ln_f"))
+
+
+def test_unknown_model_type_without_targets_says_what_to_pass() -> None:
+    import torch
+
+    with pytest.raises(lk.ConfigError, match="no default preset"):
+        find_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), lk.LoraConfig())
+
+
+def test_layer_index() -> None:
+    assert layer_index("transformer.h.11.attn.c_attn") == 11
+    assert layer_index("bert.encoder.layer.3.output.dense") == 3
+    assert layer_index("classifier") is None
