@@ -51,8 +51,8 @@ def _tiny(kind: str) -> tuple[nn.Module, LoraConfig]:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=128,
-        num_labels=3,
     )
+    bert.num_labels = 3
     return BertForSequenceClassification(bert).eval(), LoraConfig(
         r=8, alpha=16, targets="bert-all", modules_to_save=("classifier",)
     )
