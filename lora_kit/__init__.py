@@ -17,11 +17,13 @@ from .errors import (
     AdapterNameError,
     ConfigError,
     LoraKitError,
+    MergedStateError,  # merging and stacking (issue 5)
     NonFiniteError,
     NoTargetsError,
     UnsupportedModuleError,
 )
 from .layers import LoraAdapter, LoRALinear
+from .merge import MergeReport  # merging and stacking (issue 5)
 from .model import AdapterRecord, LoraModel, ParameterSummary, inject
 from .routing import Selection
 from .targets import presets
@@ -48,3 +50,4 @@ __all__ = [
     "presets",
     "read_adapter",
 ]
+__all__ += ["MergeReport", "MergedStateError"]  # merging and stacking (issue 5)
