@@ -60,16 +60,19 @@ def weighted_delta(
     )
 
 
-def merged_weight(weight: Tensor, delta: Tensor, where: str) -> Tensor:
-    """``weight + delta`` added in fp32 and rounded once into ``weight``'s dtype (new tensor).
+def merged_weight(
+    weight: Tensor, delta: Tensor, where: str, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``weight + delta`` added in fp32 and rounded once into ``dtype`` (default: ``weight``'s).
 
     Raises:
         NonFiniteError: The result holds NaN/inf (e.g. fp16 overflow); names ``where``.
     """
-    out = (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+    dtype = weight.dtype if dtype is None else dtype
+    out = (weight.detach().float() + delta.to(weight.device)).to(dtype)
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteError(
-            f"merging into {where} gives NaN or infinity (in {weight.dtype}); nothing was "
+            f"merging into {where} gives NaN or infinity (in {dtype}); nothing was "
             f"changed. Check the adapter weights, use smaller merge weights, or a wider dtype"
         )
     return out
