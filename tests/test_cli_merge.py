@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lora_kit_cli.app import app
 from test_merge_files import make_base_and_adapters
 from typer.testing import CliRunner
-
-from lora_kit_cli.app import app
 
 runner = CliRunner()
 
@@ -36,7 +35,7 @@ def test_merge_json_and_exit_codes(tmp_path: Path) -> None:
 def test_merge_subprocess_human_output(tmp_path: Path) -> None:
     base, adapters, _ = make_base_and_adapters(tmp_path, "bert")
     exe = Path(sys.executable).with_name("lorakit")
-    proc = subprocess.run(  # noqa: S603 - our own console script
+    proc = subprocess.run(
         [str(exe), "merge", str(base), str(adapters[0]), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
@@ -45,7 +44,7 @@ def test_merge_subprocess_human_output(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "fingerprint: match" in proc.stdout
     other = tmp_path / "other"
-    proc = subprocess.run(  # noqa: S603
+    proc = subprocess.run(
         [str(exe), "merge", str(other), str(adapters[0]), "-o", str(tmp_path / "o2")],
         capture_output=True,
         text=True,
