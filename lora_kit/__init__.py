@@ -26,6 +26,7 @@ from .layers import LoraAdapter, LoRALinear
 from .merge import MergeReport  # merging and stacking (issue 5)
 from .model import AdapterRecord, LoraModel, ParameterSummary, inject
 from .routing import Selection
+from .stack import StackReport, stack  # merging and stacking (issue 5)
 from .targets import presets
 
 __all__ = [
@@ -50,4 +51,4 @@ __all__ = [
     "presets",
     "read_adapter",
 ]
-__all__ += ["MergeReport", "MergedStateError"]  # merging and stacking (issue 5)
+__all__ += ["MergeReport", "MergedStateError", "StackReport", "stack"]  # merging and stacking (issue 5)
