@@ -51,4 +51,4 @@ __all__ = [
     "presets",
     "read_adapter",
 ]
-__all__ += ["MergeReport", "MergedStateError", "StackReport", "stack"]  # merging and stacking (issue 5)
+__all__ += ["MergeReport", "MergedStateError", "StackReport", "stack"]  # issue 5
