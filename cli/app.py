@@ -42,3 +42,8 @@ app.command("demo")(_demo.demo)
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+from lora_kit_cli import merge as _merge, stack as _stack  # noqa: E402, I001 (issue 5)
+
+_merge.register(app), _stack.register(app)

@@ -17,13 +17,16 @@ from .errors import (
     AdapterNameError,
     ConfigError,
     LoraKitError,
+    MergedStateError,  # merging and stacking (issue 5)
     NonFiniteError,
     NoTargetsError,
     UnsupportedModuleError,
 )
 from .layers import LoraAdapter, LoRALinear
+from .merge import MergeReport  # merging and stacking (issue 5)
 from .model import AdapterRecord, LoraModel, ParameterSummary, inject
 from .routing import Selection
+from .stack import StackReport, stack  # merging and stacking (issue 5)
 from .targets import presets
 
 __all__ = [
@@ -48,3 +51,4 @@ __all__ = [
     "presets",
     "read_adapter",
 ]
+__all__ += ["MergeReport", "MergedStateError", "StackReport", "stack"]  # issue 5

@@ -39,3 +39,7 @@ class AdapterFormatError(LoraKitError):
 
 class NonFiniteError(AdapterFormatError):
     """Adapter weights (or a result computed from them) contain NaN or infinity."""
+
+
+class MergedStateError(LoraKitError):
+    """The operation needs the adapters unmerged (or merged) and they are not; see ``unmerge()``."""

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import InitMethod
-from .errors import UnsupportedModuleError
-from .routing import Router
+from .errors import MergedStateError, UnsupportedModuleError
+from .routing import Router, Selection
 
 
 class LoraAdapter(nn.Module):
@@ -118,6 +118,11 @@ class LoRALinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.router = router
         self._base_digest: str | None = None  # fingerprint cache (see fingerprint.py)
+        # ---- merged state (managed by merge.py only) ----
+        # While `merged` is set, base.weight already holds those adapters: forward adds nothing.
+        self.merged: Selection | None = None
+        # The bit-exact pre-merge weight tensor, kept for unmerge() (None if nothing to restore).
+        self.unmerged_weight: Tensor | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -140,6 +145,13 @@ class LoRALinear(nn.Module):
         Returns:
             ``[..., out_features]``.
         """
+        if self.merged is not None:  # the merged adapters are already in base.weight
+            if self.training and torch.is_grad_enabled():
+                raise MergedStateError(
+                    "cannot train while adapters are merged into the base weights: call "
+                    "lm.unmerge() first (or lm.eval() / torch.no_grad() for inference)"
+                )
+            return self.base(x)  # type: ignore[no-any-return]
         out: Tensor = self.base(x)  # [..., out]
         adapters = self.adapters
         for name, weight in self.router.current.weights:

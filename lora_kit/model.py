@@ -9,14 +9,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles, read_adapter, write_adapter
 from .config import LoraConfig
-from .errors import AdapterMismatchError, AdapterNameError, ConfigError, LoraKitError
+from .errors import (
+    AdapterMismatchError,
+    AdapterNameError,
+    ConfigError,
+    LoraKitError,
+    MergedStateError,
+)
 from .fingerprint import check_fingerprint, fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
@@ -24,6 +30,9 @@ from .routing import BASE_ONLY, Router, Selection
 from .saved_modules import SavedModule
 from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets, resolve_spec
+
+if TYPE_CHECKING:
+    from .merge import MergeReport
 
 # The PEFT release whose adapter format lora_kit writes (recorded in adapter_config.json).
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -84,6 +93,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.router = Router()
         self._adapters: dict[str, AdapterRecord] = {}
+        self._merge_state: Any = None  # set while adapters are merged (see merge.py)
 
     # ---- adapters ----------------------------------------------------------------------
 
@@ -114,6 +124,7 @@ class LoraModel(nn.Module):
             NoTargetsError: Nothing matched (the message lists the modules that exist).
             UnsupportedModuleError: A matched module is not Linear/Conv1D.
         """
+        self._refuse_if_merged("add_adapter")
         self._check_new_name(name)
         if not isinstance(config, LoraConfig):
             raise ConfigError(f"config must be a lora_kit.LoraConfig, got {type(config).__name__}")
@@ -145,6 +156,7 @@ class LoraModel(nn.Module):
         Raises:
             AdapterNameError: No adapter of that name.
         """
+        self._refuse_if_merged("delete_adapter")
         record = self.adapter_record(name)
         for module_name in record.modules:
             del self._layer(module_name).adapters[name]
@@ -179,17 +191,20 @@ class LoraModel(nn.Module):
             AdapterNameError: An unknown adapter name.
             ConfigError: A non-finite weight.
         """
+        self._refuse_if_merged("set_adapter")
         self.router.default = self._selection(selection)
 
     @contextmanager
     def using(self, selection: AdapterSelection) -> Iterator[None]:
         """Use ``selection`` in this thread/task inside the block; restored on exit or error."""
+        self._refuse_if_merged("using")
         with self.router.override(self._selection(selection)):
             yield
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the base model alone inside the block; restored on exit or error."""
+        self._refuse_if_merged("disabled")
         with self.router.override(BASE_ONLY):
             yield
 
@@ -303,6 +318,7 @@ class LoraModel(nn.Module):
             AdapterMismatchError: Keys, shapes or base fingerprint do not fit this model.
             AdapterNameError: The name is taken.
         """
+        self._refuse_if_merged("load_adapter")
         files = read_adapter(path)
         name = name if name is not None else files.path.resolve().name
         self._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
@@ -452,6 +468,69 @@ class LoraModel(nn.Module):
         if not isinstance(wrapper, SavedModule):
             raise LoraKitError(f"{module_name!r} is not a saved module (was the model edited?)")
         return wrapper
+
+    # ---- merging (lora_kit.merge) ------------------------------------------------------------
+
+    @property
+    def merged(self) -> Selection | None:
+        """The adapters currently merged into the base weights (None when unmerged)."""
+        state = self._merge_state
+        return None if state is None else Selection(state.report.weights)
+
+    def merge(self, selection: str | Mapping[str, float]) -> MergeReport:
+        """Fold one adapter, or a weighted set (negative weights subtract), into the base weights.
+
+        The update is computed in fp32 and rounded once into the base dtype. While merged,
+        forward runs the plain base layers (no adapter overhead); switching, loading, deleting
+        adapters and training are refused until :meth:`unmerge`.
+
+        Memory: one copy of each merged projection's original weight is kept for an exact
+        :meth:`unmerge` (``report.kept_bytes``).
+
+        Returns:
+            The per-module largest change, the heads in use and the memory kept.
+
+        Raises:
+            MergedStateError: Something is merged already.
+            AdapterNameError, ConfigError: Unknown adapter or non-finite weight.
+            NonFiniteError: The result would hold NaN/inf; the model is unchanged.
+        """
+        from .merge import merge
+
+        return merge(self, selection)
+
+    def unmerge(self) -> MergeReport | None:
+        """Restore the base weights bit-exactly and the previous adapter selection.
+
+        Returns:
+            The report of the merge undone, or None if nothing was merged.
+        """
+        from .merge import unmerge
+
+        return unmerge(self)
+
+    def merge_and_unload(self, selection: AdapterSelection = None) -> nn.Module:
+        """Merge for good and return the plain transformers model, with no lora_kit modules.
+
+        Args:
+            selection: What to merge; defaults to the current merge, else the active adapters.
+                A ``modules_to_save`` head is replaced by the copy of the first merged adapter
+                that has one.
+
+        Returns:
+            ``self.model``, unwrapped; this handle has no adapters afterwards.
+        """
+        from .merge import merge_and_unload
+
+        return merge_and_unload(self, selection)
+
+    def _refuse_if_merged(self, operation: str) -> None:
+        if self._merge_state is not None:
+            names = [n for n, _ in self._merge_state.report.weights]
+            raise MergedStateError(
+                f"cannot {operation} while adapters {names} are merged into the base weights: "
+                f"call lm.unmerge() first"
+            )
 
 
 def inject(

@@ -1,0 +1,202 @@
+"""Exact merging: fold adapters into the base weights, and undo it bit-exactly.
+
+The arithmetic is one rule, shared by the in-memory merge and ``lorakit merge``: the update
+``sum_k w_k * scaling_k * B_k @ A_k`` is computed in fp32 (transposed for Conv1D, whose weight is
+stored ``[in, out]``), added to the base weight in fp32, and rounded **once** into the base's
+dtype. A result holding NaN/inf is refused before anything changes.
+
+``unmerge()`` restores the very tensors that were there before (the merge keeps them aside), so
+it is bit-exact however often it is repeated, in any dtype. The cost: one extra copy of every
+merged projection's weight while merged (reported as `MergeReport.kept_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, MergedStateError, NonFiniteError
+from .layers import LoRALinear
+from .routing import Selection
+from .saved_modules import SavedModule
+from .surgery import set_submodule
+
+if TYPE_CHECKING:
+    from .model import AdapterSelection, LoraModel
+
+
+def lora_delta(a: Tensor, b: Tensor, scaling: float, *, fan_in_fan_out: bool = False) -> Tensor:
+    """``scaling * B @ A`` in fp32, in the base weight's stored layout.
+
+    Args:
+        a: ``lora_A``, ``[r, in]``.
+        b: ``lora_B``, ``[out, r]``.
+        scaling: The adapter's scaling times any extra weight.
+        fan_in_fan_out: True for Conv1D (result ``[in, out]``), else ``[out, in]``.
+    """
+    delta = (b.float() @ a.float()) * scaling  # [out, in]
+    return delta.t() if fan_in_fan_out else delta
+
+
+def weighted_delta(
+    terms: Iterable[tuple[Tensor, Tensor, float]], *, fan_in_fan_out: bool = False
+) -> Tensor:
+    """``sum_k c_k * B_k @ A_k`` in fp32 for ``terms = [(A_k, B_k, c_k)]`` (c = weight * scaling).
+
+    Computed as one GEMM over the rank-concatenated factors (the ``cat`` stacking identity).
+    """
+    a_list, b_list = [], []
+    for a, b, coeff in terms:
+        a_list.append(a.float())  # [r_k, in]
+        b_list.append(b.float() * coeff)  # [out, r_k]
+    if not a_list:
+        raise ConfigError("weighted_delta needs at least one (A, B, coefficient) term")
+    return lora_delta(
+        torch.cat(a_list), torch.cat(b_list, dim=1), 1.0, fan_in_fan_out=fan_in_fan_out
+    )
+
+
+def merged_weight(
+    weight: Tensor, delta: Tensor, where: str, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``weight + delta`` added in fp32 and rounded once into ``dtype`` (default: ``weight``'s).
+
+    Raises:
+        NonFiniteError: The result holds NaN/inf (e.g. fp16 overflow); names ``where``.
+    """
+    dtype = weight.dtype if dtype is None else dtype
+    out = (weight.detach().float() + delta.to(weight.device)).to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(
+            f"merging into {where} gives NaN or infinity (in {dtype}); nothing was "
+            f"changed. Check the adapter weights, use smaller merge weights, or a wider dtype"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did.
+
+    Attributes:
+        weights: The merged ``(adapter, weight)`` pairs.
+        max_change: Module -> largest absolute change made to one base weight element.
+        heads: ``modules_to_save`` module -> the adapter whose copy is now in use.
+        kept_bytes: Memory held to make ``unmerge()`` bit-exact (0 after merge_and_unload).
+    """
+
+    weights: tuple[tuple[str, float], ...]
+    max_change: Mapping[str, float]
+    heads: Mapping[str, str]
+    kept_bytes: int
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{n}*{w:g}" for n, w in self.weights)
+        top = max(self.max_change.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        return (
+            f"merged {parts} into {len(self.max_change)} modules (largest change {top[1]:.3g} "
+            f"in {top[0]}); {self.kept_bytes / 2**20:.1f} MiB kept for unmerge()"
+        )
+
+
+@dataclass(frozen=True)
+class _MergeState:
+    report: MergeReport
+    previous_default: Selection
+
+
+def _layers(lm: LoraModel) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in lm.model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = True) -> MergeReport:
+    """Fold ``selection`` (a name or ``{name: weight}``) into ``lm``'s base weights in place.
+
+    See :meth:`LoraModel.merge`.
+    """
+    if lm._merge_state is not None:
+        raise MergedStateError(
+            f"adapters {list(lm._merge_state.report.weights)} are already merged: call "
+            f"lm.unmerge() before merging again"
+        )
+    sel = lm._selection(selection)
+    if not sel.weights:
+        raise ConfigError("merge needs an adapter name or a {name: weight} mapping, got none")
+    new: dict[str, Tensor] = {}
+    change: dict[str, float] = {}
+    layers = _layers(lm)
+    for name, layer in layers:  # validate everything before mutating anything
+        terms = [
+            (ad.lora_A, ad.lora_B, ad.scaling * w)
+            for ad, w in ((layer.adapter(n), w) for n, w in sel.weights if n in layer.adapters)
+        ]
+        if not terms:
+            continue
+        with torch.no_grad():
+            delta = weighted_delta(terms, fan_in_fan_out=layer.fan_in_fan_out)
+            out = merged_weight(layer.weight, delta, name)
+            change[name] = float((out.float() - layer.weight.float()).abs().max())
+        new[name] = out
+    kept = 0
+    for name, layer in layers:
+        layer.merged = sel
+        if name in new:
+            if keep_original:
+                layer.unmerged_weight = layer.weight.data
+                kept += layer.weight.numel() * layer.weight.element_size()
+            layer.weight.data = new[name]
+    previous = lm.router.default
+    lm.router.default = sel
+    heads = {
+        n: next((a for a, _ in sel.weights if a in m.copies), "(original)")
+        for n, m in lm.model.named_modules()
+        if isinstance(m, SavedModule)
+    }
+    report = MergeReport(sel.weights, change, heads, kept)
+    lm._merge_state = _MergeState(report, previous)
+    return report
+
+
+def unmerge(lm: LoraModel) -> MergeReport | None:
+    """Restore the pre-merge base weights bit-exactly; see :meth:`LoraModel.unmerge`."""
+    state: _MergeState | None = lm._merge_state
+    if state is None:
+        return None
+    for _, layer in _layers(lm):
+        if layer.unmerged_weight is not None:
+            layer.weight.data = layer.unmerged_weight
+        layer.unmerged_weight = None
+        layer.merged = None
+    lm.router.default = state.previous_default
+    lm._merge_state = None
+    return state.report
+
+
+def merge_and_unload(lm: LoraModel, selection: AdapterSelection = None) -> nn.Module:
+    """Fold the adapters in for good and return the plain model; see ``LoraModel``."""
+    if lm._merge_state is None:
+        merge(
+            lm,
+            selection if selection is not None else dict(lm.router.default.weights),
+            keep_original=False,
+        )
+    elif selection is not None:
+        raise MergedStateError(
+            "adapters are already merged; call merge_and_unload() without a selection to keep "
+            "them, or lm.unmerge() first to merge another selection"
+        )
+    model = lm.model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.unmerged_weight = None
+            set_submodule(model, name, module.base)
+        elif isinstance(module, SavedModule):
+            set_submodule(model, name, module.active_module())
+    lm._adapters.clear()
+    lm.router.default = Selection()
+    lm._merge_state = None
+    return model

@@ -1,0 +1,374 @@
+"""``lorakit merge``: fold adapters into a base checkpoint on disk, one tensor at a time.
+
+The base is read through safetensors' memory map and the output written with
+`safetensors_stream`, so at most one base tensor (plus its update) is in memory at once: never a
+second copy of the model. The arithmetic is `merge`'s (fp32 update, rounded once). Everything is
+checked before the first byte is written, the output is assembled in a hidden temporary folder
+next to ``out`` and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from ._version import __version__
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter
+from .base_model import BaseModelError, resolve_base
+from .errors import AdapterMismatchError, ConfigError, LoraKitError
+from .fingerprint import HASH_DTYPE
+from .merge import merged_weight, weighted_delta
+from .peft_format import PREFIX
+from .safetensors_stream import write_streaming
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+METADATA_KEY = "lora_kit.merge"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Files in a model folder that hold weights: never copied (the merged file replaces them).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Provenance of one merged adapter."""
+
+    path: str
+    weight: float
+    config_sha256: str
+    weights_sha256: str
+    fingerprint: str  # "match", "mismatch (forced)" or "none recorded"
+
+
+@dataclass(frozen=True)
+class FileMergeReport:
+    """What ``merge_files`` wrote.
+
+    Attributes:
+        out: The model folder written.
+        adapters: Each adapter's provenance (hashes, weight, fingerprint check).
+        dtype: Output dtype (``"as stored"`` if unchanged).
+        tensors: Number of tensors written.
+        max_change: Merged module -> largest absolute change to one weight element.
+        heads: ``modules_to_save`` tensor -> adapter whose copy replaced the base's.
+        copied: Non-weight files copied from the base (config, tokenizer, ...).
+    """
+
+    out: Path
+    adapters: tuple[AdapterSource, ...]
+    dtype: str
+    tensors: int
+    max_change: dict[str, float] = field(default_factory=dict)
+    heads: dict[str, str] = field(default_factory=dict)
+    copied: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (for ``--json``)."""
+        return {
+            "out": str(self.out),
+            "adapters": [vars(a) for a in self.adapters],
+            "dtype": self.dtype,
+            "tensors": self.tensors,
+            "merged_modules": len(self.max_change),
+            "max_change": max(self.max_change.values(), default=0.0),
+            "max_change_per_module": self.max_change,
+            "heads": self.heads,
+            "copied": list(self.copied),
+        }
+
+
+@dataclass
+class _Module:
+    """One targeted projection: where its weight is in the base file and what to add."""
+
+    key: str  # base tensor key of the weight
+    fan_in_fan_out: bool
+    terms: list[tuple[Tensor, Tensor, float]]  # (A, B, weight * scaling)
+
+
+def merge_files(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+) -> FileMergeReport:
+    """Merge ``adapters`` (with ``weights``, default 1 each) into ``base``; write model ``out``.
+
+    Args:
+        base: Model folder or Hub id (see `base_model.resolve_base`); safetensors weights.
+        adapters: Adapter directories (lora_kit's or PEFT's).
+        out: New folder to create (must not exist); plain transformers loads it.
+        weights: One finite weight per adapter; negative subtracts.
+        dtype: ``float32``/``float16``/``bfloat16`` for floating tensors (default: as stored).
+        force: Merge even if an adapter's recorded base fingerprint differs from ``base``.
+
+    Raises:
+        ConfigError: Bad weights/dtype, or ``out`` exists.
+        BaseModelError: Base not found or not in safetensors.
+        AdapterFormatError, AdapterMismatchError: Unreadable adapter, or it does not fit.
+        NonFiniteError: The merge would produce NaN/inf. Nothing is written in any case.
+    """
+    target = Path(out)
+    if target.exists():
+        raise ConfigError(f"output {str(target)!r} already exists: remove it or pick another -o")
+    if not adapters:
+        raise ConfigError("give at least one adapter directory to merge")
+    coeffs = _weights(weights, len(adapters))
+    out_dtype = _dtype(dtype)
+    folder = resolve_base(base)
+    store = _Base(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    files = [read_adapter(p) for p in adapters]
+    modules: dict[str, _Module] = {}
+    heads: dict[str, tuple[str, Tensor]] = {}  # base key -> (adapter path, tensor)
+    sources = []
+    for files_k, coeff in zip(files, coeffs, strict=True):
+        found = _plan(files_k, coeff, store, modules, heads)
+        status = _check_fingerprint(files_k, found, config, store, force)
+        sources.append(_provenance(files_k, coeff, status))
+    by_key = {m.key: (name, m) for name, m in modules.items()}
+    specs = [(k, store.dtype(k, out_dtype), store.shape(k)) for k in sorted(store.shards)]
+    dtypes = {k: d for k, d, _ in specs}
+    change: dict[str, float] = {}
+
+    def produce(key: str) -> Tensor:
+        stored = heads[key][1] if key in heads else store.load(key)
+        if key not in by_key:
+            return stored.to(dtypes[key])
+        name, mod = by_key[key]
+        delta = weighted_delta(mod.terms, fan_in_fan_out=mod.fan_in_fan_out)
+        new = merged_weight(stored, delta, name, dtypes[key])  # fp32 sum, rounded once
+        change[name] = float((new.float() - stored.float()).abs().max())
+        return new
+
+    provenance = {
+        "method": "linear",
+        "lora_kit_version": __version__,
+        "base": str(base),
+        "dtype": dtype or "as stored",
+        "adapters": [vars(s) for s in sources],
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        write_streaming(
+            tmp / SINGLE, specs, produce, {"format": "pt", METADATA_KEY: json.dumps(provenance)}
+        )
+        copied = _copy_side_files(folder, tmp, dtype)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FileMergeReport(
+        out=target,
+        adapters=tuple(sources),
+        dtype=dtype or "as stored",
+        tensors=len(specs),
+        max_change=change,
+        heads={k: v[0] for k, v in heads.items()},
+        copied=copied,
+    )
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    values = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(values) != n:
+        raise ConfigError(f"got {len(values)} weights for {n} adapters: give one per adapter")
+    for w in values:
+        if not torch.isfinite(torch.tensor(w)):
+            raise ConfigError(f"merge weights must be finite, got {w!r}")
+    return values
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"unknown --dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class _Base:
+    """The base checkpoint's safetensors file(s), memory-mapped; tensors load one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        if (folder / SINGLE).is_file():
+            with safe_open(str(folder / SINGLE), framework="pt") as handle:
+                self.shards = dict.fromkeys(handle.keys(), SINGLE)
+        elif (folder / INDEX).is_file():
+            index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+            self.shards = {str(k): str(v) for k, v in index.get("weight_map", {}).items()}
+        else:
+            present = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+            raise BaseModelError(
+                f"{folder}: no {SINGLE} or {INDEX} (found {present or 'no weight files'}); "
+                f"lorakit merge streams safetensors only: re-save the base with "
+                f"save_pretrained(safe_serialization=True)"
+            )
+        self.handles = {
+            s: safe_open(str(folder / s), framework="pt") for s in set(self.shards.values())
+        }
+
+    def load(self, key: str) -> Tensor:
+        """The tensor ``key`` (a fresh CPU copy)."""
+        return self.handles[self.shards[key]].get_tensor(key)  # type: ignore[no-any-return]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without loading it."""
+        return tuple(self.handles[self.shards[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str, out: torch.dtype | None) -> torch.dtype:
+        """The dtype ``key`` is written in: ``out`` for floating tensors, else as stored."""
+        code = self.handles[self.shards[key]].get_slice(key).get_dtype()
+        stored = _STORED.get(code)
+        if stored is None:
+            raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {code}, unsupported")
+        return out if out is not None and stored.is_floating_point else stored
+
+
+_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def _base_key(module: str, shards: dict[str, str], source: str) -> str:
+    # A bare backbone checkpoint (e.g. the Hub's "gpt2") names "h.0.attn.c_attn" what a model
+    # with a head calls "transformer.h.0.attn.c_attn": accept either.
+    for candidate in (module, module.partition(".")[2]):
+        if candidate and f"{candidate}.weight" in shards:
+            return f"{candidate}.weight"
+    raise AdapterMismatchError(
+        f"{source}: the base has no weight for adapted module {module!r} (looked for "
+        f"{module}.weight); was the adapter trained on another architecture?"
+    )
+
+
+def _plan(
+    files: AdapterFiles,
+    coeff: float,
+    store: _Base,
+    modules: dict[str, _Module],
+    heads: dict[str, tuple[str, Tensor]],
+) -> dict[str, str]:
+    """Add ``files``' terms to ``modules``/``heads``; return its module -> base key map."""
+    source = str(files.path)
+    found: dict[str, str] = {}
+    fp_modules = (files.metadata.get("base_fingerprint") or {}).get("modules", {})
+    fan_default = bool(files.peft_config.get("fan_in_fan_out", False))
+    for key, tensor in files.tensors.items():
+        body = key.removeprefix(PREFIX)
+        if body.endswith(".lora_B.weight"):
+            continue
+        if not body.endswith(".lora_A.weight"):  # a modules_to_save tensor
+            base_key = body if body in store.shards else body.partition(".")[2]
+            if base_key not in store.shards:
+                raise AdapterMismatchError(f"{source}: the base has no tensor {body!r}")
+            heads.setdefault(base_key, (source, tensor))
+            continue
+        module = body.removesuffix(".lora_A.weight")
+        a, b = tensor, files.tensors.get(f"{PREFIX}{module}.lora_B.weight")
+        if b is None:
+            raise AdapterMismatchError(f"{source}: {module} has lora_A but no lora_B")
+        base_key = _base_key(module, store.shards, source)
+        shape = store.shape(base_key)
+        out_f, in_f = b.shape[0], a.shape[1]
+        if shape not in ((out_f, in_f), (in_f, out_f)):
+            raise AdapterMismatchError(
+                f"{source}: {module} is {list(shape)} in the base but the adapter is for "
+                f"[{out_f}, {in_f}] [out, in]; the adapter belongs to another base"
+            )
+        if out_f == in_f:
+            layout = (fp_modules.get(module) or [0, 0, None])[2]
+            fan = layout == "conv1d" if layout else fan_default
+        else:
+            fan = shape == (in_f, out_f)
+        scaling = files.config.scaling_for(module) * coeff
+        entry = modules.setdefault(module, _Module(base_key, fan, []))
+        entry.terms.append((a, b, scaling))
+        found[module] = base_key
+    if not found:
+        raise AdapterMismatchError(f"{source}: the adapter has no lora_A/lora_B tensors")
+    return found
+
+
+def _check_fingerprint(
+    files: AdapterFiles, found: dict[str, str], config: dict[str, Any], store: _Base, force: bool
+) -> str:
+    """Compare the adapter's recorded base fingerprint with the base files (as `fingerprint`)."""
+    expected = files.metadata.get("base_fingerprint")
+    if not isinstance(expected, dict):
+        return "none recorded"
+    combined = hashlib.sha256()
+    for module in sorted(found):
+        # The same bytes as fingerprint.weight_digest: the stored weight rounded to bf16.
+        weight = store.load(found[module]).to(HASH_DTYPE).contiguous()
+        digest = hashlib.sha256(weight.view(torch.int16).numpy().tobytes()).hexdigest()
+        combined.update(f"{module}={digest};".encode())
+    problems = []
+    if expected.get("model_type") != config.get("model_type"):
+        problems.append(
+            f"model type {expected.get('model_type')!r} vs base {config.get('model_type')!r}"
+        )
+    if expected.get("weights_sha256") != combined.hexdigest():
+        problems.append("the targeted base weights differ")
+    if not problems:
+        return "match"
+    if force:
+        return "mismatch (forced)"
+    raise AdapterMismatchError(
+        f"{files.path}: adapter was not trained on this base ({'; '.join(problems)}); merge it "
+        f"onto the base it was trained on, or pass --force (force=True) if you are sure"
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _provenance(files: AdapterFiles, coeff: float, status: str) -> AdapterSource:
+    return AdapterSource(
+        path=str(files.path),
+        weight=coeff,
+        config_sha256=_sha256(files.path / CONFIG_NAME),
+        weights_sha256=_sha256(files.path / WEIGHTS_NAME),
+        fingerprint=status,
+    )
+
+
+def _copy_side_files(folder: Path, dest: Path, dtype: str | None) -> tuple[str, ...]:
+    copied = []
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_file() or entry.name.startswith("."):
+            continue
+        if entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
+            continue
+        shutil.copy2(entry, dest / entry.name)
+        copied.append(entry.name)
+    if dtype is not None and (dest / "config.json").is_file():
+        cfg = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = dtype
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    if not copied or "config.json" not in copied:
+        raise LoraKitError(f"{folder}: nothing copied; the base folder has no config.json")
+    return tuple(copied)

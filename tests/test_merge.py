@@ -1,0 +1,159 @@
+"""In-memory merge/unmerge/merge_and_unload (lora_kit.merge and the LoraModel methods)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from merge_helpers import KINDS, adapters_of, logits, randomize, with_adapters
+from transformers.pytorch_utils import Conv1D
+
+import lora_kit as lk
+from lora_kit.layers import LoRALinear
+from lora_kit.merge import lora_delta, merged_weight, weighted_delta
+from lora_kit.saved_modules import SavedModule
+
+# fp32 tolerance: merged computes (W + s*B@A) x, unmerged W x + s*B(A x): the same sums in a
+# different order. Each of the ~2 layers x 4 projections adds a few fp32 ulps relative to the
+# activations (|logits| <= ~10 here), so 1e-4 absolute is ~100 ulps of slack and still 1000x
+# smaller than the effect of the adapters being applied twice or not at all (checked below).
+ATOL = 1e-4
+
+
+def _base_weights(lm: lk.LoraModel) -> dict[str, torch.Tensor]:
+    return {
+        n: m.weight.detach().clone()
+        for n, m in lm.model.named_modules()
+        if isinstance(m, LoRALinear)
+    }
+
+
+def test_lora_delta_layouts() -> None:
+    a, b = torch.randn(3, 5), torch.randn(7, 3)
+    d = lora_delta(a, b, 0.5)
+    torch.testing.assert_close(d, 0.5 * b @ a, rtol=0, atol=0)
+    assert lora_delta(a, b, 0.5, fan_in_fan_out=True).shape == (5, 7)
+    # weighted_delta equals the explicit weighted sum (one GEMM over concatenated factors).
+    a2, b2 = torch.randn(2, 5), torch.randn(7, 2)
+    got = weighted_delta([(a, b, 0.7), (a2, b2, -0.3)])
+    torch.testing.assert_close(got, 0.7 * b @ a - 0.3 * b2 @ a2, rtol=1e-6, atol=1e-6)
+
+
+def test_merged_weight_rounds_once_and_refuses_nonfinite() -> None:
+    w = torch.randn(4, 4).to(torch.bfloat16)
+    delta = torch.randn(4, 4) * 1e-3
+    assert torch.equal(merged_weight(w, delta, "m"), (w.float() + delta).to(torch.bfloat16))
+    with pytest.raises(lk.NonFiniteError, match="m"):
+        merged_weight(torch.ones(2, 2, dtype=torch.float16), torch.full((2, 2), 1e6), "m")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("selection", ["a", {"a": 0.7, "b": -0.3}])
+def test_merged_equals_unmerged_fp32(kind: str, selection: object) -> None:
+    lm = with_adapters(kind, ("a", "b"))
+    sel = selection if isinstance(selection, str) else dict(selection)  # type: ignore[call-overload]
+    lm.set_adapter(sel)
+    ref = logits(lm, kind)
+    with lm.disabled():
+        base = logits(lm, kind)
+    before = _base_weights(lm)
+    report = lm.merge(sel)
+    assert lm.merged is not None
+    merged = logits(lm, kind)
+    torch.testing.assert_close(merged, ref, rtol=0, atol=ATOL)
+    # The adapters are in the weights, not added a second time, and they do matter.
+    assert (ref - base).abs().max() > 100 * ATOL
+    assert report.max_change and all(v > 0 for v in report.max_change.values())
+    assert report.kept_bytes == sum(t.numel() * 4 for t in before.values())
+    lm.unmerge()
+    assert lm.merged is None
+    after = _base_weights(lm)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    torch.testing.assert_close(logits(lm, kind), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hundred_cycles_bit_identical(kind: str, dtype: torch.dtype) -> None:
+    lm = with_adapters(kind, ("a", "b"), dtype=dtype)
+    before = _base_weights(lm)
+    merged_once: dict[str, torch.Tensor] = {}
+    for i in range(100):
+        lm.merge({"a": 1.0, "b": -0.5})
+        if i == 0:
+            merged_once = _base_weights(lm)
+        lm.unmerge()
+    after = _base_weights(lm)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert any(not torch.equal(before[n], merged_once[n]) for n in before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_merge_is_rounded_once(kind: str) -> None:
+    lm = with_adapters(kind, ("a",), dtype=torch.bfloat16)
+    layer = next(m for m in lm.model.modules() if isinstance(m, LoRALinear))
+    ad = layer.adapter("a")
+    expected = (layer.weight.float() + lora_delta(
+        ad.lora_A, ad.lora_B, ad.scaling, fan_in_fan_out=layer.fan_in_fan_out
+    )).to(torch.bfloat16)  # fmt: skip
+    lm.merge("a")
+    assert torch.equal(layer.weight, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_is_plain_and_equal(kind: str) -> None:
+    lm = with_adapters(kind, ("a", "b"), heads=True)
+    sel = {"a": 1.0, "b": 0.5}
+    if kind == "bert":  # give the head copies distinct values so the choice is visible
+        randomize(lm, "a", seed=3)
+    lm.set_adapter(sel)
+    ref = logits(lm, kind)
+    model = lm.merge_and_unload(sel)
+    assert not any(isinstance(m, LoRALinear | SavedModule) for m in model.modules())
+    assert not adapters_of(lm)
+    assert any(isinstance(m, Conv1D) for m in model.modules()) == (kind == "gpt2")
+    torch.testing.assert_close(logits(model, kind), ref, rtol=0, atol=ATOL)
+
+
+def test_nonfinite_merge_leaves_model_unchanged() -> None:
+    lm = with_adapters("gpt2", ("a", "b"))
+    with torch.no_grad():
+        lm.adapter_parameters("b")[-1].fill_(float("inf"))  # last layer's B
+    before = _base_weights(lm)
+    with pytest.raises(lk.NonFiniteError, match="nothing was changed"):
+        lm.merge({"a": 1.0, "b": 1.0})
+    assert lm.merged is None
+    assert all(torch.equal(before[n], m) for n, m in _base_weights(lm).items())
+    lm.set_adapter("a")  # still usable: not left in a merged state
+
+
+def test_merged_state_refuses_swap_load_and_training(tmp_path: object) -> None:
+    lm = with_adapters("gpt2", ("a", "b"))
+    lm.merge("a")
+    for call in (
+        lambda: lm.set_adapter("b"),
+        lambda: lm.load_adapter("nowhere", "c"),
+        lambda: lm.delete_adapter("b"),
+        lambda: lm.merge("b"),
+    ):
+        with pytest.raises(lk.MergedStateError, match="unmerge"):
+            call()
+    with pytest.raises(lk.MergedStateError, match="unmerge"), lm.using("b"):
+        pass
+    lm.train()
+    with pytest.raises(lk.MergedStateError, match="unmerge"):
+        lm(input_ids=torch.ones(1, 4, dtype=torch.long))
+    lm.eval()
+    lm.unmerge()
+    lm.set_adapter("b")
+    assert lm.unmerge() is None  # nothing merged: a no-op
+
+
+def test_merge_validates_selection() -> None:
+    lm = with_adapters("bert", ("a",))
+    with pytest.raises(lk.AdapterNameError):
+        lm.merge("nope")
+    with pytest.raises(lk.ConfigError):
+        lm.merge({"a": float("nan")})
+    with pytest.raises(lk.ConfigError):
+        lm.merge({})
+    assert lm.merged is None

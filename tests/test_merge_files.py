@@ -1,0 +1,128 @@
+"""``lora_kit.merge_files`` (the library side of ``lorakit merge``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from merge_helpers import logits, randomize, tiny, with_adapters
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import lora_kit as lk
+from lora_kit.base_model import BaseModelError
+from lora_kit.merge_files import METADATA_KEY, merge_files
+
+# Output vs the unmerged LoraModel in fp32: the same fp32 reordering tolerance as test_merge.
+ATOL = 1e-4
+LOADERS = {"gpt2": AutoModelForCausalLM, "bert": AutoModelForSequenceClassification}
+
+
+def make_base_and_adapters(
+    tmp_path: Path, kind: str, heads: bool = False
+) -> tuple[Path, list[Path], lk.LoraModel]:
+    base = tmp_path / "base"
+    tiny(kind).save_pretrained(base)
+    (base / "tokenizer_config.json").write_text("{}")  # a stand-in tokenizer file
+    lm = with_adapters(kind, ("a", "b"), heads=heads)
+    for name in ("a", "b"):
+        lm.save_adapter(tmp_path / name, name)
+    return base, [tmp_path / "a", tmp_path / "b"], lm
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_output_loads_in_plain_transformers_and_matches(tmp_path: Path, kind: str) -> None:
+    base, adapters, lm = make_base_and_adapters(tmp_path, kind, heads=True)
+    if kind == "bert":
+        randomize(lm, "b", seed=5)  # distinct head copy for b; only a's head must be used
+        lm.save_adapter(tmp_path / "b", "b")
+    lm.set_adapter({"a": 0.7, "b": -0.3})
+    ref = logits(lm, kind)
+    report = merge_files(base, adapters, tmp_path / "out", weights=[0.7, -0.3])
+    out = LOADERS[kind].from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(out, kind), ref, rtol=0, atol=ATOL)
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "tokenizer_config.json",
+    }
+    assert report.max_change and all(s.fingerprint == "match" for s in report.adapters)
+    assert bool(report.heads) == (kind == "bert")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    assert meta["method"] == "linear" and meta["lora_kit_version"] == lk.__version__
+    assert [a["weight"] for a in meta["adapters"]] == [0.7, -0.3]
+    assert all(len(a["weights_sha256"]) == 64 for a in meta["adapters"])
+
+
+def test_matches_in_memory_merge_bitwise_and_dtype(tmp_path: Path) -> None:
+    base, adapters, lm = make_base_and_adapters(tmp_path, "gpt2")
+    merge_files(base, adapters[:1], tmp_path / "o32")
+    merge_files(base, adapters[:1], tmp_path / "o16", dtype="bfloat16")
+    model = lm.merge_and_unload("a")
+    ours = model.state_dict()
+    with safe_open(str(tmp_path / "o32" / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            assert torch.equal(f.get_tensor(key), ours[key]), key  # same arithmetic, fp32
+    with safe_open(str(tmp_path / "o16" / "model.safetensors"), framework="pt") as f:
+        w = f.get_tensor("transformer.h.0.attn.c_attn.weight")
+    assert w.dtype == torch.bfloat16  # rounded once from the fp32 sum:
+    assert torch.equal(w, ours["transformer.h.0.attn.c_attn.weight"].to(torch.bfloat16))
+    cfg = json.loads((tmp_path / "o16" / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) in ("bfloat16", None)
+
+
+def test_fingerprint_mismatch_refused_unless_forced(tmp_path: Path) -> None:
+    _, adapters, _ = make_base_and_adapters(tmp_path, "gpt2")
+    other = tmp_path / "other"
+    tiny("gpt2", seed=1).save_pretrained(other)  # same shapes, other weights
+    with pytest.raises(lk.AdapterMismatchError, match="--force"):
+        merge_files(other, adapters, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    report = merge_files(other, adapters, tmp_path / "out", force=True)
+    assert {s.fingerprint for s in report.adapters} == {"mismatch (forced)"}
+
+
+def test_bad_inputs_leave_nothing(tmp_path: Path) -> None:
+    base, adapters, lm = make_base_and_adapters(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    cases = [
+        (lambda: merge_files(base, adapters, out, weights=[1.0]), lk.ConfigError),
+        (lambda: merge_files(base, adapters, out, weights=[1.0, float("nan")]), lk.ConfigError),
+        (lambda: merge_files(base, adapters, out, dtype="float8"), lk.ConfigError),
+        (lambda: merge_files(tmp_path / "nope", adapters, out), BaseModelError),
+        (lambda: merge_files(base, [tmp_path / "nope"], out), lk.AdapterFormatError),
+        (lambda: merge_files(base, [], out), lk.ConfigError),
+    ]
+    bert_base = tmp_path / "bert"
+    tiny("bert").save_pretrained(bert_base)
+    cases.append((lambda: merge_files(bert_base, adapters, out), lk.AdapterMismatchError))
+    # fp16 overflow: the merged weight would be inf; detected while streaming, nothing kept.
+    with torch.no_grad():
+        for p in lm.adapter_parameters("a"):
+            p.mul_(1e3)
+    lm.save_adapter(tmp_path / "huge", "a")
+    cases.append(
+        (
+            lambda: merge_files(base, [tmp_path / "huge"], out, dtype="float16"),
+            lk.NonFiniteError,
+        )
+    )
+    for call, error in cases:
+        with pytest.raises(error):
+            call()
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    out.mkdir()
+    with pytest.raises(lk.ConfigError, match="already exists"):
+        merge_files(base, adapters, out)
+
+
+def test_base_without_safetensors_is_refused(tmp_path: Path) -> None:
+    base, adapters, _ = make_base_and_adapters(tmp_path, "gpt2")
+    (base / "model.safetensors").rename(base / "pytorch_model.bin")
+    with pytest.raises(BaseModelError, match="safe_serialization"):
+        merge_files(base, adapters, tmp_path / "out")

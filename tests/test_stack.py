@@ -1,0 +1,133 @@
+"""``lora_kit.stack``: cat (exact), svd (factor route), ties/dare, and input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from merge_helpers import logits, tiny, with_adapters
+
+import lora_kit as lk
+from lora_kit.adapter_io import read_adapter
+from lora_kit.merge import lora_delta
+from lora_kit.stack import stack
+
+W = {"a": 0.7, "b": -0.3}
+
+
+def deltas(path: Path) -> dict[str, torch.Tensor]:
+    """Module -> scaling * B @ A (fp32, [out, in]) of an adapter on disk."""
+    files = read_adapter(path)
+    out = {}
+    for key, a in files.tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = files.tensors[key.replace("lora_A", "lora_B")]
+            out[module] = lora_delta(a, b, files.config.scaling_for(module))
+    return out
+
+
+@pytest.fixture(params=["gpt2", "bert"])
+def saved(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path, lk.LoraModel]:
+    kind = request.param
+    lm = with_adapters(kind, ("a", "b"))  # ranks 4 and 2, alphas 8 and 3
+    for name in W:
+        lm.save_adapter(tmp_path / name, name)
+    return kind, tmp_path, lm
+
+
+def exact(tmp: Path) -> dict[str, torch.Tensor]:
+    da, db = deltas(tmp / "a"), deltas(tmp / "b")
+    return {m: W["a"] * da[m] + W["b"] * db[m] for m in da}
+
+
+def test_cat_is_exact_and_equals_inference_stacking(saved: tuple[str, Path, lk.LoraModel]) -> None:
+    kind, tmp, lm = saved
+    report = stack([tmp / "a", tmp / "b"], weights=list(W.values()), method="cat", out=tmp / "c")
+    got, want = deltas(tmp / "c"), exact(tmp)
+    assert got.keys() == want.keys()
+    for m in want:  # one fp32 GEMM over concatenated factors vs two: a few ulps of |T|
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5 * want[m].abs().max())
+    assert report.rel_error == 0.0 and all(r.rank == 6 for r in report.modules)
+    lm.set_adapter(W)  # inference-time weighted stacking (hot-swap path)
+    ref = logits(lm, kind)
+    stacked = lk.LoraModel.from_pretrained(tiny(kind), tmp / "c")
+    torch.testing.assert_close(logits(stacked, kind), ref, rtol=0, atol=1e-4)
+
+
+def test_svd_matches_optimal_truncation(saved: tuple[str, Path, lk.LoraModel]) -> None:
+    _, tmp, _ = saved
+    report = stack([tmp / "a", tmp / "b"], weights=list(W.values()), method="svd", out=tmp / "s",
+                   rank=3)  # fmt: skip
+    got, want = deltas(tmp / "s"), exact(tmp)
+    for res in report.modules:
+        t = want[res.module].double()
+        s = torch.linalg.svdvals(t)  # dense reference: Eckart-Young optimum
+        optimum = float((s[3:] ** 2).sum().sqrt() / s.norm())
+        err = float((got[res.module].double() - t).norm() / t.norm())
+        assert res.rank == 3
+        assert err == pytest.approx(optimum, rel=1e-3, abs=1e-6)
+        assert res.rel_error == pytest.approx(optimum, rel=1e-3, abs=1e-6)
+        assert res.energy_kept == pytest.approx(1 - optimum**2, rel=1e-4)
+    assert 0 < report.energy_kept < 1
+    full = stack([tmp / "a", tmp / "b"], weights=list(W.values()), method="svd", out=tmp / "f",
+                 rank=6)  # fmt: skip
+    assert full.rel_error < 1e-6
+
+
+def test_ties_and_dare(saved: tuple[str, Path, lk.LoraModel]) -> None:
+    _, tmp, _ = saved
+    paths = [tmp / "a", tmp / "b"]
+    d1 = stack(paths, weights=[0.7, 0.3], method="dare", out=tmp / "d1", density=0.5, seed=3,
+               rank=64)  # fmt: skip
+    stack(paths, weights=[0.7, 0.3], method="dare", out=tmp / "d2", density=0.5, seed=3, rank=64)
+    stack(paths, weights=[0.7, 0.3], method="dare", out=tmp / "d3", density=0.5, seed=4, rank=64)
+    x1, x2, x3 = deltas(tmp / "d1"), deltas(tmp / "d2"), deltas(tmp / "d3")
+    assert all(torch.equal(x1[m], x2[m]) for m in x1)
+    assert any(not torch.equal(x1[m], x3[m]) for m in x1)
+    assert d1.seed == 3 and d1.rel_error > 0
+    assert read_adapter(tmp / "d1").metadata["stack"]["seed"] == 3
+    # density 1: dare keeps everything, so (at full rank) it is the exact weighted sum
+    full = stack(paths, weights=list(W.values()), method="dare", out=tmp / "d4", density=1.0,
+                 rank=64)  # fmt: skip
+    assert full.rel_error < 1e-5
+    # ties on a single input with density 1 is the identity
+    one = stack(paths[:1], weights=[0.5], method="ties", out=tmp / "t1", density=1.0, rank=64)
+    assert one.rel_error < 1e-5
+    ties = stack(paths, weights=[0.7, 0.3], method="ties", out=tmp / "t2", density=0.3, rank=4)
+    assert 0 < ties.rel_error < 1 and all(0 < r.energy_kept <= 1 for r in ties.modules)
+
+
+def test_output_loads_in_peft(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    lm = with_adapters("gpt2", ("a", "b"))
+    for name in W:
+        lm.save_adapter(tmp_path / name, name)
+    stack([tmp_path / "a", tmp_path / "b"], weights=list(W.values()), method="svd",
+          out=tmp_path / "s", rank=3)  # fmt: skip
+    ours = lk.LoraModel.from_pretrained(tiny("gpt2"), tmp_path / "s")
+    peft_model = PeftModel.from_pretrained(tiny("gpt2"), tmp_path / "s").eval()
+    torch.testing.assert_close(logits(peft_model, "gpt2"), logits(ours, "gpt2"), rtol=0,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_incompatible_inputs(tmp_path: Path) -> None:
+    g = with_adapters("gpt2", ("a",))
+    g.save_adapter(tmp_path / "g", "a")
+    b = with_adapters("bert", ("a",))
+    b.save_adapter(tmp_path / "b", "a")
+    other = lk.inject(tiny("gpt2", seed=1), g.adapters["a"], "a")
+    other.save_adapter(tmp_path / "o", "a")
+    with pytest.raises(lk.AdapterMismatchError, match="different"):
+        stack([tmp_path / "g", tmp_path / "b"], out=tmp_path / "x")
+    with pytest.raises(lk.AdapterMismatchError, match="fingerprint"):
+        stack([tmp_path / "g", tmp_path / "o"], out=tmp_path / "x")
+    with pytest.raises(lk.ConfigError, match="density"):
+        stack([tmp_path / "g"], method="ties", out=tmp_path / "x")
+    with pytest.raises(lk.ConfigError, match="weights"):
+        stack([tmp_path / "g"], weights=[1.0, 2.0], out=tmp_path / "x")
+    with pytest.raises(lk.ConfigError, match="method"):
+        stack([tmp_path / "g"], method="avg", out=tmp_path / "x")  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
