@@ -85,3 +85,19 @@ def make_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "a" * 
     (storage / "refs").mkdir(exist_ok=True)
     (storage / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def make_peft_adapter(kind: str, path: Path, *, seed: int = 2, base_seed: int = 0) -> Path:
+    """Save an adapter with PEFT itself (the interop reference), with non-zero B."""
+    import peft
+
+    targets = ["c_attn"] if kind == "gpt2" else ["query", "value"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    model = peft.get_peft_model(tiny_model(kind, base_seed), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    model.save_pretrained(str(path))
+    return path
