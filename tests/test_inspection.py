@@ -65,7 +65,9 @@ def test_effective_rank_counts_only_values_above_the_threshold() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_inspect_adapter_reports_each_module(kind: str, tmp_path: Path) -> None:
-    config = lk.LoraConfig(r=4, alpha=8, rank_pattern={"h.1.attn.c_attn": 2, r"layer\.1\..*value": 2})
+    config = lk.LoraConfig(
+        r=4, alpha=8, rank_pattern={"h.1.attn.c_attn": 2, r"layer\.1\..*value": 2}
+    )
     path = make_adapter(kind, tmp_path / "ad", config)
     files = lk.read_adapter(path)
     report = inspect_adapter(path)

@@ -92,7 +92,9 @@ def make_peft_adapter(kind: str, path: Path, *, seed: int = 2, base_seed: int = 
     import peft
 
     targets = ["c_attn"] if kind == "gpt2" else ["query", "value"]
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=kind == "gpt2"
+    )
     model = peft.get_peft_model(tiny_model(kind, base_seed), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
