@@ -150,8 +150,16 @@ def push_adapter(
     private: bool = False,
     commit_message: str | None = None,
     token: str | None = None,
+    endpoint: str | None = None,
 ) -> str:
     """Upload ``plan`` to the Hub in one commit (the repo is created if needed).
+
+    Args:
+        plan: From :func:`plan_push`.
+        private: Create the repo as private (an existing repo keeps its visibility).
+        commit_message: Defaults to "Upload LoRA adapter with lora_kit <version>".
+        token: Defaults to huggingface_hub's (``HF_TOKEN``, ``hf auth login``).
+        endpoint: Hub URL (defaults to huggingface_hub's, ``HF_ENDPOINT``).
 
     Returns:
         The URL of the commit.
@@ -174,7 +182,7 @@ def push_adapter(
         )
         for f in plan.files
     ]
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(plan.repo_id, private=private, exist_ok=True)
         info = api.create_commit(
@@ -198,6 +206,7 @@ def pull_adapter(
     cache_dir: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
     force: bool = False,
+    endpoint: str | None = None,
 ) -> PullResult:
     """Fetch adapter ``repo_id`` (or find it in the Hub cache) and copy it to ``out``.
 
@@ -208,6 +217,7 @@ def pull_adapter(
         cache_dir: Hub cache to use (default: huggingface_hub's, ``HF_HUB_CACHE``/``HF_HOME``).
         offline: Use only the cache; defaults to whether ``HF_HUB_OFFLINE`` is set.
         force: Replace an existing directory at ``out``.
+        endpoint: Hub URL (defaults to huggingface_hub's, ``HF_ENDPOINT``).
 
     Raises:
         HubError: Invalid id, not cached while offline, or the download failed.
@@ -231,6 +241,7 @@ def pull_adapter(
                 revision=revision,
                 cache_dir=None if cache_dir is None else Path(cache_dir),
                 local_files_only=offline,
+                endpoint=endpoint,
             )
         )
     except Exception as exc:  # huggingface_hub raises many types; each is reported the same way

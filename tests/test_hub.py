@@ -116,3 +116,30 @@ def test_pull_refuses_a_repo_that_is_not_an_adapter(tmp_path: Path) -> None:
 def test_repo_ids_are_checked(bad: str) -> None:
     with pytest.raises(HubError):
         check_repo_id(bad)
+
+
+# A closed local port: huggingface_hub's real network code runs and fails to connect at once.
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+def test_push_network_failure_is_a_clear_error(
+    adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = tree_hashes(adapter)
+    with pytest.raises(HubError, match=r"pushing .* to 'me/x' failed: .*check the network"):
+        push_adapter(plan_push(adapter, "me/x"), token="hf_fake", endpoint=UNREACHABLE)
+    assert tree_hashes(adapter) == before
+
+
+def test_pull_online_falls_back_to_the_cache_when_unreachable(
+    adapter: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    make_hub_cache(cache, "org/remote", adapter, COMMIT)
+    out = tmp_path / "out"
+    result = pull_adapter("org/remote", out, cache_dir=cache, offline=False, endpoint=UNREACHABLE)
+    assert result.commit == COMMIT and tree_hashes(out) == tree_hashes(adapter)
+    with pytest.raises(HubError, match=r"could not download 'org/other'.*check the network"):
+        pull_adapter("org/other", tmp_path / "o2", cache_dir=cache, offline=False,
+                     endpoint=UNREACHABLE)  # fmt: skip
