@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
 from lora_kit.diff import diff_adapters, relative_difference
@@ -87,3 +88,16 @@ def test_saved_module_differences_are_flagged(tmp_path: Path) -> None:
     result = diff_adapters(a, b)
     assert result.saved_modules_differ and not result.config
     assert diff_adapters(a, a).identical
+
+
+def test_modules_of_different_shapes_are_not_compared(tmp_path: Path) -> None:
+    a = make_adapter("gpt2", tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    tensors = load_file(str(b / "adapter_model.safetensors"))
+    key = "base_model.model.transformer.h.0.attn.c_attn"
+    tensors[key + ".lora_A.weight"] = torch.ones(4, 16)  # [r, in] of a narrower module
+    save_file(tensors, str(b / "adapter_model.safetensors"))
+    by_name = {m.name: m for m in diff_adapters(a, b).modules}
+    assert by_name["transformer.h.0.attn.c_attn"].relative_difference is None
+    assert by_name["transformer.h.1.attn.c_attn"].relative_difference < 1e-12  # rounding only

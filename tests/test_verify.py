@@ -110,3 +110,18 @@ def test_unreadable_adapter_raises(tmp_path: Path) -> None:
     (path / WEIGHTS).unlink()
     with pytest.raises(lk.AdapterFormatError, match=r"adapter_model\.safetensors is missing"):
         verify_fit(path, tiny_model("gpt2"))
+
+
+def test_modules_to_save_tensors_count_towards_coverage(tmp_path: Path) -> None:
+    config = lk.LoraConfig(r=4, alpha=8, modules_to_save=("classifier",))
+    report = verify_fit(make_adapter("bert", tmp_path / "ad", config), tiny_model("bert"))
+    assert report.fits and report.tensors == 8 + 2 and report.coverage == 1.0
+    # A base with another number of labels: the head's shapes do not fit.
+    other = tiny_model("bert")
+    other.classifier = torch.nn.Linear(32, 5)
+    report = verify_fit(tmp_path / "ad", other, check_base=False)
+    assert not report.fits and report.coverage == pytest.approx(8 / 10, abs=1e-12)
+    assert (
+        "classifier.weight has shape [3, 32] in the file, this model needs [5, 32]"
+        in (report.problems[0])
+    )
