@@ -16,17 +16,17 @@ from typing import Any
 
 import pytest
 from lora_kit_cli.app import app
-from typer.testing import CliRunner, Result
-
-from tests.tooling_helpers import (
+from tooling_helpers import (
     make_adapter,
     make_hub_cache,
     make_peft_adapter,
     save_base,
     tree_hashes,
 )
+from typer.testing import CliRunner, Result
 
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+# The console script installed beside the interpreter running the tests (.venv/bin/lorakit).
 LORAKIT = Path(sys.executable).with_name("lorakit")
 
 

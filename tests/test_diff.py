@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tooling_helpers import KINDS, make_adapter, tree_hashes
 
 import lora_kit as lk
 from lora_kit.diff import diff_adapters, relative_difference
-from tests.tooling_helpers import KINDS, make_adapter, tree_hashes
 
 
 def _dense(pair: tuple[torch.Tensor, torch.Tensor], s: float) -> torch.Tensor:

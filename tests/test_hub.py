@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tooling_helpers import make_adapter, make_hub_cache, make_peft_adapter, tree_hashes
 
 import lora_kit as lk
 from lora_kit.hub import HubError, check_repo_id, plan_push, pull_adapter, push_adapter
-from tests.tooling_helpers import make_adapter, make_hub_cache, make_peft_adapter, tree_hashes
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

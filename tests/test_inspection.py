@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tooling_helpers import KINDS, make_adapter
 
 import lora_kit as lk
 from lora_kit.errors import AdapterFormatError, ConfigError
@@ -21,7 +22,6 @@ from lora_kit.inspection import (
     lora_modules,
     singular_values,
 )
-from tests.tooling_helpers import KINDS, make_adapter
 
 REL = 1e-9
 

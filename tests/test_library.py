@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tooling_helpers import make_adapter, make_peft_adapter, tree_hashes
 
 import lora_kit as lk
 from lora_kit.errors import AdapterFormatError
 from lora_kit.library import scan_library
-from tests.tooling_helpers import make_adapter, make_peft_adapter, tree_hashes
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tooling_helpers import KINDS, make_adapter, make_peft_adapter, tiny_model, tree_hashes
 
 import lora_kit as lk
 from lora_kit.verify import verify_fit
-from tests.tooling_helpers import KINDS, make_adapter, make_peft_adapter, tiny_model, tree_hashes
 
 WEIGHTS = "adapter_model.safetensors"
 
