@@ -18,8 +18,9 @@ def diff(
     second: Annotated[Path, typer.Argument(metavar="B", help="Second adapter directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Compare two adapters: config fields, modules only one adapts, ranks, and per common
-    module the relative difference of their updates,
+    """Compare two adapters: configs, modules, ranks and how far apart their updates are.
+
+    Per common module it prints the relative difference of their updates,
     ||dW_A - dW_B||_F / max(||dW_A||_F, ||dW_B||_F) (0 = same update, computed from the
     factors in float64). Exit code 0 whether or not they differ; 1 if either cannot be read.
     """

@@ -83,8 +83,10 @@ def pull(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Download adapter REPO_ID from the Hugging Face Hub (or take it from the local Hub
-    cache when offline) into the library, after checking it is a readable LoRA adapter.
+    """Download adapter REPO_ID from the Hugging Face Hub into the library.
+
+    Offline (--offline or HF_HUB_OFFLINE=1) it is taken from the local Hub cache. The repo
+    must be a LoRA adapter lora_kit can read.
 
     The copy is atomic: a failed pull leaves nothing half-written. The token for private repos
     comes from huggingface_hub's usual places.

@@ -26,8 +26,10 @@ def inspect(
         bool, typer.Option("--json", help="Print JSON (with every singular value) for scripts.")
     ] = False,
 ) -> None:
-    """Show an adapter's config, per-module shapes, rank, alpha, scaling, delta norm and
-    effective rank, its size, and its provenance (base fingerprint, history).
+    """Show what is inside an adapter: config, per-module numbers, size, provenance.
+
+    Per module: shape, rank, alpha, scaling, parameters, the norm of its update and its
+    effective rank; plus the adapter's size and provenance (base fingerprint, history).
 
     Norms and singular values are those of each module's update scaling * B @ A, computed
     from the low-rank factors in float64. Nothing is written.

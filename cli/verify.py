@@ -39,8 +39,10 @@ def verify(
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Check that ADAPTER fits BASE: tensor keys and shapes, Conv1D/Linear orientation, the
-    recorded base fingerprint, and coverage (the share of the adapter's tensors that land on a
+    """Check that an adapter fits a base model (exit code 0 only if it does).
+
+    Checks tensor keys and shapes, Conv1D/Linear orientation, the recorded base fingerprint,
+    and coverage (the share of the adapter's tensors that land on a
     module; 100% expected). Finally it loads the adapter onto BASE to confirm.
 
     Exit code 0 only when it fits; 1 when it does not (the first misfit is named with what to
