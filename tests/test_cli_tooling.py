@@ -46,6 +46,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (broken / "not-adapter").mkdir()
     (broken / "not-adapter" / "notes.txt").write_text("hello")
     make_hub_cache(root / "hf-cache", "org/remote", lib / "g1", COMMIT)
+    make_hub_cache(root / "hf-cache", "org/base-bert", root / "base-bert", COMMIT)
     return root
 
 
@@ -175,7 +176,8 @@ def test_every_subcommand_in_a_real_process(inputs: Path, tmp_path: Path) -> Non
         "list": ["list", str(lib), "--json"],
         "inspect": ["inspect", str(lib / "g1"), "--json"],
         # a misfit: exit code 1, the JSON verdict on stdout, the first misfit on stderr
-        "verify": ["verify", str(lib / "g1"), "--base", str(inputs / "base-bert"), "--json"],
+        # ... on a base given as a Hub id, resolved from the offline cache
+        "verify": ["verify", str(lib / "g1"), "--base", "org/base-bert", "--json"],
         "diff": ["diff", str(lib / "g1"), str(lib / "g2"), "--json"],
         "push": ["push", str(lib / "g1"), "me/g1", "--dry-run", "--json"],
         "pull": ["pull", "org/remote", "-o", str(out), "--json"],  # offline + cache from env
@@ -194,6 +196,8 @@ def test_every_subcommand_in_a_real_process(inputs: Path, tmp_path: Path) -> Non
     assert len(parsed["list"]["adapters"]) == 3
     assert len(parsed["inspect"]["modules"]) == 2
     assert parsed["verify"]["fits"] is False and parsed["verify"]["coverage"] == 0.0
+    assert parsed["verify"]["base"] == "org/base-bert"
+    assert "BertForSequenceClassification" in done["verify"][2]  # the cached base was loaded
     assert done["verify"][2].startswith("error: ") and "matched no" in done["verify"][2]
     assert len(parsed["diff"]["modules"]) == 2
     assert parsed["push"]["dry_run"] is True and parsed["push"]["model_card"]
