@@ -6,6 +6,8 @@ import typer
 
 from lora_kit import __version__
 
+from .tooling_commands import register_tooling
+
 app = typer.Typer(
     name="lorakit",
     help=(
@@ -17,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+register_tooling(app)  # list, inspect, verify, diff, push, pull (issue 7)
 
 
 def _version(value: bool) -> None:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -288,6 +289,7 @@ class LoraModel(nn.Module):
             "config": record.config.to_json(),
             "base_fingerprint": fingerprint(self.model, layers),
             "adapter_name": record.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return write_adapter(path, peft_config, tensors, metadata)
 
@@ -353,20 +355,7 @@ class LoraModel(nn.Module):
     ) -> None:
         self._check_new_name(name)
         source = str(files.path)
-        targets = find_targets(self.model, files.config)
-        heads = find_saved_modules(self.model, files.config.modules_to_save)
-        expected: dict[str, tuple[int, ...]] = {}
-        for target in targets:
-            layer = self.model.get_submodule(target)
-            out_f, in_f = _features(layer)
-            rank = files.config.rank_for(target)
-            key_a, key_b = lora_keys(target)
-            expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
-        for head in heads:
-            module = self.model.get_submodule(head)
-            original = module.original if isinstance(module, SavedModule) else module
-            for key, value in original.state_dict().items():
-                expected[head_key(head, key)] = tuple(value.shape)
+        targets, heads, expected = expected_tensors(self.model, files.config)
         _check_keys(expected, files.tensors, source)
         fp = files.metadata.get("base_fingerprint")
         if check_base and isinstance(fp, dict):
@@ -582,6 +571,34 @@ def _features(layer: nn.Module) -> tuple[int, int]:
 
     out_f, in_f, _ = describe(layer)
     return out_f, in_f
+
+
+def expected_tensors(
+    model: nn.Module, config: LoraConfig
+) -> tuple[list[str], list[str], dict[str, tuple[int, ...]]]:
+    """What an adapter with ``config`` must hold to fit ``model`` (used by loading and verify).
+
+    Returns:
+        ``(targets, heads, expected)``: the targeted projections, the ``modules_to_save``
+        modules, and PEFT tensor key -> required shape.
+
+    Raises:
+        NoTargetsError, UnsupportedModuleError: ``config`` targets nothing usable in ``model``.
+    """
+    targets = find_targets(model, config)
+    heads = find_saved_modules(model, config.modules_to_save)
+    expected: dict[str, tuple[int, ...]] = {}
+    for target in targets:
+        out_f, in_f = _features(model.get_submodule(target))
+        rank = config.rank_for(target)
+        key_a, key_b = lora_keys(target)
+        expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
+    for head in heads:
+        module = model.get_submodule(head)
+        original = module.original if isinstance(module, SavedModule) else module
+        for key, value in original.state_dict().items():
+            expected[head_key(head, key)] = tuple(value.shape)
+    return targets, heads, expected
 
 
 def _check_keys(

@@ -8,7 +8,6 @@ import io
 from collections import Counter
 
 import pytest
-
 from lora_kit.demo import corpora
 from lora_kit.demo.corpora import (
     ADAPT_PLAYS,

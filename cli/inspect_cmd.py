@@ -1,0 +1,74 @@
+"""`lorakit inspect ADAPTER`: what is inside one adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lora_kit.inspection import DEFAULT_RANK_THRESHOLD, inspect_adapter
+
+from ._tooling import emit_json, errors_to_exit, human_bytes, number, table
+
+
+def inspect(
+    adapter: Annotated[Path, typer.Argument(help="The adapter directory (lora_kit's or PEFT's).")],
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            help="Effective rank counts singular values above THRESHOLD x the largest one.",
+        ),
+    ] = DEFAULT_RANK_THRESHOLD,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (with every singular value) for scripts.")
+    ] = False,
+) -> None:
+    """Show what is inside an adapter: config, per-module numbers, size, provenance.
+
+    Per module: shape, rank, alpha, scaling, parameters, the norm of its update and its
+    effective rank; plus the adapter's size and provenance (base fingerprint, history).
+
+    Norms and singular values are those of each module's update scaling * B @ A, computed
+    from the low-rank factors in float64. Nothing is written.
+    """
+    with errors_to_exit():
+        report = inspect_adapter(adapter, threshold)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    echo = typer.echo
+    echo(f"adapter   {report.path}  (origin: {report.origin})")
+    echo(
+        f"size      {report.parameters:,} parameters, {human_bytes(report.file_bytes)} "
+        f"weights file, {len(report.modules)} modules"
+    )
+    echo("config    " + json.dumps(report.config, sort_keys=True))
+    for key, value in sorted(report.provenance.items()):
+        if key == "base_fingerprint" and isinstance(value, dict):
+            value = (
+                f"{value.get('model_type')}, {len(value.get('modules', {}))} modules, "
+                f"weights sha256 {str(value.get('weights_sha256'))[:16]}..."
+            )
+        echo(f"{key:<9} {value if isinstance(value, str) else json.dumps(value)}")
+    echo("")
+    rows = [
+        [
+            m.name,
+            f"{m.out_features}x{m.in_features}",
+            m.rank,
+            number(m.alpha),
+            number(m.scaling),
+            f"{m.parameters:,}",
+            f"{m.delta_norm:.4g}",
+            f"{m.effective_rank}/{m.rank}",
+        ]
+        for m in report.modules
+    ]
+    headers = ["MODULE", "OUTxIN", "R", "ALPHA", "SCALING", "PARAMS", "||dW||_F", "EFF.RANK"]
+    echo(table(headers, rows))
+    for key, shape in report.saved_modules.items():
+        echo(f"saved module tensor {key} {shape}")
+    echo(f"(effective rank: singular values of dW above {report.threshold:g} x the largest)")

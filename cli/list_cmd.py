@@ -1,0 +1,58 @@
+"""`lorakit list [DIR]`: the adapters in the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lora_kit.library import DEFAULT_LIBRARY, scan_library
+
+from ._tooling import emit_json, errors_to_exit, human_bytes, number, table
+
+
+def list_adapters(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder of adapters (searched recursively), or one adapter.")
+    ] = DEFAULT_LIBRARY,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the adapters in the library (./adapters) or DIR.
+
+    Shows each adapter's name, base model, targeted modules, rank/alpha, size, creation time
+    and origin (lora_kit or PEFT). Entries that look like adapters but cannot be read are
+    reported on stderr and make the exit code 1. Nothing is written.
+    """
+    with errors_to_exit():
+        scan = scan_library(directory)
+    if as_json:
+        emit_json(scan.to_dict())
+    elif scan.adapters:
+        rows = [
+            [
+                a.name,
+                a.base or "?",
+                ",".join(a.targets),
+                f"{a.r}/{number(a.alpha)}" + ("*" if len(a.ranks) > 1 else ""),
+                human_bytes(a.size_bytes),
+                a.created.replace("+00:00", "Z") + ("" if a.created_source == "metadata" else "~"),
+                a.origin,
+            ]
+            for a in scan.adapters
+        ]
+        headers = ["NAME", "BASE", "TARGETS", "R/ALPHA", "SIZE", "CREATED", "ORIGIN"]
+        typer.echo(table(headers, rows))
+        notes = []
+        if any(len(a.ranks) > 1 for a in scan.adapters):
+            notes.append("* ranks vary per module")
+        if any(a.created_source != "metadata" for a in scan.adapters):
+            notes.append("~ time from the weights file's mtime")
+        if notes:
+            typer.echo(f"({'; '.join(notes)})")
+    else:
+        typer.echo(f"no adapters in {directory}")
+    for problem in scan.problems:
+        typer.echo(f"error: {problem.name}: {problem.error}", err=True)
+    if scan.problems:
+        raise typer.Exit(1)

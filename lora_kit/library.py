@@ -1,0 +1,159 @@
+"""The local adapter library: find the adapter directories under a folder and summarise each.
+
+A directory is an adapter when it holds ``adapter_config.json`` or
+``adapter_model.safetensors``; scanning does not descend into adapters, and skips hidden
+entries (``.name.tmp`` leftovers of interrupted saves). Nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter
+from .errors import AdapterFormatError, LoraKitError
+from .inspection import lora_modules
+
+DEFAULT_LIBRARY = Path("adapters")
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """One line of ``lorakit list``.
+
+    Attributes:
+        name: Path relative to the library folder (``sst2`` or ``team/sst2``).
+        path: The adapter directory.
+        base: ``base_model_name_or_path`` from the config, else the fingerprint's model type,
+            else None.
+        targets: Distinct module suffixes adapted (``c_attn``, ``query`` ...), sorted.
+        modules: Number of adapted modules.
+        r: The config's rank (``rank_pattern`` may vary it per module; see ``ranks``).
+        alpha: The config's alpha.
+        ranks: The distinct stored ranks, sorted.
+        parameters: Elements in the weights file.
+        size_bytes: Size of ``adapter_model.safetensors``.
+        created: ISO-8601 UTC time from the ``created`` metadata lora_kit writes, else the
+            weights file's modification time.
+        created_source: ``"metadata"`` or ``"mtime"``.
+        origin: ``"lora_kit"`` or ``"peft"``.
+    """
+
+    name: str
+    path: str
+    base: str | None
+    targets: tuple[str, ...]
+    modules: int
+    r: int
+    alpha: float
+    ranks: tuple[int, ...]
+    parameters: int
+    size_bytes: int
+    created: str
+    created_source: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class LibraryProblem:
+    """An entry that looks like an adapter but cannot be read."""
+
+    name: str
+    path: str
+    error: str
+
+
+@dataclass(frozen=True)
+class LibraryScan:
+    """The result of :func:`scan_library`: readable adapters and broken entries, by name."""
+
+    root: str
+    adapters: tuple[AdapterSummary, ...]
+    problems: tuple[LibraryProblem, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def summarize(files: AdapterFiles, name: str | None = None) -> AdapterSummary:
+    """The `AdapterSummary` of an adapter that has been read with `read_adapter`."""
+    pairs = lora_modules(files.tensors)
+    weights = files.path / WEIGHTS_NAME
+    created = files.metadata.get("created")
+    if isinstance(created, str) and created:
+        source = "metadata"
+    else:
+        mtime = datetime.fromtimestamp(weights.stat().st_mtime, tz=timezone.utc)
+        created, source = mtime.isoformat(timespec="seconds"), "mtime"
+    fp = files.metadata.get("base_fingerprint")
+    base = files.peft_config.get("base_model_name_or_path") or (
+        fp.get("model_type") if isinstance(fp, dict) else None
+    )
+    return AdapterSummary(
+        name=name if name is not None else files.path.name,
+        path=str(files.path),
+        base=str(base) if base else None,
+        targets=tuple(sorted({m.rsplit(".", 1)[-1] for m in pairs})),
+        modules=len(pairs),
+        r=files.config.r,
+        alpha=float(files.config.alpha),
+        ranks=tuple(sorted({int(a.shape[0]) for a, _ in pairs.values()})),
+        parameters=sum(t.numel() for t in files.tensors.values()),
+        size_bytes=weights.stat().st_size,
+        created=created,
+        created_source=source,
+        origin=files.origin,
+    )
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory that holds (part of) an adapter."""
+    return path.is_dir() and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists())
+
+
+def scan_library(root: str | os.PathLike[str] = DEFAULT_LIBRARY) -> LibraryScan:
+    """Summarise every adapter under ``root`` (``root`` itself may be one adapter).
+
+    Unreadable adapters do not stop the scan: they are returned in ``problems`` with the
+    reason.
+
+    Raises:
+        AdapterFormatError: ``root`` does not exist or is not a directory.
+    """
+    base = Path(root)
+    if not base.exists():
+        raise AdapterFormatError(
+            f"adapter library {str(base)!r} does not exist; pass the folder that holds your "
+            f"adapters (default: ./{DEFAULT_LIBRARY})"
+        )
+    if not base.is_dir():
+        raise AdapterFormatError(f"{str(base)!r} is a file; pass a folder of adapters")
+    found: list[AdapterSummary] = []
+    problems: list[LibraryProblem] = []
+    for path in _adapter_dirs(base):
+        name = path.name if path == base else path.relative_to(base).as_posix()
+        try:
+            found.append(summarize(read_adapter(path), name))
+        except (LoraKitError, OSError) as exc:
+            problems.append(LibraryProblem(name, str(path), str(exc)))
+    return LibraryScan(str(base), tuple(found), tuple(problems))
+
+
+def _adapter_dirs(root: Path, seen: set[Path] | None = None) -> Iterator[Path]:
+    seen = set() if seen is None else seen
+    real = root.resolve()
+    if real in seen:  # a symlink loop, or the same adapter reached twice
+        return
+    seen.add(real)
+    if is_adapter_dir(root):
+        yield root
+        return
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        yield from _adapter_dirs(entry, seen)

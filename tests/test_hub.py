@@ -1,0 +1,145 @@
+"""Tests of lora_kit.hub that need no network: push plans, offline refusals, cache pulls.
+
+The Hub cache is a real on-disk layout (blobs + snapshot symlinks + refs/main) read by the real
+``huggingface_hub.snapshot_download``; nothing in huggingface_hub is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tooling_helpers import make_adapter, make_hub_cache, make_peft_adapter, tree_hashes
+
+import lora_kit as lk
+from lora_kit.hub import HubError, check_repo_id, plan_push, pull_adapter, push_adapter
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter("gpt2", tmp_path_factory.mktemp("hub") / "sst2")
+
+
+def test_push_plan_lists_every_file_and_a_model_card(adapter: Path, tmp_path: Path) -> None:
+    before = tree_hashes(adapter)
+    plan = plan_push(adapter, "me/sst2")
+    assert tree_hashes(adapter) == before  # the card is not written into the adapter
+    assert [f.path_in_repo for f in plan.files] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    card = plan.model_card
+    assert card is not None and card.startswith("---\nlibrary_name: peft\n")
+    assert plan.files[0].local_path is None and plan.files[0].size_bytes == len(card.encode())
+    for file in plan.files[1:]:
+        assert file.local_path is not None
+        assert file.size_bytes == Path(file.local_path).stat().st_size
+    config = lk.read_adapter(adapter).config
+    assert f"| r | `{config.r}` |" in card and '| targets | `["c_attn"]` |' in card
+    assert "No training or evaluation metrics" in card
+    assert lk.read_adapter(adapter).metadata["base_fingerprint"]["weights_sha256"] in card
+
+
+def test_push_plan_takes_metrics_and_keeps_an_own_card(adapter: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    for file in adapter.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    (folder / "metrics.json").write_text(json.dumps({"eval_accuracy": 0.91}))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x").write_text("hidden files are not uploaded")
+    plan = plan_push(folder, "me/sst2")
+    assert plan.model_card is not None and "| eval_accuracy | 0.91 |" in plan.model_card
+    assert "metrics.json" in {f.path_in_repo for f in plan.files}
+    assert plan_push(folder, "me/x", metrics={"f1": 0.5}).model_card.count("| f1 | 0.5 |") == 1
+    (folder / "README.md").write_text("# mine\n")
+    plan = plan_push(folder, "me/sst2")
+    assert plan.model_card is None
+    readme = next(f for f in plan.files if f.path_in_repo == "README.md")
+    assert readme.local_path == str(folder / "README.md")
+
+
+def test_push_refuses_bad_input_and_offline_mode(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(lk.AdapterFormatError, match="does not exist"):
+        plan_push(tmp_path / "missing", "me/x")
+    with pytest.raises(HubError, match="not a Hub repo id"):
+        plan_push(adapter, "me/x/y")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
+        push_adapter(plan_push(adapter, "me/x"))
+
+
+@pytest.mark.parametrize("origin", ["lora_kit", "peft"])
+def test_pull_from_the_offline_cache(origin: str, adapter: Path, tmp_path: Path) -> None:
+    source = adapter if origin == "lora_kit" else make_peft_adapter("bert", tmp_path / "peft")
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache, "org/remote", source, COMMIT)
+    out = tmp_path / "lib" / "remote"
+    result = pull_adapter("org/remote", out, cache_dir=cache, offline=True)
+    assert (result.commit, result.path) == (COMMIT, str(out))
+    assert tree_hashes(out) == tree_hashes(source)  # byte-identical copy, no symlinks left
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert lk.read_adapter(out).origin == origin
+    cache_before = tree_hashes(cache)
+    with pytest.raises(lk.AdapterFormatError, match="already exists"):
+        pull_adapter("org/remote", out, cache_dir=cache, offline=True)
+    (out / "stale.txt").write_text("from an older pull")
+    pull_adapter("org/remote", out, cache_dir=cache, offline=True, force=True)
+    assert not (out / "stale.txt").exists() and tree_hashes(out) == tree_hashes(source)
+    assert tree_hashes(cache) == cache_before
+
+
+def test_pull_offline_and_not_cached_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(HubError, match=r"is not in cache .* and offline mode is on"):
+        pull_adapter("org/absent", tmp_path / "out", cache_dir=tmp_path / "empty", offline=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pull_refuses_a_repo_that_is_not_an_adapter(tmp_path: Path) -> None:
+    model_repo = tmp_path / "model"
+    model_repo.mkdir()
+    (model_repo / "config.json").write_text("{}")
+    make_hub_cache(tmp_path / "cache", "org/model", model_repo, COMMIT)
+    with pytest.raises(lk.AdapterFormatError, match="'org/model' is not a LoRA adapter"):
+        pull_adapter("org/model", tmp_path / "out", cache_dir=tmp_path / "cache", offline=True)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))  # no temp leftovers
+
+
+@pytest.mark.parametrize("bad", ["", "a/b/c", "../x", "me/", "/abs", "a b"])
+def test_repo_ids_are_checked(bad: str) -> None:
+    with pytest.raises(HubError):
+        check_repo_id(bad)
+
+
+# A closed local port: huggingface_hub's real network code runs and fails to connect at once.
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+def test_push_network_failure_is_a_clear_error(
+    adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = tree_hashes(adapter)
+    with pytest.raises(HubError, match=r"pushing .* to 'me/x' failed: .*check the network"):
+        push_adapter(plan_push(adapter, "me/x"), token="hf_fake", endpoint=UNREACHABLE)
+    assert tree_hashes(adapter) == before
+
+
+def test_pull_online_falls_back_to_the_cache_when_unreachable(
+    adapter: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    make_hub_cache(cache, "org/remote", adapter, COMMIT)
+    out = tmp_path / "out"
+    result = pull_adapter("org/remote", out, cache_dir=cache, offline=False, endpoint=UNREACHABLE)
+    assert result.commit == COMMIT and tree_hashes(out) == tree_hashes(adapter)
+    with pytest.raises(HubError, match=r"could not download 'org/other'.*check the network"):
+        pull_adapter("org/other", tmp_path / "o2", cache_dir=cache, offline=False,
+                     endpoint=UNREACHABLE)  # fmt: skip
