@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from lora_kit_cli.merge import parse_weights
 
 from lora_kit.errors import LoraKitError
 from lora_kit.stack import METHODS, StackMethod, stack
+from lora_kit_cli.merge import parse_weights
 
 
 def stack_command(

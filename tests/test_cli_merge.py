@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lora_kit_cli.app import app
 from test_merge_files import make_base_and_adapters
 from typer.testing import CliRunner
+
+from lora_kit_cli.app import app
 
 runner = CliRunner()
 

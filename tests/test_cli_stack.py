@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lora_kit_cli.app import app
 from merge_helpers import with_adapters
 from typer.testing import CliRunner
+
+from lora_kit_cli.app import app
 
 runner = CliRunner()
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lora_kit_cli.app import app
 from tooling_helpers import (
     make_adapter,
     make_hub_cache,
@@ -24,6 +23,8 @@ from tooling_helpers import (
     tree_hashes,
 )
 from typer.testing import CliRunner, Result
+
+from lora_kit_cli.app import app
 
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 # The console script installed beside the interpreter running the tests (.venv/bin/lorakit).
