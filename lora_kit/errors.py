@@ -39,3 +39,14 @@ class AdapterFormatError(LoraKitError):
 
 class NonFiniteError(AdapterFormatError):
     """Adapter weights (or a result computed from them) contain NaN or infinity."""
+
+
+# ---- training (lora_kit.train) ------------------------------------------------------------
+
+
+class DataError(LoraKitError, ValueError):
+    """Training data is missing, empty or malformed; found before training starts."""
+
+
+class TrainingDivergedError(LoraKitError):
+    """Too many consecutive steps had a NaN/inf loss or gradient; the last good checkpoint stays."""
