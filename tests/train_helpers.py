@@ -15,6 +15,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+# Tiny models on a shared 2-core machine: extra intra-op threads only oversubscribe (20x slower).
+torch.set_num_threads(1)
+
 WORDS = [f"w{i}" for i in range(90)]
 
 
@@ -35,7 +38,9 @@ def tiny_gpt2(dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def tiny_bert(num_labels: int = 3, dropout: float = 0.0, seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(
+    num_labels: int = 3, dropout: float = 0.0, seed: int = 0
+) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=100,

@@ -206,7 +206,7 @@ def train(
             position = {"epoch": epoch, "window": w + 1}
             if eval_data is not None and config.eval_every and step % config.eval_every == 0:
                 metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
-            if config.save_every and step % config.save_every == 0 and step < total:
+            if config.save_every and step % config.save_every == 0 and step < total and not bad:
                 last_checkpoint = _save_checkpoint(
                     model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
                 )
