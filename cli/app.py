@@ -34,6 +34,11 @@ def main_options(
     """LoRA adapters for Hugging Face transformers models."""
 
 
+from lora_kit_cli.train import train_command  # noqa: E402
+
+app.command("train", help=train_command.__doc__)(train_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
