@@ -82,7 +82,7 @@ def test_causal_data_errors(content: str | None, name: str, match: str, tmp_path
 
 
 def test_empty_folder_and_classification_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no .txt files"):
+    with pytest.raises(DataError, match=r"no \.txt files"):
         load_causal_lm(tmp_path, encode, max_length=8, eos_id=None)
     one = tmp_path / "one.jsonl"
     one.write_text('{"text": "w1", "label": "a"}\n{"text": "w2", "label": "a"}\n')
@@ -92,5 +92,5 @@ def test_empty_folder_and_classification_errors(tmp_path: Path) -> None:
         load_classification(one, encode, max_length=8, label_field="stars")
     txt = tmp_path / "a.txt"
     txt.write_text("w1")
-    with pytest.raises(DataError, match="needs a .jsonl or .csv"):
+    with pytest.raises(DataError, match=r"needs a \.jsonl or \.csv"):
         load_classification(txt, encode, max_length=8)

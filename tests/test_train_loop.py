@@ -94,14 +94,14 @@ def test_grad_accumulation_matches_one_big_batch(kind: str, tmp_path: Path) -> N
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
 
 
-class _Stop(Exception):
+class _StopError(Exception):
     pass
 
 
 def _stop_at(step: int):  # type: ignore[no-untyped-def]
     def callback(info: StepInfo) -> None:
         if info.step == step:
-            raise _Stop
+            raise _StopError
 
     return callback
 
@@ -120,7 +120,7 @@ def test_killed_and_resumed_run_is_bit_identical(
     straight = _adapter(train(lm, train_set, _cfg(tmp_path / "a", **cfg)).adapter_path)
 
     lm, train_set, _ = _setup(kind, tmp_path, dropout=0.1)
-    with pytest.raises(_Stop):
+    with pytest.raises(_StopError):
         train(lm, train_set, _cfg(tmp_path / "b", **cfg), callbacks=[_stop_at(kill_at)])
     assert read_checkpoint(tmp_path / "b" / "out").state["step"] == save_every
     lm, train_set, _ = _setup(kind, tmp_path, dropout=0.1)  # a fresh process would do this
@@ -138,7 +138,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(tmp_path: Path) 
         train(lm, train_set, _cfg(tmp_path), resume=True)
     train(lm, train_set, _cfg(tmp_path, steps=2))
     lm, train_set, _ = _setup("gpt2", tmp_path)
-    with pytest.raises(ConfigError, match="lr: checkpoint 0.01, now 0.02"):
+    with pytest.raises(ConfigError, match=r"lr: checkpoint 0\.01, now 0\.02"):
         train(lm, train_set, _cfg(tmp_path, steps=2, lr=2e-2), resume=True)
 
 

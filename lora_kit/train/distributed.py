@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -160,7 +160,7 @@ def grad_norm(model: nn.Module, params: Sequence[nn.Parameter], max_norm: float)
     """Clip gradients to ``max_norm`` (0: no clipping) and return the global pre-clip norm."""
     limit = max_norm if max_norm > 0 else float("inf")
     if is_fsdp1(model):
-        norm: Any = model.clip_grad_norm_(limit)
+        norm: Any = cast(FullyShardedDataParallel, model).clip_grad_norm_(limit)
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
     if hasattr(norm, "full_tensor"):

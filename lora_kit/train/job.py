@@ -123,8 +123,9 @@ def run_job(job: TrainJob) -> dict[str, Any] | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "newly initialized head" is expected here
         base = load_base(folder, model_class=model_class, dtype=torch.float32, extra=extra)
-    if task == "seq-cls" and getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = data.pad_id  # GPT-2-style heads find the last real token
+    base_cfg = getattr(base, "config", None)
+    if task == "seq-cls" and base_cfg is not None and base_cfg.pad_token_id is None:
+        base_cfg.pad_token_id = data.pad_id  # GPT-2-style heads find the last real token
     base.to(ctx.device)
     torch.manual_seed(config.seed)  # reproducible adapter initialisation
     heads = tuple(n for n in HEAD_NAMES if task == "seq-cls" and hasattr(base, n))

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +128,13 @@ def train(
     for p in params:
         p.requires_grad_(True)
     optimizer = _optimizer(params, config)
-    sampler = DistributedSampler(
-        train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
+    # The sampler only needs len(); it yields example indices, sharded by rank.
+    sampler: DistributedSampler[int] = DistributedSampler(
+        cast(Any, train_data),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=config.seed,
     )
     windows_per_epoch = math.ceil(math.ceil(len(sampler) / config.batch_size) / config.grad_accum)
     total = config.steps or config.epochs * windows_per_epoch
@@ -378,7 +383,7 @@ def _optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> Any:
 
 
 def _scheduler(optimizer: Any, config: TrainConfig, total: int) -> Any:
-    kind = config.schedule
+    kind: str = config.schedule
     if kind == "constant" and config.warmup_steps:
         kind = "constant_with_warmup"
     return get_scheduler(
