@@ -260,3 +260,25 @@ def test_macro_f1_by_hand() -> None:
     preds, golds = [0, 0, 1, 2, 1], [0, 1, 1, 0, 1]
     # class 0: tp=1 fp=1 fn=1 -> 0.5; class 1: tp=2 fp=0 fn=1 -> 0.8; class 2: fp=1 -> 0
     assert macro_f1(preds, golds) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_gradient_checkpointing_gives_the_same_adapter(kind: str, tmp_path: Path) -> None:
+    # Recomputing activations in backward is the same arithmetic (dropout 0): equal to ~1e-6.
+    results = []
+    for checkpointing in (False, True):
+        lm, train_set, _ = _setup(kind, tmp_path)
+        cfg = _cfg(tmp_path / str(checkpointing), steps=2, gradient_checkpointing=checkpointing)
+        results.append(_adapter(train(lm, train_set, cfg).adapter_path))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    first = _adapter(train(lm, train_set, _cfg(tmp_path, steps=2)).adapter_path)
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    result = train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+    assert result.steps == 2
+    again = _adapter(result.adapter_path)
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -10,7 +10,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -157,73 +157,64 @@ def train(
     model.train()
     metrics: dict[str, float] = {}
     last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
+    position = {"epoch": epoch, "window": window_start}  # where the next step starts
+    windows = _windows(sampler, config.batch_size, config.grad_accum, epoch, window_start)
     while step < total:
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        bs, accum = config.batch_size, config.grad_accum
-        micro = [order[i : i + bs] for i in range(0, len(order), bs)]
-        windows = [micro[i : i + accum] for i in range(0, len(micro), accum)]
-        for w in range(window_start, len(windows)):
-            started = time.perf_counter()
-            loss, tokens = _accumulate(model, train_data, windows[w], plan, scaler, ctx)
-            scaler.unscale_(optimizer)
-            norm = grad_norm(model, params, config.clip_norm)
-            bad = not (math.isfinite(loss) and math.isfinite(norm))
-            if scaler.is_enabled():
-                scaler.step(optimizer)  # skips by itself on inf gradients (fp16 overflow)
-                scaler.update()
-                bad = not math.isfinite(loss)
-            elif not bad:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            bad_run = bad_run + 1 if bad else 0
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            log.log(
-                {
-                    "event": "train",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss,
-                    "grad_norm": norm,
-                    "lr": lr,
-                    "tokens": tokens,
-                    "tokens_per_s": tokens / elapsed,
-                    "skipped": bad,
-                }
+        epoch, w, window = next(windows)
+        started = time.perf_counter()
+        loss, tokens = _accumulate(model, train_data, window, plan, scaler, ctx)
+        scaler.unscale_(optimizer)
+        norm = grad_norm(model, params, config.clip_norm)
+        bad = not (math.isfinite(loss) and math.isfinite(norm))
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # skips by itself on inf gradients (fp16 overflow)
+            scaler.update()
+            bad = not math.isfinite(loss)
+        elif not bad:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        bad_run = bad_run + 1 if bad else 0
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        log.log(
+            {
+                "event": "train",
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "grad_norm": norm,
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed,
+                "skipped": bad,
+            }
+        )
+        if bad:
+            where = last_checkpoint or "none yet"
+            warnings.warn(
+                f"step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the "
+                f"update was skipped ({bad_run} in a row, limit {config.max_bad_steps})",
+                stacklevel=2,
             )
-            if bad:
-                where = last_checkpoint or "none yet"
-                warnings.warn(
-                    f"step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the "
-                    f"update was skipped ({bad_run} in a row, limit {config.max_bad_steps})",
-                    stacklevel=2,
+            if bad_run >= config.max_bad_steps:
+                log.close()
+                raise TrainingDivergedError(
+                    f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
+                    f"gradient (last at step {step}). The last good checkpoint is {where}. "
+                    f"Lower --lr, raise --warmup-steps, keep --clip-norm on, or use fp32"
                 )
-                if bad_run >= config.max_bad_steps:
-                    log.close()
-                    raise TrainingDivergedError(
-                        f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
-                        f"gradient (last at step {step}). The last good checkpoint is {where}. "
-                        f"Lower --lr, raise --warmup-steps, keep --clip-norm on, or use fp32"
-                    )
-            position = {"epoch": epoch, "window": w + 1}
-            if eval_data is not None and config.eval_every and step % config.eval_every == 0:
-                metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
-            if config.save_every and step % config.save_every == 0 and step < total and not bad:
-                last_checkpoint = _save_checkpoint(
-                    model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
-                )
-            info = StepInfo(step, total, loss, lr, bad)
-            for callback in callbacks:
-                callback(info)
-            if step >= total:
-                break
-        else:
-            epoch, window_start = epoch + 1, 0
-            continue
-        break
+        position = {"epoch": epoch, "window": w + 1}
+        if eval_data is not None and config.eval_every and step % config.eval_every == 0:
+            metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+        if config.save_every and step % config.save_every == 0 and step < total and not bad:
+            last_checkpoint = _save_checkpoint(
+                model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
+            )
+        info = StepInfo(step, total, loss, lr, bad)
+        for callback in callbacks:
+            callback(info)
 
     if (
         eval_data is not None
@@ -231,7 +222,6 @@ def train(
         and not (config.eval_every and step % config.eval_every == 0 and metrics)
     ):
         metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
-    position = {"epoch": epoch, "window": w + 1}
     last_checkpoint = _save_checkpoint(
         model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
     )
@@ -245,6 +235,24 @@ def train(
 
 
 # ---- one optimizer step ------------------------------------------------------------------
+
+
+def _windows(
+    sampler: DistributedSampler[int], batch_size: int, accum: int, epoch: int, start: int
+) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """``(epoch, window index, micro-batches)`` forever, from ``epoch``'s window ``start``.
+
+    A window is the ``accum`` micro-batches of one optimizer step; each epoch reshuffles
+    (seeded by ``seed + epoch``, so a resumed run sees the very same order).
+    """
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        micro = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        windows = [micro[i : i + accum] for i in range(0, len(micro), accum)]
+        for w in range(start, len(windows)):
+            yield epoch, w, windows[w]
+        epoch, start = epoch + 1, 0
 
 
 def _accumulate(
