@@ -89,6 +89,8 @@ def run_job(job: TrainJob) -> dict[str, Any] | None:
             data problems are found before the base model is loaded.
     """
     ctx = init_distributed()
+    if job.quiet:
+        transformers.utils.logging.disable_progress_bar()
     log = RunLogger(job.config.out, enabled=ctx.is_main, quiet=job.quiet)
     folder = resolve_base(job.model)
     base_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
