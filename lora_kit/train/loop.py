@@ -22,7 +22,9 @@ from torch.utils.data.distributed import DistributedSampler
 from transformers import get_scheduler
 
 from ..errors import ConfigError, DataError, TrainingDivergedError
+from ..layers import LoRALinear
 from ..model import LoraModel
+from ..saved_modules import SavedModule
 from .checkpoint import publish_adapter, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
 from .data import Dataset
@@ -452,12 +454,17 @@ def _load_adapter_tensors(lm: LoraModel, name: str, tensors: dict[str, Tensor]) 
     record = lm.adapter_record(name)
     targets: dict[str, Tensor] = {}
     for module_name in record.modules:
-        adapter = lm._layer(module_name).adapter(name)
+        layer = lm.model.get_submodule(module_name)
+        if not isinstance(layer, LoRALinear):
+            raise ConfigError(f"{module_name!r} is no longer a LoRA layer; was the model edited?")
+        adapter = layer.adapter(name)
         key_a, key_b = lora_keys(module_name)
         targets[key_a], targets[key_b] = adapter.lora_A, adapter.lora_B
     for module_name in record.saved_modules:
-        copy = lm._saved(module_name).copies[name]
-        for key, value in copy.state_dict(keep_vars=True).items():
+        saved = lm.model.get_submodule(module_name)
+        if not isinstance(saved, SavedModule):
+            raise ConfigError(f"{module_name!r} is no longer a saved module; was it edited?")
+        for key, value in saved.copies[name].state_dict(keep_vars=True).items():
             targets[head_key(module_name, key)] = value
     if set(targets) != set(tensors):
         raise ConfigError(
