@@ -42,6 +42,11 @@ from . import demo as _demo  # noqa: E402  (commands register after the app exis
 app.command("demo")(_demo.demo)
 
 
+from lora_kit_cli.train import train_command  # noqa: E402
+
+app.command("train", help=train_command.__doc__)(train_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -43,3 +43,14 @@ class NonFiniteError(AdapterFormatError):
 
 class MergedStateError(LoraKitError):
     """The operation needs the adapters unmerged (or merged) and they are not; see ``unmerge()``."""
+
+
+# ---- training (lora_kit.train) ------------------------------------------------------------
+
+
+class DataError(LoraKitError, ValueError):
+    """Training data is missing, empty or malformed; found before training starts."""
+
+
+class TrainingDivergedError(LoraKitError):
+    """Too many consecutive steps had a NaN/inf loss or gradient; the last good checkpoint stays."""

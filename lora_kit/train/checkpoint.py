@@ -1,0 +1,159 @@
+"""Resumable checkpoints: the adapter (safetensors) plus the trainer's state (tensors only).
+
+Layout of ``<out>/checkpoint/``::
+
+    adapter/               a complete adapter directory, loadable on its own
+    trainer_state.pt       optimizer, scheduler, scaler, RNG states and data position
+
+``trainer_state.pt`` holds only tensors, numbers, strings and containers of them and is read
+with ``torch.load(..., weights_only=True)``: nothing is ever unpickled. A checkpoint is built in
+a temporary directory and renamed into place, so a crash mid-save keeps the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter_io import AdapterFiles, read_adapter
+from ..errors import LoraKitError
+from ..model import LoraModel
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
+
+
+class CheckpointError(LoraKitError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read back from disk.
+
+    Attributes:
+        path: The checkpoint directory.
+        adapter: The adapter files.
+        state: The trainer state (see :func:`trainer_state`).
+    """
+
+    path: Path
+    adapter: AdapterFiles
+    state: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch (CPU and CUDA) RNG states, in weights-only-loadable form."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(
+    out: str | os.PathLike[str],
+    lm: LoraModel,
+    adapter_name: str,
+    state: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``<out>/checkpoint`` atomically (the previous one stays until the new one is whole).
+
+    Args:
+        out: The run's output directory.
+        lm: The model (its parameters must be whole: call inside ``full_params``).
+        adapter_name: The adapter to save.
+        state: Trainer state of tensors/numbers/strings only.
+        extra_files: ``{file name: text}`` written beside the adapter (e.g. ``labels.json``).
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / CHECKPOINT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.", suffix=".tmp", dir=root))
+    try:
+        adapter_dir = lm.save_adapter(tmp / ADAPTER_DIR, adapter_name)
+        for file_name, text in (extra_files or {}).items():
+            (adapter_dir / file_name).write_text(text)
+        torch.save(state, tmp / STATE_FILE)
+        old = root / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_checkpoint(out: str | os.PathLike[str]) -> Checkpoint:
+    """Read ``<out>/checkpoint`` (weights-only; no pickle).
+
+    Raises:
+        CheckpointError: No checkpoint there, or it is incomplete/unreadable.
+    """
+    path = Path(out) / CHECKPOINT_DIR
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(
+            f"no checkpoint to resume in {str(path)!r} (expected {STATE_FILE}); run without "
+            f"--resume to start fresh, or pass the --out of the interrupted run"
+        )
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{state_file}: unreadable trainer state ({exc})") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{state_file}: not a lora_kit trainer state")
+    return Checkpoint(path, read_adapter(path / ADAPTER_DIR), state)
+
+
+def publish_adapter(
+    out: str | os.PathLike[str],
+    lm: LoraModel,
+    adapter_name: str,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Save the final adapter into the run directory ``out`` beside its logs and checkpoint.
+
+    The adapter is written completely in a temporary directory first; its files are then
+    renamed into ``out`` one by one (each rename is atomic; the weights go last, so a reader
+    never sees new weights with an old config).
+
+    Returns:
+        ``out``.
+    """
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=root))
+    try:
+        written = lm.save_adapter(staging / ADAPTER_DIR, adapter_name)
+        for file_name, text in (extra_files or {}).items():
+            (written / file_name).write_text(text)
+        names = sorted(p.name for p in written.iterdir())
+        names.sort(key=lambda n: n.endswith(".safetensors"))
+        for file_name in names:
+            os.replace(written / file_name, root / file_name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root

@@ -1,0 +1,102 @@
+"""Run logging: JSONL metrics always, a progress bar on a terminal, TensorBoard if installed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLogger:
+    """Where a run reports: ``metrics.jsonl``, a tqdm bar, notices on stderr, TensorBoard.
+
+    Only the main process (rank 0) should build an enabled logger; others pass
+    ``enabled=False`` and every method becomes a no-op.
+
+    Args:
+        out: Directory for ``metrics.jsonl`` (and ``tensorboard/`` when installed).
+        enabled: False on non-main ranks.
+        progress: Show a progress bar (default: when stderr is a terminal).
+        quiet: No progress bar and no notices (warnings still reach ``warnings``).
+        stream: Where notices and the bar go (stderr by default).
+    """
+
+    def __init__(
+        self,
+        out: str | Path | None,
+        *,
+        enabled: bool = True,
+        progress: bool | None = None,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.path = Path(out) / METRICS_FILE if out is not None and enabled else None
+        show = self.stream.isatty() if progress is None else progress
+        self.show_progress = enabled and show and not quiet
+        self._bar: Any = None
+        self._tb: Any = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tb = _tensorboard(self.path.parent / "tensorboard")
+
+    def start(self, total_steps: int, initial: int = 0) -> None:
+        """Open the progress bar at ``initial`` of ``total_steps``."""
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total_steps, initial=initial, file=self.stream, unit="step", leave=True
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` (and TensorBoard); update the bar on steps."""
+        if not self.enabled:
+            return
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+        step = record.get("step")
+        if self._tb is not None and isinstance(step, int):
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self._tb.add_scalar(f"{record.get('event', 'train')}/{key}", value, step)
+        if self._bar is not None and record.get("event") == "train":
+            self._bar.update(1)
+            self._bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+
+    def notice(self, message: str) -> None:
+        """A one-line message for the human (suppressed when quiet)."""
+        if not self.enabled or self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream)
+
+    def close(self) -> None:
+        """Close the bar and TensorBoard writer."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))

@@ -1,0 +1,539 @@
+"""The training loop: adapters-only AdamW, accumulation, clipping, AMP, eval, checkpoints, resume.
+
+Read top to bottom, :func:`train` is the whole algorithm; helpers below it do one thing each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data.distributed import DistributedSampler
+from transformers import get_scheduler
+
+from ..errors import ConfigError, DataError, TrainingDivergedError
+from ..layers import LoRALinear
+from ..model import LoraModel
+from ..saved_modules import SavedModule
+from .checkpoint import publish_adapter, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .config import TrainConfig
+from .data import Dataset
+from .distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    full_params,
+    grad_norm,
+    is_fsdp1,
+    is_fsdp2,
+    unwrap,
+    wrap,
+)
+from .logging import RunLogger
+from .precision import PrecisionPlan, resolve_precision
+
+LABELS_FILE = "labels.json"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback sees after each optimizer step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    Attributes:
+        adapter_path: The final adapter directory (``config.out``).
+        steps: Optimizer steps taken in total (including any before a resume).
+        metrics: Final evaluation metrics (empty without an eval split).
+        checkpoint: The final checkpoint directory.
+    """
+
+    adapter_path: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def train(
+    model: nn.Module,
+    train_data: Dataset,
+    config: TrainConfig,
+    *,
+    eval_data: Dataset | None = None,
+    resume: bool = False,
+    logger: RunLogger | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ctx: DistContext | None = None,
+) -> TrainResult:
+    """Train adapter ``config.adapter_name`` of ``model`` (and its ``modules_to_save``) only.
+
+    Args:
+        model: A `LoraModel`, or one a user wrapped in DDP, FSDP1 (``use_orig_params=True``)
+            or sharded with FSDP2; with ``config.strategy`` ddp/fsdp an unwrapped model is
+            wrapped here.
+        train_data: Training examples (see :mod:`lora_kit.train.data`).
+        config: Hyper-parameters.
+        eval_data: Held-out examples evaluated every ``eval_every`` steps and at the end.
+        resume: Continue from ``<config.out>/checkpoint`` (same config required).
+        logger: Where to report; default a `RunLogger` on ``config.out`` (rank 0 only).
+        callbacks: Called after every optimizer step (after any checkpoint).
+        ctx: Process placement; default derived from ``torch.distributed`` and the model.
+
+    Returns:
+        The adapter path, step count and final eval metrics.
+
+    Raises:
+        DataError: Empty training data.
+        ConfigError: Bad precision for the device, or a resume with a different config.
+        TrainingDivergedError: ``config.max_bad_steps`` NaN/inf steps in a row.
+    """
+    lm = unwrap(model)
+    name = config.adapter_name
+    ctx = ctx or _context(lm)
+    plan = resolve_precision(config.precision, ctx.device)
+    log = logger or RunLogger(config.out, enabled=ctx.is_main)
+    if len(train_data) == 0:
+        raise DataError("the training data set is empty")
+    _check_labels(lm, train_data)
+
+    checkpoint = read_checkpoint(config.out) if resume else None
+    if checkpoint is not None:
+        _check_resume(config, checkpoint.state)
+        _load_adapter_tensors(lm, name, checkpoint.adapter.tensors)
+    else:
+        _seed(config.seed)
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(lm)
+    if model is lm and config.strategy != "none":
+        model = wrap(lm, config.strategy, ctx)
+
+    params = lm.adapter_parameters(name)  # after wrapping: FSDP2 replaces them with DTensors
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = _optimizer(params, config)
+    # The sampler only needs len(); it yields example indices, sharded by rank.
+    sampler: DistributedSampler[int] = DistributedSampler(
+        cast(Any, train_data),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=config.seed,
+    )
+    windows_per_epoch = math.ceil(math.ceil(len(sampler) / config.batch_size) / config.grad_accum)
+    total = config.steps or config.epochs * windows_per_epoch
+    scheduler = _scheduler(optimizer, config, total)
+    scaler = plan.scaler()
+
+    step, epoch, window_start, bad_run = 0, 0, 0, 0
+    if checkpoint is not None:
+        state = checkpoint.state
+        _load_optimizer(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, window_start = state["step"], state["epoch"], state["window"]
+        bad_run = state["bad_run"]
+        set_rng_state(state["rng"])
+        log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
+
+    extra = _label_files(train_data)
+    log.start(total, initial=step)
+    model.train()
+    metrics: dict[str, float] = {}
+    last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
+    position = {"epoch": epoch, "window": window_start}  # where the next step starts
+    windows = _windows(sampler, config.batch_size, config.grad_accum, epoch, window_start)
+    while step < total:
+        epoch, w, window = next(windows)
+        started = time.perf_counter()
+        loss, tokens = _accumulate(model, train_data, window, plan, scaler, ctx)
+        scaler.unscale_(optimizer)
+        norm = grad_norm(model, params, config.clip_norm)
+        bad = not (math.isfinite(loss) and math.isfinite(norm))
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # skips by itself on inf gradients (fp16 overflow)
+            scaler.update()
+            bad = not math.isfinite(loss)
+        elif not bad:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        bad_run = bad_run + 1 if bad else 0
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        log.log(
+            {
+                "event": "train",
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "grad_norm": norm,
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed,
+                "skipped": bad,
+            }
+        )
+        if bad:
+            where = last_checkpoint or "none yet"
+            warnings.warn(
+                f"step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the "
+                f"update was skipped ({bad_run} in a row, limit {config.max_bad_steps})",
+                stacklevel=2,
+            )
+            if bad_run >= config.max_bad_steps:
+                log.close()
+                raise TrainingDivergedError(
+                    f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
+                    f"gradient (last at step {step}). The last good checkpoint is {where}. "
+                    f"Lower --lr, raise --warmup-steps, keep --clip-norm on, or use fp32"
+                )
+        position = {"epoch": epoch, "window": w + 1}
+        if eval_data is not None and config.eval_every and step % config.eval_every == 0:
+            metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+        if config.save_every and step % config.save_every == 0 and step < total and not bad:
+            last_checkpoint = _save_checkpoint(
+                model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
+            )
+        info = StepInfo(step, total, loss, lr, bad)
+        for callback in callbacks:
+            callback(info)
+
+    if (
+        eval_data is not None
+        and len(eval_data)
+        and not (config.eval_every and step % config.eval_every == 0 and metrics)
+    ):
+        metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+    last_checkpoint = _save_checkpoint(
+        model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
+    )
+    with full_params(model):
+        if ctx.is_main:
+            publish_adapter(config.out, lm, name, extra)
+    barrier(ctx)
+    log.log({"event": "end", "step": step, **metrics})
+    log.close()
+    return TrainResult(Path(config.out), step, metrics, last_checkpoint)
+
+
+# ---- one optimizer step ------------------------------------------------------------------
+
+
+def _windows(
+    sampler: DistributedSampler[int], batch_size: int, accum: int, epoch: int, start: int
+) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """``(epoch, window index, micro-batches)`` forever, from ``epoch``'s window ``start``.
+
+    A window is the ``accum`` micro-batches of one optimizer step; each epoch reshuffles
+    (seeded by ``seed + epoch``, so a resumed run sees the very same order).
+    """
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        micro = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        windows = [micro[i : i + accum] for i in range(0, len(micro), accum)]
+        for w in range(start, len(windows)):
+            yield epoch, w, windows[w]
+        epoch, start = epoch + 1, 0
+
+
+def _accumulate(
+    model: nn.Module,
+    data: Dataset,
+    window: Sequence[Sequence[int]],
+    plan: PrecisionPlan,
+    scaler: torch.amp.GradScaler,
+    ctx: DistContext,
+) -> tuple[float, int]:
+    """Forward/backward over one accumulation window; returns the global mean loss and tokens.
+
+    Each micro-batch's mean loss is weighted by its share of the window's examples, so the
+    gradient equals that of one batch holding the whole window (equal-length blocks) whatever
+    ``grad_accum`` and the last, possibly smaller, micro-batch are.
+    """
+    device = ctx.device
+    n_window = sum(len(mb) for mb in window)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for indices in window:
+        batch = {k: v.to(device) for k, v in data.collate(indices).items()}
+        with plan.autocast():
+            out = model(**batch)
+        loss = out.loss.float() * (len(indices) / n_window)
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach().double().cpu()
+        tokens += int(batch["attention_mask"].sum())
+    totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)]), ctx)
+    return float(totals[0]) / ctx.world_size, int(totals[1])
+
+
+# ---- evaluation --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, *, batch_size: int, plan: PrecisionPlan, device: torch.device
+) -> dict[str, float]:
+    """Loss and perplexity (causal LM) or loss, accuracy and macro-F1 (classification).
+
+    Every rank evaluates the whole set (sharded models need every rank in each forward).
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    preds: list[int] = []
+    golds: list[int] = []
+    for start in range(0, len(data), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in data.collate(range(start, min(start + batch_size, len(data)))).items()
+        }
+        with plan.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[
+                "logits"
+            ].float()
+        labels = batch["labels"]
+        if data.task == "causal-lm":
+            shifted = labels[:, 1:]  # [B, T-1]: token t+1 is predicted from position t
+            loss_sum += float(
+                F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    shifted.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
+            count += int((shifted != -100).sum())
+        else:
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))  # logits [B, C]
+            count += len(labels)
+            preds.extend(logits.argmax(-1).tolist())
+            golds.extend(labels.tolist())
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    if data.task == "causal-lm":
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+    accuracy = sum(p == g for p, g in zip(preds, golds, strict=True)) / max(len(golds), 1)
+    return {"eval_loss": loss, "eval_accuracy": accuracy, "eval_macro_f1": macro_f1(preds, golds)}
+
+
+def macro_f1(preds: Sequence[int], golds: Sequence[int]) -> float:
+    """Unweighted mean F1 over the classes that occur in ``golds`` or ``preds``."""
+    classes = sorted(set(golds) | set(preds))
+    scores = []
+    for c in classes:
+        tp = sum(p == c and g == c for p, g in zip(preds, golds, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(len(scores), 1)
+
+
+def _evaluate_and_log(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    plan: PrecisionPlan,
+    step: int,
+    log: RunLogger,
+) -> dict[str, float]:
+    device = next(unwrap(model).parameters()).device
+    metrics = evaluate(model, data, batch_size=config.batch_size, plan=plan, device=device)
+    log.log({"event": "eval", "step": step, **metrics})
+    log.notice(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+# ---- setup helpers -----------------------------------------------------------------------
+
+
+def _context(lm: LoraModel) -> DistContext:
+    import torch.distributed as dist
+
+    device = next(lm.parameters()).device
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), device)
+    return DistContext(0, 1, device)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> Any:
+    """AdamW over ``params`` only; no weight decay on 1-D tensors (biases, norm weights)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _scheduler(optimizer: Any, config: TrainConfig, total: int) -> Any:
+    kind: str = config.schedule
+    if kind == "constant" and config.warmup_steps:
+        kind = "constant_with_warmup"
+    return get_scheduler(
+        kind, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total
+    )
+
+
+def _enable_gradient_checkpointing(lm: LoraModel) -> None:
+    enable = getattr(lm.model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(
+            f"{type(lm.model).__name__} has no gradient_checkpointing_enable(); "
+            f"drop --gradient-checkpointing"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _check_labels(lm: LoraModel, data: Dataset) -> None:
+    if data.task != "seq-cls":
+        return
+    config = getattr(lm.model, "config", None)
+    n = getattr(config, "num_labels", None)
+    if n is not None and n != len(data.labels):
+        raise DataError(
+            f"the data has {len(data.labels)} classes {list(data.labels)} but the model's head "
+            f"has {n} outputs; load the base with num_labels={len(data.labels)}"
+        )
+    if config is not None:
+        config.id2label = dict(enumerate(data.labels))
+        config.label2id = {label: i for i, label in enumerate(data.labels)}
+
+
+def _label_files(data: Dataset) -> dict[str, str]:
+    if data.task != "seq-cls":
+        return {}
+    id2label = {str(i): label for i, label in enumerate(data.labels)}
+    label2id = {label: i for i, label in enumerate(data.labels)}
+    return {LABELS_FILE: json.dumps({"id2label": id2label, "label2id": label2id}, indent=2) + "\n"}
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def _check_resume(config: TrainConfig, state: dict[str, Any]) -> None:
+    saved = TrainConfig.from_json(state["config"])
+    changed = config.resume_mismatch(saved)
+    if changed:
+        raise ConfigError(
+            "cannot --resume with different settings (the data order or schedule would "
+            "differ): " + "; ".join(changed) + ". Use the original values or start a new --out"
+        )
+
+
+def _load_adapter_tensors(lm: LoraModel, name: str, tensors: dict[str, Tensor]) -> None:
+    """Copy a checkpoint's adapter tensors into adapter ``name`` (strict, before wrapping)."""
+    from ..peft_format import head_key, lora_keys
+
+    record = lm.adapter_record(name)
+    targets: dict[str, Tensor] = {}
+    for module_name in record.modules:
+        layer = lm.model.get_submodule(module_name)
+        if not isinstance(layer, LoRALinear):
+            raise ConfigError(f"{module_name!r} is no longer a LoRA layer; was the model edited?")
+        adapter = layer.adapter(name)
+        key_a, key_b = lora_keys(module_name)
+        targets[key_a], targets[key_b] = adapter.lora_A, adapter.lora_B
+    for module_name in record.saved_modules:
+        saved = lm.model.get_submodule(module_name)
+        if not isinstance(saved, SavedModule):
+            raise ConfigError(f"{module_name!r} is no longer a saved module; was it edited?")
+        for key, value in saved.copies[name].state_dict(keep_vars=True).items():
+            targets[head_key(module_name, key)] = value
+    if set(targets) != set(tensors):
+        raise ConfigError(
+            "the checkpoint's adapter does not match this model's adapter (different targets "
+            "or rank); resume with the same model and LoRA settings"
+        )
+    with torch.no_grad():
+        for key, param in targets.items():
+            param.copy_(tensors[key])
+
+
+def _optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    if is_fsdp1(model) or is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state: dict[str, Any] = get_optimizer_state_dict(model, optimizer, options=options)
+        return state
+    plain: dict[str, Any] = optimizer.state_dict()
+    return plain
+
+
+def _load_optimizer(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    if is_fsdp1(model) or is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+        return
+    optimizer.load_state_dict(state)
+
+
+def _save_checkpoint(
+    model: nn.Module,
+    lm: LoraModel,
+    config: TrainConfig,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    bad_run: int,
+    position: dict[str, int],
+    extra: dict[str, str],
+) -> Path:
+    """Gather (collective) and write the checkpoint on rank 0."""
+    optimizer_state = _optimizer_state(model, optimizer)
+    state = {
+        "step": step,
+        "bad_run": bad_run,
+        **position,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "config": config.to_json(),
+    }
+    path = Path(config.out) / "checkpoint"
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    with full_params(model):
+        if main:
+            path = write_checkpoint(config.out, lm, config.adapter_name, state, extra)
+    if dist.is_initialized():
+        dist.barrier()
+    return path

@@ -1,0 +1,122 @@
+"""`lorakit train`: end to end through CliRunner and one real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from lora_kit_cli.app import app
+from train_helpers import tiny_bert, tiny_gpt2, tokenizer, write_cls, write_text
+from typer.testing import CliRunner
+
+import lora_kit as lk
+
+runner = CliRunner()
+
+
+def _base(kind: str, tmp: Path) -> Path:
+    folder = tmp / kind
+    (tiny_gpt2() if kind == "gpt2" else tiny_bert(num_labels=2)).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_train_gpt2_prints_adapter_metrics_and_merge_command(tmp_path: Path) -> None:
+    base, data = _base("gpt2", tmp_path), write_text(tmp_path / "corpus.txt")
+    out = tmp_path / "adapters" / "poems"
+    args = ["train", "--model", str(base), "--data", str(data), "--steps", "3", "-r", "4"]
+    result = runner.invoke(app, [*args, "--max-length", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"adapter: {out}" in result.output
+    assert "eval_perplexity=" in result.output
+    assert f"lorakit merge {base} {out} -o {out}-merged" in result.output
+    lm = lk.LoraModel.from_pretrained(tiny_gpt2(), out)  # loads on its own, fingerprint OK
+    assert lm.adapters["default"].r == 4
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["event"] for x in lines] == ["train"] * 3 + ["eval", "end"]
+
+
+def test_train_bert_remaps_head_and_saves_labels(tmp_path: Path) -> None:
+    # The saved base has 2 labels; the data has 3: the head is rebuilt with 3 outputs.
+    base, data = _base("bert", tmp_path), write_cls(tmp_path / "reviews.jsonl")
+    out = tmp_path / "cls"
+    result = runner.invoke(
+        app,
+        ["train", "--model", str(base), "--data", str(data), "--epochs", "1",
+         "--batch-size", "8", "--max-length", "12", "--out", str(out), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "seq-cls"
+    assert set(summary["metrics"]) == {"eval_loss", "eval_accuracy", "eval_macro_f1"}
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "c0", "1": "c1", "2": "c2"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    lm = lk.LoraModel.from_pretrained(tiny_bert(num_labels=3), out)
+    assert "classifier" in lm.adapter_record("default").saved_modules
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--epochs", "1",
+                                 "--steps", "2"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "--epochs or --steps, not both" in result.output
+    result = runner.invoke(app, ["train", "--model", "x"])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--lr", "-1"])
+    assert result.exit_code == 2
+    assert "lr must be a positive number" in result.output
+
+
+def test_failures_exit_1_with_what_was_tried(tmp_path: Path) -> None:
+    base = _base("gpt2", tmp_path)
+    result = runner.invoke(app, ["train", "--model", str(base), "--data", str(tmp_path / "no")])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
+    result = runner.invoke(
+        app, ["train", "--model", str(tmp_path / "nomodel"), "--data", str(base)]
+    )
+    assert result.exit_code == 1
+    assert "tried" in result.output
+
+
+def test_no_model_no_data_runs_the_default_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = runner.invoke(app, ["train"])
+    if "lora_kit.demo" not in sys.modules:
+        assert result.exit_code == 2
+        assert "no embedded default job" in result.output
+    calls: list[dict[str, object]] = []
+    demo = types.ModuleType("lora_kit.demo")
+    demo.__path__ = []  # a package
+    job = types.ModuleType("lora_kit.demo.default_job")
+    job.run = lambda **kw: calls.append(kw) or 0  # type: ignore[attr-defined]
+    job.__spec__ = types.SimpleNamespace(name=job.__name__)  # type: ignore[assignment]
+    demo.__spec__ = types.SimpleNamespace(name=demo.__name__, submodule_search_locations=[])  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, "lora_kit.demo", demo)
+    monkeypatch.setitem(sys.modules, "lora_kit.demo.default_job", job)
+    result = runner.invoke(app, ["train", "--json", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"out": tmp_path / "d", "json_output": True, "quiet": False}]
+
+
+def test_real_subprocess_json(tmp_path: Path) -> None:
+    base, data = _base("gpt2", tmp_path), write_text(tmp_path / "c.txt")
+    exe = Path(sys.executable).parent / "lorakit"
+    proc = subprocess.run(
+        [str(exe), "train", "--model", str(base), "--data", str(data), "--steps", "2",
+         "--max-length", "16", "--out", str(tmp_path / "o"), "--json"],
+        capture_output=True, text=True, timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 2
+    assert torch.isfinite(torch.tensor(summary["metrics"]["eval_loss"]))

@@ -1,0 +1,96 @@
+"""Training data: packing, label mapping, and clear errors before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from train_helpers import encode, tokenizer
+
+from lora_kit.errors import DataError
+from lora_kit.train import hf_encoder, load_causal_lm, load_classification, read_texts
+
+
+def test_pack_txt_folder_into_blocks(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("w1 w2 w3 w4 w5")
+    (tmp_path / "d" / "b.txt").write_text("w6 w7 w8")
+    data = load_causal_lm(tmp_path / "d", encode, max_length=3, eos_id=0)
+    # stream: 11 12 13 14 15 0 16 17 18 0 -> 3 full blocks of 3, tail dropped
+    assert [e.input_ids for e in data.examples] == [(11, 12, 13), (14, 15, 0), (16, 17, 18)]
+    batch = data.collate([0, 2])
+    assert batch["labels"].tolist() == [[11, 12, 13], [16, 17, 18]]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_text_field_from_jsonl_and_csv(suffix: str, tmp_path: Path) -> None:
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        path.write_text('{"body": "w1 w2"}\n\n{"body": "w3"}\n')
+    else:
+        path.write_text("body,other\nw1 w2,x\nw3,y\n")
+    assert read_texts(path, "body") == ["w1 w2", "w3"]
+    with pytest.raises(DataError, match=r"d\..*:\d+: no field 'text'.*--text-field"):
+        read_texts(path, "text")
+
+
+def test_classification_labels_mapped_and_padded(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    rows = [("w1 w2 w3", 10), ("w4", 2), ("w5 w6", 10), ("w7", 1)]
+    path.write_text("".join(json.dumps({"t": t, "y": y}) + "\n" for t, y in rows))
+    data = load_classification(path, encode, max_length=8, text_field="t", label_field="y")
+    assert data.labels == ("1", "2", "10")  # integers sort numerically
+    assert [e.label for e in data.examples] == [2, 1, 2, 0]
+    batch = data.collate([0, 1])
+    assert batch["input_ids"].tolist() == [[11, 12, 13], [14, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [2, 1]
+
+
+def test_long_texts_truncated_with_one_notice(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": "w1 " * n, "label": n % 2}) + "\n" for n in (2, 9, 12))
+    )
+    with pytest.warns(UserWarning, match="2 of 3 texts are longer than 4 tokens") as record:
+        data = load_classification(path, encode, max_length=4)
+    assert len(record) == 1
+    assert max(len(e.input_ids) for e in data.examples) == 4
+
+
+def test_hf_tokenizer_encoder() -> None:
+    assert hf_encoder(tokenizer())(["w0 w1", "w89 nope"]) == [[10, 11], [99, 1]]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "match"),
+    [
+        (None, "missing.txt", "does not exist"),
+        ("", "empty.txt", "empty"),
+        ("w1 w2", "short.txt", "only 2 tokens, fewer than one block"),
+        ("x", "data.parquet", "unsupported data file type"),
+        ('{"text": "w1"}\nnot json\n', "bad.jsonl", r"bad.jsonl:2: not valid JSON"),
+    ],
+)
+def test_causal_data_errors(content: str | None, name: str, match: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_causal_lm(path, encode, max_length=8, eos_id=None)
+
+
+def test_empty_folder_and_classification_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no \.txt files"):
+        load_causal_lm(tmp_path, encode, max_length=8, eos_id=None)
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "w1", "label": "a"}\n{"text": "w2", "label": "a"}\n')
+    with pytest.raises(DataError, match="single class 'a'"):
+        load_classification(one, encode, max_length=8)
+    with pytest.raises(DataError, match="no field 'stars'"):
+        load_classification(one, encode, max_length=8, label_field="stars")
+    txt = tmp_path / "a.txt"
+    txt.write_text("w1")
+    with pytest.raises(DataError, match=r"needs a \.jsonl or \.csv"):
+        load_classification(txt, encode, max_length=8)

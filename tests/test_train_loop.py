@@ -1,0 +1,284 @@
+"""The training loop: adapters-only updates, accumulation, resume bit-identity, NaN handling."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import encode, tiny_bert, tiny_gpt2, write_cls, write_text
+
+import lora_kit as lk
+from lora_kit.errors import ConfigError, TrainingDivergedError
+from lora_kit.train import (
+    CheckpointError,
+    StepInfo,
+    TrainConfig,
+    evaluate,
+    load_causal_lm,
+    load_classification,
+    macro_f1,
+    read_checkpoint,
+    resolve_precision,
+    train,
+)
+
+
+def _setup(kind: str, tmp: Path, dropout: float = 0.0) -> tuple[lk.LoraModel, object, object]:
+    if kind == "gpt2":
+        data = load_causal_lm(write_text(tmp / "a.txt"), encode, max_length=16, eos_id=0)
+        model = tiny_gpt2(dropout)
+        config = lk.LoraConfig(r=4, targets="gpt2-all", dropout=dropout)
+    else:
+        data = load_classification(write_cls(tmp / "c.jsonl"), encode, max_length=12)
+        model = tiny_bert(dropout=dropout)
+        config = lk.LoraConfig(r=4, targets="bert-all", modules_to_save=("classifier",))
+    train_set, eval_set = data.split(0.1, seed=0)
+    torch.manual_seed(1)
+    return lk.inject(model, config), train_set, eval_set
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _cfg(tmp: Path, **changes: object) -> TrainConfig:
+    base = {"out": str(tmp / "out"), "steps": 4, "batch_size": 4, "lr": 1e-2, "eval_fraction": 0.0}
+    base.update(changes)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_only_adapter_and_head_parameters_change(kind: str, tmp_path: Path) -> None:
+    lm, train_set, eval_set = _setup(kind, tmp_path)
+    ours = {id(p) for p in lm.adapter_parameters("default")}
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    result = train(lm, train_set, _cfg(tmp_path), eval_data=eval_set)
+    changed = {n for n, p in lm.named_parameters() if not torch.equal(p, before[n])}
+    params = dict(lm.named_parameters())
+    assert changed, "training changed nothing"
+    assert all(id(params[n]) in ours for n in changed), sorted(changed)
+    # Every B moved off zero (A gets zero grad in step 1 only), and the head copy trained.
+    assert any(".lora_B" in n for n in changed)
+    if kind == "bert":
+        assert any("classifier.copies.default" in n for n in changed)
+        assert not any("classifier.original" in n for n in changed)
+        assert set(result.metrics) == {"eval_loss", "eval_accuracy", "eval_macro_f1"}
+    else:
+        assert result.metrics["eval_perplexity"] == pytest.approx(
+            math.exp(result.metrics["eval_loss"])
+        )
+    # The saved adapter reloads and equals the trained weights exactly.
+    saved = _adapter(result.adapter_path)
+    fresh = lk.LoraModel.from_pretrained(
+        tiny_gpt2() if kind == "gpt2" else tiny_bert(), result.adapter_path
+    )
+    for name, p in fresh.named_parameters():
+        if id(p) in {id(q) for q in fresh.adapter_parameters("default")}:
+            assert torch.equal(p, params[name]), name
+    assert saved
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_grad_accumulation_matches_one_big_batch(kind: str, tmp_path: Path) -> None:
+    # 2 micro-batches of 4 accumulated == 1 batch of 8: same examples, same gradient up to
+    # fp32 summation order (~1e-7 relative); after 3 Adam steps the adapters agree to 1e-5.
+    results = []
+    for bs, accum in ((8, 1), (4, 2)):
+        lm, train_set, _ = _setup(kind, tmp_path)
+        cfg = _cfg(tmp_path / f"{bs}x{accum}", steps=3, batch_size=bs, grad_accum=accum)
+        results.append(_adapter(train(lm, train_set, cfg).adapter_path))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
+
+
+class _StopError(Exception):
+    pass
+
+
+def _stop_at(step: int):  # type: ignore[no-untyped-def]
+    def callback(info: StepInfo) -> None:
+        if info.step == step:
+            raise _StopError
+
+    return callback
+
+
+@pytest.mark.parametrize(
+    ("kind", "save_every", "kill_at"),
+    [("gpt2", 3, 5), ("gpt2", 4, 4), ("gpt2", 9, 9), ("bert", 5, 7)],
+)
+def test_killed_and_resumed_run_is_bit_identical(
+    kind: str, save_every: int, kill_at: int, tmp_path: Path
+) -> None:
+    # Dropout on so the RNG state must be restored too. GPT-2 has 9 windows of 2x2 per epoch,
+    # so 10 steps cross an epoch boundary, and save_every=9 checkpoints exactly at its end.
+    cfg = {"steps": 10, "batch_size": 2, "grad_accum": 2, "save_every": save_every}
+    lm, train_set, _ = _setup(kind, tmp_path, dropout=0.1)
+    straight = _adapter(train(lm, train_set, _cfg(tmp_path / "a", **cfg)).adapter_path)
+
+    lm, train_set, _ = _setup(kind, tmp_path, dropout=0.1)
+    with pytest.raises(_StopError):
+        train(lm, train_set, _cfg(tmp_path / "b", **cfg), callbacks=[_stop_at(kill_at)])
+    assert read_checkpoint(tmp_path / "b" / "out").state["step"] == save_every
+    lm, train_set, _ = _setup(kind, tmp_path, dropout=0.1)  # a fresh process would do this
+    result = train(lm, train_set, _cfg(tmp_path / "b", **cfg), resume=True)
+    resumed = _adapter(result.adapter_path)
+    assert result.steps == 10
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoint(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(lm, train_set, _cfg(tmp_path), resume=True)
+    train(lm, train_set, _cfg(tmp_path, steps=2))
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    with pytest.raises(ConfigError, match=r"lr: checkpoint 0\.01, now 0\.02"):
+        train(lm, train_set, _cfg(tmp_path, steps=2, lr=2e-2), resume=True)
+
+
+def _poison(lm: lk.LoraModel, bad_calls: set[int]) -> None:
+    """Make the final hidden state NaN on the given forward calls (1-based)."""
+    calls = {"n": 0}
+
+    def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] in bad_calls else output
+
+    lm.model.transformer.ln_f.register_forward_hook(hook)
+
+
+def test_nan_step_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    _poison(lm, {2})  # the forward of step 2 (one micro-batch per step)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def snapshot(info: StepInfo) -> None:
+        seen.append({n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad})
+
+    with pytest.warns(UserWarning, match="step 2: non-finite loss"):
+        result = train(lm, train_set, _cfg(tmp_path, steps=3), callbacks=[snapshot])
+    assert result.steps == 3
+    assert all(torch.equal(seen[0][n], seen[1][n]) for n in seen[0])  # step 2 changed nothing
+    assert not all(torch.equal(seen[1][n], seen[2][n]) for n in seen[1])  # step 3 trained
+    assert all(torch.isfinite(t).all() for t in _adapter(result.adapter_path).values())
+
+
+def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    _poison(lm, set(range(3, 100)))
+    cfg = _cfg(tmp_path, steps=10, save_every=2, max_bad_steps=3)
+    with (
+        pytest.warns(UserWarning, match="non-finite"),
+        pytest.raises(TrainingDivergedError, match=r"3 steps in a row.*checkpoint"),
+    ):
+        train(lm, train_set, cfg)
+    checkpoint = read_checkpoint(cfg.out)
+    assert checkpoint.state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint.adapter.tensors.values())
+
+
+def test_weight_decay_spares_biases_and_norms(tmp_path: Path) -> None:
+    from lora_kit.train.loop import _optimizer
+
+    lm, _, _ = _setup("bert", tmp_path)
+    optimizer = _optimizer(lm.adapter_parameters("default"), _cfg(tmp_path, weight_decay=0.1))
+    for group in optimizer.param_groups:
+        dims = {p.ndim for p in group["params"]}
+        assert group["weight_decay"] == (0.1 if dims == {2} else 0.0)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(
+        lm.adapter_parameters("default")
+    )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "expected"),
+    [
+        ("constant", 0, [0.01, 0.01, 0.01, 0.01]),
+        ("constant", 2, [0.0, 0.005, 0.01, 0.01]),
+        ("linear", 0, [0.01, 0.0075, 0.005, 0.0025]),
+        (
+            "cosine",
+            0,
+            [
+                0.01,
+                0.01 * (1 + math.cos(math.pi / 4)) / 2,
+                0.005,
+                0.01 * (1 + math.cos(3 * math.pi / 4)) / 2,
+            ],
+        ),
+    ],
+)
+def test_schedules(schedule: str, warmup: int, expected: list[float], tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    lrs: list[float] = []
+    train(
+        lm,
+        train_set,
+        _cfg(tmp_path, schedule=schedule, warmup_steps=warmup),
+        callbacks=[lambda i: lrs.append(i.lr)],
+    )
+    assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_bf16_autocast_keeps_adapters_and_optimizer_fp32(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    result = train(lm, train_set, _cfg(tmp_path, steps=1, precision="bf16", batch_size=2))
+    assert all(p.dtype == torch.float32 for p in lm.adapter_parameters("default"))
+    state = read_checkpoint(result.adapter_path).state["optimizer"]["state"]
+    assert all(
+        v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step"
+    )
+
+
+def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda() -> None:
+    assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_eval_loss_matches_the_models_own_loss(tmp_path: Path) -> None:
+    # Token-weighted mean CE over equal-length blocks == HF's mean loss on one batch (1e-5:
+    # same math, different reduction order).
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    plan = resolve_precision("fp32", torch.device("cpu"))
+    metrics = evaluate(
+        lm, train_set, batch_size=len(train_set), plan=plan, device=torch.device("cpu")
+    )
+    batch = train_set.collate(range(len(train_set)))
+    with torch.no_grad():
+        reference = float(lm(**batch).loss)
+    assert metrics["eval_loss"] == pytest.approx(reference, rel=1e-5)
+
+
+def test_macro_f1_by_hand() -> None:
+    preds, golds = [0, 0, 1, 2, 1], [0, 1, 1, 0, 1]
+    # class 0: tp=1 fp=1 fn=1 -> 0.5; class 1: tp=2 fp=0 fn=1 -> 0.8; class 2: fp=1 -> 0
+    assert macro_f1(preds, golds) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_gradient_checkpointing_gives_the_same_adapter(kind: str, tmp_path: Path) -> None:
+    # Recomputing activations in backward is the same arithmetic (dropout 0): equal to ~1e-6.
+    results = []
+    for checkpointing in (False, True):
+        lm, train_set, _ = _setup(kind, tmp_path)
+        cfg = _cfg(tmp_path / str(checkpointing), steps=2, gradient_checkpointing=checkpointing)
+        results.append(_adapter(train(lm, train_set, cfg).adapter_path))
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    first = _adapter(train(lm, train_set, _cfg(tmp_path, steps=2)).adapter_path)
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    result = train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+    assert result.steps == 2
+    again = _adapter(result.adapter_path)
+    assert all(torch.equal(first[k], again[k]) for k in first)
