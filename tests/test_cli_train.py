@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_kit_cli.app import app
 from train_helpers import tiny_bert, tiny_gpt2, tokenizer, write_cls, write_text
 from typer.testing import CliRunner
 
 import lora_kit as lk
+from lora_kit_cli.app import app
 
 runner = CliRunner()
 
