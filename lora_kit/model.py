@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from .fingerprint import check_fingerprint, fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
 from .routing import BASE_ONLY, Router, Selection
+from .rows import RowPlan
 from .saved_modules import SavedModule
 from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets, resolve_spec
@@ -220,16 +221,35 @@ class LoraModel(nn.Module):
 
     # ---- calling the model ---------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped transformers model with the same arguments."""
-        return self.model(*args, **kwargs)
+    def forward(
+        self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> Any:
+        """Call the wrapped transformers model with the same arguments.
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with the active adapter(s)."""
+        Args:
+            adapter_names: One adapter name (or None: base model) per batch row, for this call
+                only (a mixed batch); omitted: the active selection.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.router.override(self._row_selection(adapter_names)):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> Any:
+        """``model.generate`` with the active adapter(s), or one adapter per row.
+
+        Args:
+            adapter_names: One adapter name (or None) per prompt row, as in :meth:`forward`.
+        """
         generate = getattr(self.model, "generate", None)
         if generate is None:
             raise LoraKitError(f"{type(self.model).__name__} has no generate method")
-        return generate(*args, **kwargs)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self.router.override(self._row_selection(adapter_names)):
+            return generate(*args, **kwargs)
 
     # ---- files ---------------------------------------------------------------------------
 
@@ -444,6 +464,19 @@ class LoraModel(nn.Module):
         if not isinstance(wrapper, SavedModule):
             raise LoraKitError(f"{module_name!r} is not a saved module (was the model edited?)")
         return wrapper
+
+    # ---- hot-swapping (issue 6) -------------------------------------------------------------
+
+    def _row_selection(self, adapter_names: Sequence[str | None]) -> Selection:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise AdapterNameError(
+                f"adapter_names must be a list with one adapter name (or None) per batch row, "
+                f"got {type(adapter_names).__name__}"
+            )
+        for adapter_name in adapter_names:
+            if adapter_name is not None:
+                self._require(adapter_name)
+        return Selection(rows=RowPlan(adapter_names))
 
 
 def inject(

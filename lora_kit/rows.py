@@ -1,0 +1,140 @@
+"""Mixed batches: every row of a batch uses its own adapter (or none), in one forward pass.
+
+A :class:`RowPlan` is built once per call from ``adapter_names`` and travels to every layer in
+the thread-local :class:`~lora_kit.routing.Selection` (``Selection.rows``). Each layer groups the
+rows by adapter: rows sharing an adapter are gathered with ``index_select``, go through that
+adapter's two small GEMMs together, and are added back with ``index_add_``. The cost grows with
+the number of *distinct* adapters in the batch, never with the number of rows; a batch whose
+rows all use one adapter takes exactly the single-adapter path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import AdapterNameError, LoraKitError
+
+if TYPE_CHECKING:
+    from .layers import LoRALinear
+    from .saved_modules import SavedModule
+
+# (adapter name or None for the base, row indices or None for "every row")
+Group = tuple[str | None, Tensor | None]
+
+
+class RowPlan:
+    """The adapter of each row of one call, and its row groups (cached per batch size/device).
+
+    Generation may expand the batch (``num_return_sequences``, beams) with
+    ``repeat_interleave``; a batch of ``k * len(names)`` rows is mapped back the same way.
+
+    Attributes:
+        names: One adapter name (or None: base model) per input row.
+    """
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        self.names: tuple[str | None, ...] = tuple(names)
+        self._groups: dict[tuple[int, torch.device], tuple[Group, ...]] = {}
+
+    def groups(self, batch: int, device: torch.device) -> tuple[Group, ...]:
+        """Row groups for a batch of ``batch`` rows on ``device``.
+
+        Raises:
+            AdapterNameError: ``batch`` is not a multiple of the number of names.
+        """
+        key = (batch, device)
+        cached = self._groups.get(key)
+        if cached is not None:
+            return cached
+        n = len(self.names)
+        if n == 0 or batch % n:
+            raise AdapterNameError(
+                f"adapter_names has {n} entries but the batch has {batch} rows; give one "
+                f"adapter name (or None) per input row"
+            )
+        expand = batch // n
+        rows: dict[str | None, list[int]] = {}
+        for row in range(batch):
+            rows.setdefault(self.names[row // expand], []).append(row)
+        groups: list[Group] = []
+        for name, members in rows.items():
+            index = None if len(members) == batch else torch.tensor(members, device=device)
+            groups.append((name, index))
+        result = tuple(groups)
+        self._groups[key] = result
+        return result
+
+
+def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
+    """Add each row's own adapter contribution to ``out`` (one group per distinct adapter).
+
+    Args:
+        layer: The LoRA layer.
+        out: Base output ``[batch, ..., out_features]``.
+        x: Layer input ``[batch, ..., in_features]``.
+        plan: The call's row plan.
+
+    Returns:
+        ``out`` with the adapters' contributions added (in place where possible).
+    """
+    adapters = layer.adapters
+    for name, index in plan.groups(x.shape[0], x.device):
+        if name is None or name not in adapters:
+            continue
+        adapter = layer.adapter(name)
+        if index is None:  # every row uses this adapter: the single-adapter path
+            out = adapter.add_to(out, x)
+            continue
+        xs = x.index_select(0, index)  # [rows, ..., in]
+        delta = adapter.delta(xs)  # [rows, ..., out]
+        out = out.index_add_(0, index, delta.to(out.dtype))
+    return out
+
+
+def run_saved_rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) -> Any:
+    """Run each row through its adapter's copy of a saved module (the original for others).
+
+    Tensor arguments whose first dimension is the batch are split by row group; the outputs
+    (one tensor) are reassembled in row order.
+
+    Raises:
+        LoraKitError: The module takes no batched tensor or returns something else than a tensor.
+    """
+    batched = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0]
+    if not batched:
+        raise LoraKitError(
+            "per-row adapters need a batched tensor input to the saved module; call it with "
+            "a single adapter (lm.using(name)) instead"
+        )
+    batch, device = batched[0].shape[0], batched[0].device
+    by_module: dict[int, tuple[nn.Module, list[Tensor | None]]] = {}
+    for name, index in plan.groups(batch, device):
+        module = wrapper.copies[name] if name is not None and name in wrapper.copies else None
+        chosen = module if module is not None else wrapper.original
+        by_module.setdefault(id(chosen), (chosen, []))[1].append(index)
+    if len(by_module) == 1:
+        module, _ = next(iter(by_module.values()))
+        return module(*args, **kwargs)
+    out: Tensor | None = None
+    for module, indices in by_module.values():
+        index = torch.cat([i for i in indices if i is not None])  # [rows]
+
+        def take(value: Any, index: Tensor = index) -> Any:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value.index_select(0, index)
+            return value
+
+        result = module(*(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
+        if not isinstance(result, Tensor):
+            raise LoraKitError(
+                f"per-row adapters support saved modules returning a tensor, "
+                f"{type(module).__name__} returned {type(result).__name__}"
+            )
+        if out is None:
+            out = result.new_empty((batch, *result.shape[1:]))  # [batch, ...]
+        out.index_copy_(0, index, result)
+    return out
