@@ -78,6 +78,13 @@ class LoraModel(nn.Module):
     Adapter selection: :meth:`set_adapter` sets the model-wide default; :meth:`using` and
     :meth:`disabled` set a selection for the calling thread (or asyncio task) only, so
     concurrent requests that each use ``with lm.using(name):`` never see each other's adapter.
+
+    Thread-safety model: per-call selection is safe (``with lm.using(...)`` or
+    ``lm(..., adapter_names=[...])``, one adapter per row, for that call only); it lives in a
+    ``ContextVar`` and overrides the default for that thread/task alone. ``set_adapter`` changes
+    the shared default that every thread without an override sees: set it at start-up, not per
+    request. Adding, loading, swapping or deleting adapters while other threads run inference
+    is guarded by the adapter cache (``lora_kit.cache``) where it is used, not in general.
     """
 
     def __init__(self, model: nn.Module) -> None:
