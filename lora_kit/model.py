@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,10 +20,12 @@ from .errors import AdapterMismatchError, AdapterNameError, ConfigError, LoraKit
 from .fingerprint import check_fingerprint, fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
+from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
 from .rows import RowPlan
 from .saved_modules import SavedModule
 from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
+from .swap import check_max_rank, make_swappable, swap_in
 from .targets import find_saved_modules, find_targets, resolve_spec
 
 # The PEFT release whose adapter format lora_kit writes (recorded in adapter_config.json).
@@ -310,6 +312,7 @@ class LoraModel(nn.Module):
         *,
         check_base: bool = True,
         adapter_dtype: torch.dtype = torch.float32,
+        max_rank: int | None = None,
     ) -> str:
         """Load an adapter directory (lora_kit's or PEFT's) under ``name``; not activated.
 
@@ -317,10 +320,13 @@ class LoraModel(nn.Module):
         the file has one, is checked before the model is touched.
 
         Args:
-            path: The adapter directory.
+            path: The adapter directory, a name in the adapter library (``$LORA_KIT_ADAPTERS``
+                or ``./adapters``) or a Hub repo id (see `lora_kit.resolve`).
             name: Name to give it; defaults to the directory's name.
             check_base: Verify the base fingerprint recorded by lora_kit (if present).
             adapter_dtype: dtype of the adapter tensors in memory.
+            max_rank: Store it zero-padded to this rank with a tensor scaling, so that
+                :meth:`swap_adapter` can later replace it in place without recompiling.
 
         Returns:
             The name it was loaded under.
@@ -330,9 +336,13 @@ class LoraModel(nn.Module):
             AdapterMismatchError: Keys, shapes or base fingerprint do not fit this model.
             AdapterNameError: The name is taken.
         """
-        files = read_adapter(path)
+        files = read_adapter(resolve_adapter(path))
         name = name if name is not None else files.path.resolve().name
+        if max_rank is not None:  # validate before loading anything
+            check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
         self._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        if max_rank is not None:
+            make_swappable(self, name, max_rank)
         return name
 
     @classmethod
@@ -474,6 +484,51 @@ class LoraModel(nn.Module):
 
     # ---- hot-swapping (issue 6) -------------------------------------------------------------
 
+    def make_swappable(self, name: str, max_rank: int) -> None:
+        """Re-store adapter ``name`` zero-padded to ``max_rank`` for :meth:`swap_adapter`.
+
+        Outputs are unchanged (exactly: the padding is zeros). Call it before compiling.
+
+        Raises:
+            AdapterNameError: Unknown adapter.
+            AdapterMismatchError: One of its ranks exceeds ``max_rank``.
+        """
+        make_swappable(self, name, max_rank)
+
+    def swap_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | AdapterFiles | Mapping[str, Tensor],
+        *,
+        check_base: bool = True,
+    ) -> None:
+        """Replace adapter ``name``'s weights in place with another adapter's (compile-safe).
+
+        The tensors keep their identity and ``data_ptr``; with an adapter loaded with
+        ``max_rank=`` (or :meth:`make_swappable`), any rank up to it and any alpha can be swapped
+        in without a ``torch.compile`` recompile. The new adapter may adapt a subset of the
+        modules (the others are zeroed). Everything is checked before anything changes.
+
+        Args:
+            name: The resident adapter to overwrite.
+            source: An adapter directory / library name / Hub id, parsed `AdapterFiles`, or a
+                PEFT-keyed state dict (keeps ``name``'s config, ranks and scaling).
+            check_base: Verify the base fingerprint recorded in the files (if present).
+
+        Raises:
+            AdapterNameError: Unknown adapter.
+            AdapterMismatchError: The new weights do not fit (modules, ranks, shapes, base).
+        """
+        record = self.adapter_record(name)
+        if isinstance(source, AdapterFiles):
+            files = source
+        elif isinstance(source, Mapping):
+            files = AdapterFiles(Path(f"<state dict for {name}>"), record.config, {}, dict(source))
+        else:
+            files = read_adapter(resolve_adapter(source))
+        swap_in(self, name, files, check_base=check_base)
+        self._adapters[name] = replace(record, config=files.config, source=str(files.path))
+
     def _row_selection(self, adapter_names: Sequence[str | None]) -> Selection:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise AdapterNameError(
@@ -563,3 +618,8 @@ def _check_keys(
                 f"{source}: {module} has shape {list(got)} in the file, this model needs "
                 f"{list(shape)}; the adapter was trained on a base with other dimensions"
             )
+
+
+def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:
+    """Module name -> the rank ``config`` gives it in ``model``."""
+    return {target: config.rank_for(target) for target in find_targets(model, config)}

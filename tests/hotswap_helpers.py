@@ -49,7 +49,9 @@ SPECS: dict[str, dict[str, object]] = {
     "b": {"r": 8, "alpha": 4},
     "c": {"r": 2, "alpha": 2},
 }
-SUBSETS = {
+SUBSETS: dict[tuple[str, str], object] = {
+    ("gpt2", "a"): "gpt2-all",
+    ("bert", "a"): "bert-all",
     ("gpt2", "b"): ("c_attn",),
     ("gpt2", "c"): ("c_fc",),
     ("bert", "b"): ("query", "value"),
