@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .errors import AdapterMismatchError, AdapterNameError, ConfigError, LoraKitError
 from .fingerprint import check_fingerprint, fingerprint
 from .layers import LoraAdapter, LoRALinear
+from .loading import load_files
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
 from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
@@ -340,7 +341,7 @@ class LoraModel(nn.Module):
         name = name if name is not None else files.path.resolve().name
         if max_rank is not None:  # validate before loading anything
             check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
-        self._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
         if max_rank is not None:
             make_swappable(self, name, max_rank)
         return name
