@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles, read_adapter, write_adapter
+from .cache import AdapterCache, Registration
 from .config import LoraConfig
 from .errors import AdapterMismatchError, AdapterNameError, ConfigError, LoraKitError
 from .fingerprint import check_fingerprint, fingerprint
@@ -190,12 +191,25 @@ class LoraModel(nn.Module):
             AdapterNameError: An unknown adapter name.
             ConfigError: A non-finite weight.
         """
-        self.router.default = self._selection(selection)
+        cache = self._adapter_cache()
+        if cache is None:
+            self.router.default = self._selection(selection)
+            return
+        pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
+        try:
+            self.router.default = self._selection(selection)
+        except BaseException:
+            cache.release(pinned)
+            raise
+        cache.replace_default(pinned)
 
     @contextmanager
     def using(self, selection: AdapterSelection) -> Iterator[None]:
         """Use ``selection`` in this thread/task inside the block; restored on exit or error."""
-        with self.router.override(self._selection(selection)):
+        with (
+            self._pinned(_selected_names(selection)),
+            self.router.override(self._selection(selection)),
+        ):
             yield
 
     @contextmanager
@@ -242,7 +256,7 @@ class LoraModel(nn.Module):
         """
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self.router.override(self._row_selection(adapter_names)):
+        with self._rows(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(
@@ -258,7 +272,7 @@ class LoraModel(nn.Module):
             raise LoraKitError(f"{type(self.model).__name__} has no generate method")
         if adapter_names is None:
             return generate(*args, **kwargs)
-        with self.router.override(self._row_selection(adapter_names)):
+        with self._rows(adapter_names):
             return generate(*args, **kwargs)
 
     # ---- files ---------------------------------------------------------------------------
@@ -530,14 +544,90 @@ class LoraModel(nn.Module):
         swap_in(self, name, files, check_base=check_base)
         self._adapters[name] = replace(record, config=files.config, source=str(files.path))
 
-    def _row_selection(self, adapter_names: Sequence[str | None]) -> Selection:
+    @property
+    def cache(self) -> AdapterCache:
+        """The adapter cache (registered adapters, residency budget); created on first use."""
+        cache = self._adapter_cache()
+        if cache is None:
+            cache = AdapterCache(self)
+            self.__dict__["_cache"] = cache
+        return cache
+
+    def set_cache_budget(
+        self, max_resident: int | None = None, max_bytes: int | None = None
+    ) -> None:
+        """Bound the registered adapters held in memory (LRU eviction, transparent reload).
+
+        Args:
+            max_resident: Most registered adapters resident at once (None: no limit).
+            max_bytes: Most bytes of their tensors resident at once (None: no limit).
+
+        Raises:
+            ConfigError: A limit that is not a positive integer.
+        """
+        self.cache.set_budget(max_resident, max_bytes)
+
+    def register_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        *,
+        max_rank: int | None = None,
+        check_base: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Register an adapter to load on first use; costs only this metadata until then.
+
+        Selecting it (``set_adapter``, ``using``, ``adapter_names``) loads it from ``source``;
+        under a budget (:meth:`set_cache_budget`) idle ones are evicted least-recently-used
+        first and reloaded from ``source`` when selected again.
+
+        Args:
+            name: The adapter's name.
+            source: Directory, library name or Hub repo id (resolved when loaded).
+            max_rank: Load it swappable at this padded rank (see :meth:`swap_adapter`).
+            check_base: Verify the base fingerprint on each load.
+            adapter_dtype: dtype of the loaded tensors.
+
+        Raises:
+            AdapterNameError: The name is invalid or taken.
+        """
+        self.cache.register(
+            Registration(name, os.fspath(source), max_rank, check_base, adapter_dtype)
+        )
+
+    def _adapter_cache(self) -> AdapterCache | None:
+        cache = self.__dict__.get("_cache")
+        return cache if isinstance(cache, AdapterCache) else None
+
+    @contextmanager
+    def _pinned(self, names: Iterable[str]) -> Iterator[None]:
+        cache = self._adapter_cache()
+        if cache is None:
+            yield
+            return
+        pinned = cache.acquire(names)
+        try:
+            yield
+        finally:
+            cache.release(pinned)
+
+    @contextmanager
+    def _rows(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+        selection = self._row_selection(adapter_names, check=False)
+        with self._pinned(n for n in adapter_names if n is not None):
+            self._row_selection(adapter_names)  # unknown names raise here
+            with self.router.override(selection):
+                yield
+
+    def _row_selection(self, adapter_names: Sequence[str | None], check: bool = True) -> Selection:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise AdapterNameError(
                 f"adapter_names must be a list with one adapter name (or None) per batch row, "
                 f"got {type(adapter_names).__name__}"
             )
         for adapter_name in adapter_names:
-            if adapter_name is not None:
+            if adapter_name is not None and check:
                 self._require(adapter_name)
         return Selection(rows=RowPlan(adapter_names))
 
@@ -624,3 +714,12 @@ def _check_keys(
 def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:
     """Module name -> the rank ``config`` gives it in ``model``."""
     return {target: config.rank_for(target) for target in find_targets(model, config)}
+
+
+def _selected_names(selection: AdapterSelection) -> tuple[str, ...]:
+    """Adapter names a selection mentions (invalid selections are reported by the caller)."""
+    if isinstance(selection, str):
+        return (selection,)
+    if isinstance(selection, Mapping):
+        return tuple(n for n in selection if isinstance(n, str))
+    return ()
