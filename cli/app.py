@@ -34,6 +34,13 @@ def main_options(
     """LoRA adapters for Hugging Face transformers models."""
 
 
+from .generate import generate as _generate  # noqa: E402  (hot-swapping commands)
+from .predict import predict as _predict  # noqa: E402
+
+app.command("generate")(_generate)
+app.command("predict")(_predict)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
