@@ -174,20 +174,21 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         AdapterMismatchError: The new adapter targets modules ``name`` does not, has too large a
             rank, a different head set, wrong shapes, or another base.
     """
+    from .loading import cached_targets
     from .model import _check_keys
-    from .targets import find_saved_modules, find_targets
+    from .targets import find_saved_modules
 
     record = lm.adapter_record(name)
     source = str(files.path)
     config = files.config
-    targets = find_targets(lm.model, config)
+    targets = cached_targets(lm.model, config)
     extra = sorted(set(targets) - set(record.modules))
     if extra:
         raise AdapterMismatchError(
             f"{source}: targets {extra[0]!r}, which adapter {name!r} does not adapt; in-place "
             f"swapping needs the same or fewer modules (load it as a new adapter instead)"
         )
-    heads = find_saved_modules(lm.model, config.modules_to_save)
+    heads = find_saved_modules(lm.model, config.modules_to_save) if config.modules_to_save else []
     extra_heads = sorted(set(heads) - set(record.saved_modules))
     if extra_heads:
         raise AdapterMismatchError(
@@ -218,23 +219,43 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         from .fingerprint import check_fingerprint
 
         check_fingerprint(fp, lm.model, {t: lm._layer(t) for t in targets}, source)
-    # Everything is validated: mutate from here on.
+    # Everything is validated: mutate from here on. The copies run as a few batched
+    # (foreach) kernels instead of several small ops per layer.
+    wanted = set(targets)
+    dst: list[Tensor] = []
+    src: list[Tensor] = []
+    zero: list[Tensor] = []
+    scales: list[Tensor] = []
+    values: list[float] = []
     with torch.no_grad():
         for module in record.modules:
             adapter = lm._layer(module).adapter(name)
-            if module in targets:
-                key_a, key_b = lora_keys(module)
-                tensor_a, tensor_b = files.tensors[key_a], files.tensors[key_b]
+            a, b = adapter.lora_A, adapter.lora_B
+            if module not in wanted:
+                zero.extend((a, b))
                 if isinstance(adapter, PaddedAdapter):
-                    adapter.assign(tensor_a, tensor_b, config.scaling_for(module))
-                else:
-                    adapter.lora_A.copy_(tensor_a)
-                    adapter.lora_B.copy_(tensor_b)
-                    adapter.scaling = config.scaling_for(module)
-            elif isinstance(adapter, PaddedAdapter):
-                adapter.clear()
+                    adapter.rank = 0
+                continue
+            key_a, key_b = lora_keys(module)
+            tensor_a, tensor_b = files.tensors[key_a], files.tensors[key_b]
+            rank = tensor_a.shape[0]
+            dst.extend((a[:rank], b[:, :rank]))
+            src.extend((tensor_a.to(a.dtype), tensor_b.to(b.dtype)))
+            if rank < a.shape[0]:
+                zero.extend((a[rank:], b[:, rank:]))
+            if isinstance(adapter, PaddedAdapter):
+                adapter.rank = rank
+                scales.append(adapter.scale)
+                values.append(config.scaling_for(module))
             else:
-                adapter.lora_B.zero_()
+                adapter.scaling = config.scaling_for(module)
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if zero:
+            torch._foreach_zero_(zero)
+        if scales:
+            torch._foreach_zero_(scales)
+            torch._foreach_add_(scales, values)
         for head in record.saved_modules:
             wrapper = lm._saved(head)
             if head in heads:
