@@ -170,31 +170,36 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
         pm.load_adapter(str(path), adapter_name=f"a{i}")
 
     # -- mixed batch: 8 rows over 8 adapters vs 8 rows on one --------------------------------
-    x = inputs(kind, 8, 64)
     names = [f"a{i}" for i in range(8)]
-    with torch.no_grad():
-        lm.set_adapter("a0")
-        pm.set_adapter("a0")
-        stats = interleaved(
-            {
-                "lora_kit 8 rows, 1 adapter": lambda: lm(**x),
-                "lora_kit 8 rows, 8 adapters (adapter_names)": lambda: lm(**x, adapter_names=names),
-                "PEFT 8 rows, 1 adapter": lambda: pm(**x),
-                "PEFT 8 rows, 8 adapters (adapter_names)": lambda: pm(**x, adapter_names=names),
-            },
-            repeats,
-        )
-    show("mixed batch [8 x 64 tokens]", stats)
-    med = {k: v["median"] for k, v in stats.items()}
-    out["mixed"] = {
-        "lora_kit_mixed_over_single": med["lora_kit 8 rows, 8 adapters (adapter_names)"]
-        / med["lora_kit 8 rows, 1 adapter"],
-        "peft_mixed_over_single": med["PEFT 8 rows, 8 adapters (adapter_names)"]
-        / med["PEFT 8 rows, 1 adapter"],
-        "throughput_vs_peft_mixed": med["PEFT 8 rows, 8 adapters (adapter_names)"]
-        / med["lora_kit 8 rows, 8 adapters (adapter_names)"],
-    }
-    print("  ratios:", json.dumps({k: round(v, 3) for k, v in out["mixed"].items()}))
+    out["mixed"] = {}
+    lm.set_adapter("a0")
+    pm.set_adapter("a0")
+    for seq in (32, 1):  # a short prefill, and one decode-sized step (1 token per row)
+        x = inputs(kind, 8, seq)
+        with torch.no_grad():
+            stats = interleaved(
+                {
+                    "lora_kit 8 rows, 1 adapter": lambda x=x: lm(**x),
+                    "lora_kit 8 rows, 8 adapters": lambda x=x: lm(**x, adapter_names=names),
+                    "PEFT 8 rows, 1 adapter": lambda x=x: pm(**x),
+                    "PEFT 8 rows, 8 adapters (adapter_names)": lambda x=x: pm(
+                        **x, adapter_names=names
+                    ),
+                },
+                repeats * (4 if seq == 1 else 1),
+            )
+        show(f"mixed batch [8 rows x {seq} tokens]", stats)
+        med = {k: v["median"] for k, v in stats.items()}
+        ratios = {
+            "lora_kit_mixed_over_single": med["lora_kit 8 rows, 8 adapters"]
+            / med["lora_kit 8 rows, 1 adapter"],
+            "peft_mixed_over_single": med["PEFT 8 rows, 8 adapters (adapter_names)"]
+            / med["PEFT 8 rows, 1 adapter"],
+            "throughput_vs_peft_mixed": med["PEFT 8 rows, 8 adapters (adapter_names)"]
+            / med["lora_kit 8 rows, 8 adapters"],
+        }
+        out["mixed"][f"seq{seq}"] = ratios
+        print("  ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
 
     # -- load from disk -----------------------------------------------------------------------
     def lk_load() -> None:
@@ -207,7 +212,7 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
 
     stats = interleaved(
         {"lora_kit load_adapter (+delete)": lk_load, "PEFT load_adapter (+delete)": peft_load},
-        repeats,
+        repeats * 2,
     )
     show("load an adapter from disk into the live model", stats)
     out["load_speedup"] = (
@@ -230,13 +235,26 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
         pflip[0] ^= 1
         hotswap_adapter(pm, str(paths[pflip[0]]), adapter_name="a0")
 
+    parsed = [lk.read_adapter(p) for p in paths[:2]]
+
+    def lk_swap_parsed() -> None:
+        flip[0] ^= 1
+        lm.swap_adapter("live", parsed[flip[0]])
+
     stats = interleaved(
-        {"lora_kit swap_adapter": lk_swap, "PEFT hotswap_adapter": peft_swap}, repeats
+        {
+            "lora_kit swap_adapter (from disk)": lk_swap,
+            "lora_kit swap_adapter (parsed AdapterFiles)": lk_swap_parsed,
+            "PEFT hotswap_adapter (from disk)": peft_swap,
+        },
+        repeats * 4,
     )
     show("in-place swap from disk", stats)
-    out["swap_ms"] = stats["lora_kit swap_adapter"]["median"] * 1e3
+    out["swap_ms"] = stats["lora_kit swap_adapter (from disk)"]["median"] * 1e3
+    out["swap_parsed_ms"] = stats["lora_kit swap_adapter (parsed AdapterFiles)"]["median"] * 1e3
     out["swap_speedup"] = (
-        stats["PEFT hotswap_adapter"]["median"] / stats["lora_kit swap_adapter"]["median"]
+        stats["PEFT hotswap_adapter (from disk)"]["median"]
+        / stats["lora_kit swap_adapter (from disk)"]["median"]
     )
     print(f"  lora_kit is {out['swap_speedup']:.1f}x faster")
     lm.delete_adapter("live")
@@ -313,7 +331,7 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
     out["set_adapter_us"]["peft_100"] = stats["PEFT set_adapter, 100 resident"]["median"] / 5 * 1e6
 
     # -- forward overhead with many resident adapters --------------------------------------------
-    x1 = inputs(kind, 1, 128)
+    x1 = inputs(kind, 1, 32)
     with torch.no_grad():
         lm.set_adapter("a0")
         pm.set_adapter("a0")
@@ -325,7 +343,7 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
             },
             repeats,
         )
-    show("unmerged single-adapter forward [1 x 128 tokens]", stats)
+    show("unmerged single-adapter forward [1 x 32 tokens]", stats)
     base_t = stats["base model alone"]["median"]
     out["forward_overhead_100"] = {
         "lora_kit": stats["lora_kit a0 active, 100 resident"]["median"] / base_t - 1,
@@ -359,7 +377,7 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
             },
             repeats,
         )
-    show("unmerged single-adapter forward [1 x 128 tokens], 1000 resident", stats)
+    show("unmerged single-adapter forward [1 x 32 tokens], 1000 resident", stats)
     out["forward_overhead_1000_lora_kit"] = (
         stats["lora_kit a0 active, 1000 resident"]["median"] / stats["base model alone"]["median"]
         - 1

@@ -195,9 +195,10 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"{source}: saves module {extra_heads[0]!r}, which adapter {name!r} has no copy of; "
             f"load it as a new adapter instead"
         )
+    layers = {module: lm._layer(module) for module in record.modules}  # resolved once
     expected: dict[str, tuple[int, ...]] = {}
     for target in targets:
-        layer = lm._layer(target)
+        layer = layers[target]
         adapter = layer.adapter(name)
         rank = config.rank_for(target)
         limit = adapter.r
@@ -218,7 +219,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     if check_base and isinstance(fp, dict):
         from .fingerprint import check_fingerprint
 
-        check_fingerprint(fp, lm.model, {t: lm._layer(t) for t in targets}, source)
+        check_fingerprint(fp, lm.model, {t: layers[t] for t in targets}, source)
     # Everything is validated: mutate from here on. The copies run as a few batched
     # (foreach) kernels instead of several small ops per layer.
     wanted = set(targets)
@@ -229,7 +230,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     values: list[float] = []
     with torch.no_grad():
         for module in record.modules:
-            adapter = lm._layer(module).adapter(name)
+            adapter = layers[module].adapter(name)
             a, b = adapter.lora_A, adapter.lora_B
             if module not in wanted:
                 zero.extend((a, b))
