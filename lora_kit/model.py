@@ -27,7 +27,7 @@ from .routing import BASE_ONLY, Router, Selection
 from .rows import RowPlan
 from .saved_modules import SavedModule
 from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
-from .swap import check_max_rank, make_swappable, swap_in
+from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .targets import find_saved_modules, find_targets, resolve_spec
 
 # The PEFT release whose adapter format lora_kit writes (recorded in adapter_config.json).
@@ -291,12 +291,12 @@ class LoraModel(nn.Module):
             AdapterNameError: Unknown or ambiguous name.
             NonFiniteError: The weights contain NaN/inf (nothing is written).
         """
-        record = self.adapter_record(self._sole_name(name))
+        record = live_record(self, self.adapter_record(self._sole_name(name)))
         tensors: dict[str, Tensor] = {}
         for module_name in record.modules:
             adapter = self._layer(module_name).adapter(record.name)
             key_a, key_b = lora_keys(module_name)
-            tensors[key_a], tensors[key_b] = adapter.lora_A, adapter.lora_B
+            tensors[key_a], tensors[key_b] = saved_factors(adapter)
         for module_name in record.saved_modules:
             head = self._saved(module_name).copies[record.name]
             for key, value in head.state_dict().items():

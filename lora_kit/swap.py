@@ -11,6 +11,7 @@ rank (up to the maximum) or alpha.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +24,7 @@ from .layers import LoraAdapter
 from .peft_format import head_key, lora_keys
 
 if TYPE_CHECKING:
-    from .model import LoraModel
+    from .model import AdapterRecord, LoraModel
 
 
 class PaddedAdapter(LoraAdapter):
@@ -114,6 +115,23 @@ class PaddedAdapter(LoraAdapter):
         return F.linear(h, self.lora_B)  # [..., out]
 
 
+def saved_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` to save: a padded adapter's factors without their zero padding."""
+    if isinstance(adapter, PaddedAdapter):
+        return adapter.lora_A[: adapter.rank], adapter.lora_B[:, : adapter.rank]
+    return adapter.lora_A, adapter.lora_B
+
+
+def live_record(lm: LoraModel, record: AdapterRecord) -> AdapterRecord:
+    """``record`` without the modules a swap left empty (rank 0), as its config targets."""
+    modules = tuple(
+        m
+        for m in record.modules
+        if not (isinstance(a := lm._layer(m).adapter(record.name), PaddedAdapter) and a.rank == 0)
+    )
+    return replace(record, modules=modules)
+
+
 def check_max_rank(ranks: Mapping[str, int], max_rank: int, source: str) -> None:
     """Raise unless every rank fits ``max_rank``.
 
@@ -196,6 +214,12 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"load it as a new adapter instead"
         )
     layers = {module: lm._layer(module) for module in record.modules}  # resolved once
+    left_out = [m for m in record.modules if m not in set(targets)]
+    if any(not isinstance(layers[m].adapter(name), PaddedAdapter) for m in left_out):
+        raise AdapterMismatchError(
+            f"{source}: does not adapt {left_out[0]!r}, which adapter {name!r} does; swapping in "
+            f"an adapter over fewer modules needs {name!r} loaded with max_rank="
+        )
     expected: dict[str, tuple[int, ...]] = {}
     for target in targets:
         layer = layers[target]

@@ -131,8 +131,40 @@ def test_bad_swaps_change_nothing(saved: tuple[str, Path]) -> None:
         lm.load_adapter(root / "b", "too_big", max_rank=4)  # b has rank 8
     plain = lk.LoraModel(make_model(kind))
     plain.load_adapter(root / "a", "p")
-    with pytest.raises(lk.AdapterMismatchError, match="holds its rank 4"):
+    with pytest.raises(lk.AdapterMismatchError, match="needs .p. loaded with max_rank"):
         plain.swap_adapter("p", root / "b")
     assert "too_big" not in lm.adapters
     assert torch.equal(logits(lm, ids), before)
     assert lm.adapter_record("narrow").source == str(root / "b")
+
+
+def test_save_after_swap_writes_the_unpadded_adapter(
+    saved: tuple[str, Path], tmp_path: Path
+) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.swap_adapter("live", root / "c")  # rank 2, MLP only (+ BERT head)
+    lm.set_adapter("live")
+    lm.save_adapter(tmp_path / "out", "live")
+    files = lk.read_adapter(tmp_path / "out")
+    original = lk.read_adapter(root / "c")
+    assert files.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(files.tensors[k], original.tensors[k]) for k in files.tensors)
+    reloaded = lk.LoraModel.from_pretrained(make_model(kind), tmp_path / "out", "x")
+    ids = input_ids(3)
+    torch.testing.assert_close(logits(reloaded, ids), logits(lm, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_adapter_rejects_a_subset_swap(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "p")  # plain, rank 4 everywhere
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: torch.randn(v.shape, generator=gen)
+        for k, v in lk.read_adapter(root / "a").tensors.items()
+        if "lora_" not in k or ".0." in k  # only layer 0's factors
+    }
+    with pytest.raises(lk.AdapterMismatchError):
+        lm.swap_adapter("p", state)
