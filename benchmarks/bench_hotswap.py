@@ -198,6 +198,13 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
             "throughput_vs_peft_mixed": med["PEFT 8 rows, 8 adapters (adapter_names)"]
             / med["lora_kit 8 rows, 8 adapters"],
         }
+        low = {k: v["min"] for k, v in stats.items()}  # least disturbed by other processes
+        ratios["lora_kit_mixed_over_single_min"] = (
+            low["lora_kit 8 rows, 8 adapters"] / low["lora_kit 8 rows, 1 adapter"]
+        )
+        ratios["throughput_vs_peft_mixed_min"] = (
+            low["PEFT 8 rows, 8 adapters (adapter_names)"] / low["lora_kit 8 rows, 8 adapters"]
+        )
         out["mixed"][f"seq{seq}"] = ratios
         print("  ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
 
