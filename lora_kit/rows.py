@@ -39,6 +39,8 @@ class RowPlan:
     def __init__(self, names: Sequence[str | None]) -> None:
         self.names: tuple[str | None, ...] = tuple(names)
         self._groups: dict[tuple[int, torch.device], tuple[Group, ...]] = {}
+        self._slots: dict[tuple[int, torch.device], Tensor] = {}
+        self._stacks: dict[tuple[int, torch.device, torch.dtype], Stack] = {}
 
     def groups(self, batch: int, device: torch.device) -> tuple[Group, ...]:
         """Row groups for a batch of ``batch`` rows on ``device``.
@@ -68,9 +70,61 @@ class RowPlan:
         self._groups[key] = result
         return result
 
+    def slots(self, batch: int, device: torch.device) -> Tensor:
+        """``[batch]`` int64: each row's position among the distinct names (first-seen order)."""
+        key = (batch, device)
+        cached = self._slots.get(key)
+        if cached is None:
+            position = {name: i for i, (name, _) in enumerate(self.groups(batch, device))}
+            expand = batch // len(self.names)
+            cached = torch.tensor(
+                [position[name] for name in self.names], device=device
+            ).repeat_interleave(expand)
+            self._slots[key] = cached
+        return cached
+
+    def stack(self, layer: LoRALinear, batch: int, x: Tensor) -> Stack:
+        """The distinct adapters' factors of ``layer``, stacked and zero-padded (cached).
+
+        Built once per layer per call (a whole ``generate`` reuses it at every step); rows
+        without an adapter here get zero factors.
+        """
+        key = (id(layer), x.device, x.dtype)
+        cached = self._stacks.get(key)
+        if cached is not None:
+            return cached
+        groups = self.groups(batch, x.device)
+        adapters = [
+            layer.adapter(n) if n is not None and n in layer.adapters else None for n, _ in groups
+        ]
+        present = [a for a in adapters if a is not None]
+        rank = max((a.r for a in present), default=0)
+        dtype = present[0].lora_A.dtype if present else x.dtype
+        n, device = len(groups), x.device
+        a_stack = torch.zeros((n, rank, layer.in_features), dtype=dtype, device=device)
+        b_stack = torch.zeros((n, layer.out_features, rank), dtype=dtype, device=device)
+        scale = torch.zeros((n, 1, 1), dtype=dtype, device=device)  # A [n,R,in], B [n,out,R]
+        for i, adapter in enumerate(adapters):  # one entry per distinct adapter, not per row
+            if adapter is not None:
+                a_stack[i, : adapter.r].copy_(adapter.lora_A)
+                b_stack[i, :, : adapter.r].copy_(adapter.lora_B)
+                scale[i] = adapter.scaling
+        cached = (a_stack.transpose(1, 2), b_stack.transpose(1, 2), scale)
+        self._stacks[key] = cached
+        return cached
+
+
+# Stacked factors of the distinct adapters in a layer: A^T [n, in, R], B^T [n, R, out], [n, 1, 1].
+Stack = tuple[Tensor, Tensor, Tensor]
+
 
 def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
-    """Add each row's own adapter contribution to ``out`` (one group per distinct adapter).
+    """Add each row's own adapter contribution to ``out``.
+
+    Inference (no autograd, no active dropout) gathers each row's factors from the distinct
+    adapters stacked once per call and runs two batched GEMMs: the per-layer work is the same
+    few kernels however many distinct adapters the batch holds. With autograd on, rows are
+    grouped by adapter instead (one ``index_select``/GEMMs/``index_add_`` per distinct adapter).
 
     Args:
         layer: The LoRA layer.
@@ -82,7 +136,10 @@ def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor
         ``out`` with the adapters' contributions added (in place where possible).
     """
     adapters = layer.adapters
-    for name, index in plan.groups(x.shape[0], x.device):
+    groups = plan.groups(x.shape[0], x.device)
+    if len(groups) > 1 and _can_gather(layer, groups):
+        return _add_gathered(layer, out, x, plan)
+    for name, index in groups:
         if name is None or name not in adapters:
             continue
         adapter = layer.adapter(name)
@@ -93,6 +150,33 @@ def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor
         delta = adapter.delta(xs)  # [rows, ..., out]
         out = out.index_add_(0, index, delta.to(out.dtype))
     return out
+
+
+def _can_gather(layer: LoRALinear, groups: tuple[Group, ...]) -> bool:
+    if torch.is_grad_enabled():
+        return False
+    for name, _ in groups:
+        if name is not None and name in layer.adapters:
+            adapter = layer.adapter(name)
+            if adapter.dropout > 0.0 and adapter.training:
+                return False
+    return True
+
+
+def _add_gathered(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
+    batch = x.shape[0]
+    a_t, b_t, scale = plan.stack(layer, batch, x)
+    slots = plan.slots(batch, x.device)
+    x3 = x.reshape(batch, -1, x.shape[-1])  # [batch, tokens, in]
+    if x3.dtype != a_t.dtype:
+        x3 = x3.to(a_t.dtype)
+    h = torch.bmm(x3, a_t.index_select(0, slots))  # [batch, tokens, R]
+    h.mul_(scale.index_select(0, slots))
+    b_rows = b_t.index_select(0, slots)  # [batch, R, out]
+    if out.dtype == h.dtype and out.is_contiguous():
+        out.view(batch, -1, out.shape[-1]).baddbmm_(h, b_rows)  # out += h @ B^T per row
+        return out
+    return out.add_(torch.bmm(h, b_rows).view(out.shape).to(out.dtype))
 
 
 def run_saved_rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) -> Any:

@@ -103,3 +103,14 @@ def test_bad_adapter_names() -> None:
         logits(lm, ids[:2], adapter_names=["a", "b", None])
     with pytest.raises(lk.AdapterNameError, match="one adapter name"):
         logits(lm, ids, adapter_names="a")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_grouped_path_with_autograd(kind: str) -> None:
+    """With gradients on, rows are grouped per adapter (index_add_); same outputs, and grads."""
+    lm = model_with_adapters(kind)
+    ids = input_ids(len(ROWS))
+    out = lm(input_ids=ids, adapter_names=ROWS).logits
+    torch.testing.assert_close(out.detach(), _alone(lm, ids, ROWS), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in lm.adapter_parameters("b") if p.dim() == 2)
