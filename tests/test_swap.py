@@ -131,7 +131,7 @@ def test_bad_swaps_change_nothing(saved: tuple[str, Path]) -> None:
         lm.load_adapter(root / "b", "too_big", max_rank=4)  # b has rank 8
     plain = lk.LoraModel(make_model(kind))
     plain.load_adapter(root / "a", "p")
-    with pytest.raises(lk.AdapterMismatchError, match="needs .p. loaded with max_rank"):
+    with pytest.raises(lk.AdapterMismatchError, match=r"needs .p. loaded with max_rank"):
         plain.swap_adapter("p", root / "b")
     assert "too_big" not in lm.adapters
     assert torch.equal(logits(lm, ids), before)
