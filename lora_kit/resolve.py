@@ -34,7 +34,7 @@ def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
         AdapterFormatError: Nothing found; the message lists every place tried.
     """
     path = Path(spec)
-    if path.is_dir():
+    if path.exists():  # a directory, or a file read_adapter will explain
         return path
     tried = [f"directory {str(path)!r}: does not exist"]
     text = str(spec)
