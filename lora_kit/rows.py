@@ -10,7 +10,9 @@ rows all use one adapter takes exactly the single-adapter path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 from .errors import AdapterNameError, LoraKitError
 
 if TYPE_CHECKING:
-    from .layers import LoRALinear
+    from .layers import LoraAdapter, LoRALinear
     from .saved_modules import SavedModule
 
 # (adapter name or None for the base, row indices or None for "every row")
@@ -70,6 +72,10 @@ class RowPlan:
         self._groups[key] = result
         return result
 
+    def identity(self, batch: int) -> bool:
+        """Whether row ``i`` is the ``i``-th distinct name (every row its own adapter)."""
+        return len(set(self.names)) == len(self.names) == batch
+
     def slots(self, batch: int, device: torch.device) -> Tensor:
         """``[batch]`` int64: each row's position among the distinct names (first-seen order)."""
         key = (batch, device)
@@ -84,38 +90,75 @@ class RowPlan:
         return cached
 
     def stack(self, layer: LoRALinear, batch: int, x: Tensor) -> Stack:
-        """The distinct adapters' factors of ``layer``, stacked and zero-padded (cached).
+        """The distinct adapters' factors of ``layer``, stacked (see :func:`stacked_factors`).
 
-        Built once per layer per call (a whole ``generate`` reuses it at every step); rows
-        without an adapter here get zero factors.
+        Looked up once per layer per call: a whole ``generate`` reuses it at every step.
         """
         key = (id(layer), x.device, x.dtype)
         cached = self._stacks.get(key)
-        if cached is not None:
-            return cached
-        groups = self.groups(batch, x.device)
-        adapters = [
-            layer.adapter(n) if n is not None and n in layer.adapters else None for n, _ in groups
-        ]
-        present = [a for a in adapters if a is not None]
-        rank = max((a.r for a in present), default=0)
-        dtype = present[0].lora_A.dtype if present else x.dtype
-        n, device = len(groups), x.device
-        a_stack = torch.zeros((n, rank, layer.in_features), dtype=dtype, device=device)
-        b_stack = torch.zeros((n, layer.out_features, rank), dtype=dtype, device=device)
-        scale = torch.zeros((n, 1, 1), dtype=dtype, device=device)  # A [n,R,in], B [n,out,R]
-        for i, adapter in enumerate(adapters):  # one entry per distinct adapter, not per row
-            if adapter is not None:
-                a_stack[i, : adapter.r].copy_(adapter.lora_A)
-                b_stack[i, :, : adapter.r].copy_(adapter.lora_B)
-                scale[i] = adapter.scaling
-        cached = (a_stack.transpose(1, 2), b_stack.transpose(1, 2), scale)
-        self._stacks[key] = cached
+        if cached is None:
+            names = tuple(name for name, _ in self.groups(batch, x.device))
+            cached = stacked_factors(layer, names, x)
+            self._stacks[key] = cached
         return cached
 
 
-# Stacked factors of the distinct adapters in a layer: A^T [n, in, R], B^T [n, R, out], [n, 1, 1].
-Stack = tuple[Tensor, Tensor, Tensor]
+# Stacked factors of the distinct adapters in a layer: scaled A^T [n, in, R] and B^T [n, R, out].
+Stack = tuple[Tensor, Tensor]
+
+# Per layer: the last few stacks built, keyed by (names, device, dtype), each with the identity
+# and version of the tensors it was built from, so in-place changes (swap_adapter, training)
+# and reloads are noticed and the stack rebuilt.
+_STACK_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, tuple[Hashable, Stack]]]
+_STACK_CACHE = weakref.WeakKeyDictionary()
+_STACKS_PER_LAYER = 4
+
+
+def _token(adapter: LoraAdapter | None) -> Hashable:
+    if adapter is None:
+        return None
+    a, b = adapter.lora_A, adapter.lora_B
+    scale = adapter._buffers.get("scale")
+    scaling = ("t", id(scale), scale._version) if scale is not None else adapter.scaling
+    return (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), scaling)
+
+
+def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor) -> Stack:
+    """``layer``'s factors of the adapters ``names`` stacked and zero-padded to one rank.
+
+    The scaling is folded into A. Entries for None, or for an adapter that does not adapt this
+    layer, are zeros. Cached per layer across calls while the adapters' tensors are unchanged.
+    """
+    adapters = [layer.adapter(n) if n is not None and n in layer.adapters else None for n in names]
+    key: Hashable = (names, x.device, x.dtype)
+    token = tuple(_token(a) for a in adapters)
+    per_layer = _STACK_CACHE.setdefault(layer, OrderedDict())
+    hit = per_layer.get(key)
+    if hit is not None and hit[0] == token:
+        per_layer.move_to_end(key)
+        return hit[1]
+    present = [a for a in adapters if a is not None]
+    rank = max((a.r for a in present), default=0)
+    dtype = present[0].lora_A.dtype if present else x.dtype
+    n, device = len(names), x.device
+    a_stack = torch.zeros((n, rank, layer.in_features), dtype=dtype, device=device)  # [n, R, in]
+    b_stack = torch.zeros((n, layer.out_features, rank), dtype=dtype, device=device)  # [n, out, R]
+    with torch.no_grad():
+        for i, adapter in enumerate(adapters):  # one entry per distinct adapter, not per row
+            if adapter is not None:
+                scale = adapter._buffers.get("scale")
+                torch.mul(
+                    adapter.lora_A,
+                    scale if scale is not None else adapter.scaling,
+                    out=a_stack[i, : adapter.r],
+                )
+                b_stack[i, :, : adapter.r].copy_(adapter.lora_B)
+    stack = (a_stack.transpose(1, 2), b_stack.transpose(1, 2))
+    per_layer[key] = (token, stack)
+    per_layer.move_to_end(key)
+    while len(per_layer) > _STACKS_PER_LAYER:
+        per_layer.popitem(last=False)
+    return stack
 
 
 def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
@@ -165,18 +208,18 @@ def _can_gather(layer: LoRALinear, groups: tuple[Group, ...]) -> bool:
 
 def _add_gathered(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
     batch = x.shape[0]
-    a_t, b_t, scale = plan.stack(layer, batch, x)
-    slots = plan.slots(batch, x.device)
+    a_t, b_t = plan.stack(layer, batch, x)
+    if a_t.shape[0] != batch or not plan.identity(batch):  # rows -> their adapter's slot
+        slots = plan.slots(batch, x.device)
+        a_t, b_t = a_t.index_select(0, slots), b_t.index_select(0, slots)
     x3 = x.reshape(batch, -1, x.shape[-1])  # [batch, tokens, in]
     if x3.dtype != a_t.dtype:
         x3 = x3.to(a_t.dtype)
-    h = torch.bmm(x3, a_t.index_select(0, slots))  # [batch, tokens, R]
-    h.mul_(scale.index_select(0, slots))
-    b_rows = b_t.index_select(0, slots)  # [batch, R, out]
+    h = torch.bmm(x3, a_t)  # [batch, tokens, R], scaling folded into A
     if out.dtype == h.dtype and out.is_contiguous():
-        out.view(batch, -1, out.shape[-1]).baddbmm_(h, b_rows)  # out += h @ B^T per row
+        out.view(batch, -1, out.shape[-1]).baddbmm_(h, b_t)  # out += h @ B^T, per row
         return out
-    return out.add_(torch.bmm(h, b_rows).view(out.shape).to(out.dtype))
+    return out.add_(torch.bmm(h, b_t).view(out.shape).to(out.dtype))
 
 
 def run_saved_rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) -> Any:

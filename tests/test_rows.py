@@ -114,3 +114,18 @@ def test_grouped_path_with_autograd(kind: str) -> None:
     torch.testing.assert_close(out.detach(), _alone(lm, ids, ROWS), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in lm.adapter_parameters("b") if p.dim() == 2)
+
+
+def test_cached_stacks_follow_weight_changes() -> None:
+    """Stacked factors are cached across calls; in-place changes must invalidate them."""
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(4)
+    names: list[str | None] = ["a", "b", "c", "a"]
+    first = logits(lm, ids, adapter_names=names)
+    with torch.no_grad():
+        for p in lm.adapter_parameters("b"):
+            p.mul_(2.0)  # in place: same tensors, new version
+    second = logits(lm, ids, adapter_names=names)
+    torch.testing.assert_close(second, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first[1], second[1], atol=1e-3)
+    torch.testing.assert_close(first[0], second[0], atol=1e-5, rtol=1e-5)  # "a" rows unchanged
