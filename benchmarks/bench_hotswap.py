@@ -111,7 +111,7 @@ def build(kind: str) -> tuple[nn.Module, Any, tuple[str, ...], dict[str, Any]]:
         BertForSequenceClassification(BertConfig(num_labels=2)).eval(),
         "bert-all",
         (*targets, "output.dense"),
-        {"task_type": "SEQ_CLS", "modules_to_save": []},
+        {"task_type": "SEQ_CLS"},  # PEFT adds the classifier to modules_to_save
     )
 
 
@@ -125,7 +125,8 @@ def randomize(lm: lk.LoraModel, name: str, seed: int) -> None:
 def make_library(kind: str, root: Path, count: int) -> list[Path]:
     """``count`` saved adapters (r=8, all projections) for ``kind``, PEFT format."""
     base, preset, _, _ = build(kind)
-    config = lk.LoraConfig(r=8, alpha=16, targets=preset)
+    heads = ("classifier",) if kind == "bert" else ()  # a classifier adapter carries its head
+    config = lk.LoraConfig(r=8, alpha=16, targets=preset, modules_to_save=heads)
     lm = lk.inject(base, config, "a0")
     paths = []
     for i in range(count):
@@ -143,7 +144,7 @@ def inputs(kind: str, rows: int, seq: int) -> dict[str, torch.Tensor]:
 # ---- benchmarks -------------------------------------------------------------------------------
 
 
-def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
+def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = False) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from peft.utils.hotswap import hotswap_adapter
@@ -207,6 +208,9 @@ def run(kind: str, repeats: int, results: dict[str, Any]) -> None:
         )
         out["mixed"][f"seq{seq}"] = ratios
         print("  ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
+
+    if only_mixed:
+        return
 
     # -- load from disk -----------------------------------------------------------------------
     def lk_load() -> None:
@@ -396,11 +400,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only-mixed", action="store_true", help="Only the mixed-batch figures.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for kind in args.models.split(","):
-        run(kind, args.repeats, results)
+        run(kind, args.repeats, results, args.only_mixed)
         gc.collect()
     print("\nJSON " + json.dumps(results))
 
