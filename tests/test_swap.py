@@ -8,6 +8,7 @@ blocking/summation order may change, so fp32 atol 1e-5 (logits are O(1)).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def saved(
     return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
 
 
+@functools.cache  # references are never mutated; saves model builds
 def _fresh(kind: str, path: Path, max_rank: int | None) -> torch.Tensor:
     lm = lk.LoraModel(make_model(kind))
     lm.load_adapter(path, "x", max_rank=max_rank)
