@@ -46,6 +46,19 @@ def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
     return found
 
 
+def cached_heads(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
+    """`find_saved_modules` memoised per model and ``modules_to_save``."""
+    if not config.modules_to_save:
+        return ()
+    key: Hashable = ("heads", config.modules_to_save)
+    per_model = _TARGETS.setdefault(model, {})
+    found = per_model.get(key)
+    if found is None:
+        found = tuple(find_saved_modules(model, config.modules_to_save))
+        per_model[key] = found
+    return found
+
+
 def load_files(
     lm: LoraModel,
     files: AdapterFiles,
@@ -65,7 +78,7 @@ def load_files(
     lm._check_new_name(name)
     config, source, model = files.config, str(files.path), lm.model
     targets = cached_targets(model, config)
-    heads = find_saved_modules(model, config.modules_to_save) if config.modules_to_save else []
+    heads = cached_heads(model, config)
     expected: dict[str, tuple[int, ...]] = {}
     features: dict[str, tuple[int, int]] = {}
     for target in targets:

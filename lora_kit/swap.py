@@ -192,9 +192,8 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         AdapterMismatchError: The new adapter targets modules ``name`` does not, has too large a
             rank, a different head set, wrong shapes, or another base.
     """
-    from .loading import cached_targets
+    from .loading import cached_heads, cached_targets
     from .model import _check_keys
-    from .targets import find_saved_modules
 
     record = lm.adapter_record(name)
     source = str(files.path)
@@ -206,7 +205,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"{source}: targets {extra[0]!r}, which adapter {name!r} does not adapt; in-place "
             f"swapping needs the same or fewer modules (load it as a new adapter instead)"
         )
-    heads = find_saved_modules(lm.model, config.modules_to_save) if config.modules_to_save else []
+    heads = cached_heads(lm.model, config)
     extra_heads = sorted(set(heads) - set(record.saved_modules))
     if extra_heads:
         raise AdapterMismatchError(
