@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import AdapterNameError, ConfigError
+from .rows import clear_stacks
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -207,3 +208,4 @@ class AdapterCache:
         del self._resident[name]
         if name in self._lm._adapters:
             self._lm.delete_adapter(name)
+        clear_stacks(self._lm.model)  # mixed-batch stacks may hold copies of its factors

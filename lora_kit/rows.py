@@ -114,6 +114,12 @@ _STACK_CACHE = weakref.WeakKeyDictionary()
 _STACKS_PER_LAYER = 4
 
 
+def clear_stacks(model: nn.Module) -> None:
+    """Drop the cached stacked factors of every layer of ``model`` (frees their memory)."""
+    for module in model.modules():
+        _STACK_CACHE.pop(module, None)
+
+
 def _token(adapter: LoraAdapter | None) -> Hashable:
     if adapter is None:
         return None
