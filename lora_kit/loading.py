@@ -22,7 +22,7 @@ from torch import nn
 from .adapter_io import AdapterFiles
 from .config import LoraConfig
 from .fingerprint import check_fingerprint
-from .layers import LoraAdapter
+from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys
 from .surgery import wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets
@@ -80,11 +80,11 @@ def load_files(
     targets = cached_targets(model, config)
     heads = cached_heads(model, config)
     expected: dict[str, tuple[int, ...]] = {}
-    features: dict[str, tuple[int, int]] = {}
-    for target in targets:
-        from .model import _features
+    from .model import _features
 
-        out_f, in_f = features[target] = _features(model.get_submodule(target))
+    modules = {target: model.get_submodule(target) for target in targets}  # resolved once
+    for target in targets:
+        out_f, in_f = _features(modules[target])
         rank = config.rank_for(target)
         key_a, key_b = lora_keys(target)
         expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
@@ -96,12 +96,13 @@ def load_files(
     _check_keys(expected, files.tensors, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
-        check_fingerprint(fp, model, {t: model.get_submodule(t) for t in targets}, source)
+        check_fingerprint(fp, model, modules, source)
     # Everything is validated: mutate from here on.
     if not lm._adapters:
         model.requires_grad_(False)
     for target in targets:
-        layer = wrap_lora(model, target, lm.router)
+        module = modules[target]
+        layer = module if isinstance(module, LoRALinear) else wrap_lora(model, target, lm.router)
         key_a, key_b = lora_keys(target)
         adapter = LoraAdapter(
             layer.in_features,
