@@ -104,3 +104,26 @@ def test_resolve_hub_cache_offline(
     ):
         assert tried in message
     assert "m" not in lm.adapters
+
+
+def test_finite_check_fast_path_and_fallback(saved: tuple[str, Path], tmp_path: Path) -> None:
+    """read_adapter checks finiteness with batched norms; huge finite values must still load."""
+    from safetensors.torch import load_file, save_file
+
+    _, root = saved
+    tensors = load_file(str(root / "a" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_B" in k)
+    for value, ok in ((3e38, True), (float("nan"), False), (float("inf"), False)):
+        target = tmp_path / f"v{value}"
+        target.mkdir()
+        (target / "adapter_config.json").write_bytes(
+            (root / "a" / "adapter_config.json").read_bytes()
+        )
+        changed = dict(tensors)
+        changed[key] = torch.full_like(tensors[key], value)  # norm overflows for 3e38
+        save_file(changed, str(target / "adapter_model.safetensors"))
+        if ok:
+            assert lk.read_adapter(target).tensors[key].max() == torch.tensor(3e38)
+        else:
+            with pytest.raises(lk.NonFiniteError, match=key):
+                lk.read_adapter(target)
