@@ -47,6 +47,13 @@ from lora_kit_cli.train import train_command  # noqa: E402
 app.command("train", help=train_command.__doc__)(train_command)
 
 
+from .generate import generate as _generate  # noqa: E402  (hot-swapping commands)
+from .predict import predict as _predict  # noqa: E402
+
+app.command("generate")(_generate)
+app.command("predict")(_predict)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import InitMethod
 from .errors import MergedStateError, UnsupportedModuleError
 from .routing import Router, Selection
+from .rows import add_rows
 
 
 class LoraAdapter(nn.Module):
@@ -92,6 +93,15 @@ class LoraAdapter(nn.Module):
         # the wider type and rounded once into out's dtype.
         return out.add_(F.linear(h, b), alpha=scale)  # [..., out]
 
+    def delta(self, x: Tensor) -> Tensor:
+        """This adapter's contribution ``scaling * B(A(dropout(x)))`` alone, ``[..., out]``."""
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        if self.dropout > 0.0:
+            x = F.dropout(x, self.dropout, self.training)
+        h = F.linear(x, self.lora_A)  # [..., r]
+        return F.linear(h, self.lora_B).mul_(self.scaling)  # [..., out]
+
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear``/``Conv1D`` plus named adapters, routed by a shared `Router`.
@@ -154,7 +164,10 @@ class LoRALinear(nn.Module):
             return self.base(x)  # type: ignore[no-any-return]
         out: Tensor = self.base(x)  # [..., out]
         adapters = self.adapters
-        for name, weight in self.router.current.weights:
+        selection = self.router.current
+        if selection.rows is not None:  # mixed batch: one adapter per row
+            return add_rows(self, out, x, selection.rows)
+        for name, weight in selection.weights:
             if name in adapters:
                 out = self.adapter(name).add_to(out, x, weight)
         return out

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles, read_adapter, write_adapter
+from .cache import AdapterCache, Registration
 from .config import LoraConfig
 from .errors import (
     AdapterMismatchError,
@@ -26,10 +27,14 @@ from .errors import (
 )
 from .fingerprint import check_fingerprint, fingerprint
 from .layers import LoraAdapter, LoRALinear
+from .loading import load_files
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
+from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
+from .rows import RowPlan
 from .saved_modules import SavedModule
 from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
+from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .targets import find_saved_modules, find_targets, resolve_spec
 
 if TYPE_CHECKING:
@@ -87,6 +92,13 @@ class LoraModel(nn.Module):
     Adapter selection: :meth:`set_adapter` sets the model-wide default; :meth:`using` and
     :meth:`disabled` set a selection for the calling thread (or asyncio task) only, so
     concurrent requests that each use ``with lm.using(name):`` never see each other's adapter.
+
+    Thread-safety model: per-call selection is safe (``with lm.using(...)`` or
+    ``lm(..., adapter_names=[...])``, one adapter per row, for that call only); it lives in a
+    ``ContextVar`` and overrides the default for that thread/task alone. ``set_adapter`` changes
+    the shared default that every thread without an override sees: set it at start-up, not per
+    request. Adding, loading, swapping or deleting adapters while other threads run inference
+    is guarded by the adapter cache (``lora_kit.cache``) where it is used, not in general.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -193,13 +205,26 @@ class LoraModel(nn.Module):
             ConfigError: A non-finite weight.
         """
         self._refuse_if_merged("set_adapter")
-        self.router.default = self._selection(selection)
+        cache = self._adapter_cache()
+        if cache is None:
+            self.router.default = self._selection(selection)
+            return
+        pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
+        try:
+            self.router.default = self._selection(selection)
+        except BaseException:
+            cache.release(pinned)
+            raise
+        cache.replace_default(pinned)
 
     @contextmanager
     def using(self, selection: AdapterSelection) -> Iterator[None]:
         """Use ``selection`` in this thread/task inside the block; restored on exit or error."""
         self._refuse_if_merged("using")
-        with self.router.override(self._selection(selection)):
+        with (
+            self._pinned(_selected_names(selection)),
+            self.router.override(self._selection(selection)),
+        ):
             yield
 
     @contextmanager
@@ -236,16 +261,35 @@ class LoraModel(nn.Module):
 
     # ---- calling the model ---------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped transformers model with the same arguments."""
-        return self.model(*args, **kwargs)
+    def forward(
+        self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> Any:
+        """Call the wrapped transformers model with the same arguments.
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with the active adapter(s)."""
+        Args:
+            adapter_names: One adapter name (or None: base model) per batch row, for this call
+                only (a mixed batch); omitted: the active selection.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._rows(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any
+    ) -> Any:
+        """``model.generate`` with the active adapter(s), or one adapter per row.
+
+        Args:
+            adapter_names: One adapter name (or None) per prompt row, as in :meth:`forward`.
+        """
         generate = getattr(self.model, "generate", None)
         if generate is None:
             raise LoraKitError(f"{type(self.model).__name__} has no generate method")
-        return generate(*args, **kwargs)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._rows(adapter_names):
+            return generate(*args, **kwargs)
 
     # ---- files ---------------------------------------------------------------------------
 
@@ -263,12 +307,12 @@ class LoraModel(nn.Module):
             AdapterNameError: Unknown or ambiguous name.
             NonFiniteError: The weights contain NaN/inf (nothing is written).
         """
-        record = self.adapter_record(self._sole_name(name))
+        record = live_record(self, self.adapter_record(self._sole_name(name)))
         tensors: dict[str, Tensor] = {}
         for module_name in record.modules:
             adapter = self._layer(module_name).adapter(record.name)
             key_a, key_b = lora_keys(module_name)
-            tensors[key_a], tensors[key_b] = adapter.lora_A, adapter.lora_B
+            tensors[key_a], tensors[key_b] = saved_factors(adapter)
         for module_name in record.saved_modules:
             head = self._saved(module_name).copies[record.name]
             for key, value in head.state_dict().items():
@@ -300,6 +344,7 @@ class LoraModel(nn.Module):
         *,
         check_base: bool = True,
         adapter_dtype: torch.dtype = torch.float32,
+        max_rank: int | None = None,
     ) -> str:
         """Load an adapter directory (lora_kit's or PEFT's) under ``name``; not activated.
 
@@ -307,10 +352,13 @@ class LoraModel(nn.Module):
         the file has one, is checked before the model is touched.
 
         Args:
-            path: The adapter directory.
+            path: The adapter directory, a name in the adapter library (``$LORA_KIT_ADAPTERS``
+                or ``./adapters``) or a Hub repo id (see `lora_kit.resolve`).
             name: Name to give it; defaults to the directory's name.
             check_base: Verify the base fingerprint recorded by lora_kit (if present).
             adapter_dtype: dtype of the adapter tensors in memory.
+            max_rank: Store it zero-padded to this rank with a tensor scaling, so that
+                :meth:`swap_adapter` can later replace it in place without recompiling.
 
         Returns:
             The name it was loaded under.
@@ -321,9 +369,13 @@ class LoraModel(nn.Module):
             AdapterNameError: The name is taken.
         """
         self._refuse_if_merged("load_adapter")
-        files = read_adapter(path)
+        files = read_adapter(resolve_adapter(path))
         name = name if name is not None else files.path.resolve().name
-        self._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        if max_rank is not None:  # validate before loading anything
+            check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
+        load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        if max_rank is not None:
+            make_swappable(self, name, max_rank)
         return name
 
     @classmethod
@@ -521,6 +573,141 @@ class LoraModel(nn.Module):
                 f"call lm.unmerge() first"
             )
 
+    # ---- hot-swapping (issue 6) -------------------------------------------------------------
+
+    def make_swappable(self, name: str, max_rank: int) -> None:
+        """Re-store adapter ``name`` zero-padded to ``max_rank`` for :meth:`swap_adapter`.
+
+        Outputs are unchanged (exactly: the padding is zeros). Call it before compiling.
+
+        Raises:
+            AdapterNameError: Unknown adapter.
+            AdapterMismatchError: One of its ranks exceeds ``max_rank``.
+        """
+        make_swappable(self, name, max_rank)
+
+    def swap_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | AdapterFiles | Mapping[str, Tensor],
+        *,
+        check_base: bool = True,
+    ) -> None:
+        """Replace adapter ``name``'s weights in place with another adapter's (compile-safe).
+
+        The tensors keep their identity and ``data_ptr``; with an adapter loaded with
+        ``max_rank=`` (or :meth:`make_swappable`), any rank up to it and any alpha can be swapped
+        in without a ``torch.compile`` recompile. The new adapter may adapt a subset of the
+        modules (the others are zeroed). Everything is checked before anything changes.
+
+        Args:
+            name: The resident adapter to overwrite.
+            source: An adapter directory / library name / Hub id, parsed `AdapterFiles`, or a
+                PEFT-keyed state dict (keeps ``name``'s config, ranks and scaling).
+            check_base: Verify the base fingerprint recorded in the files (if present).
+
+        Raises:
+            AdapterNameError: Unknown adapter.
+            AdapterMismatchError: The new weights do not fit (modules, ranks, shapes, base).
+        """
+        record = self.adapter_record(name)
+        if isinstance(source, AdapterFiles):
+            files = source
+        elif isinstance(source, Mapping):
+            files = AdapterFiles(Path(f"<state dict for {name}>"), record.config, {}, dict(source))
+        else:
+            files = read_adapter(resolve_adapter(source))
+        swap_in(self, name, files, check_base=check_base)
+        self._adapters[name] = replace(record, config=files.config, source=str(files.path))
+
+    @property
+    def cache(self) -> AdapterCache:
+        """The adapter cache (registered adapters, residency budget); created on first use."""
+        cache = self._adapter_cache()
+        if cache is None:
+            cache = AdapterCache(self)
+            self.__dict__["_cache"] = cache
+        return cache
+
+    def set_cache_budget(
+        self, max_resident: int | None = None, max_bytes: int | None = None
+    ) -> None:
+        """Bound the registered adapters held in memory (LRU eviction, transparent reload).
+
+        Args:
+            max_resident: Most registered adapters resident at once (None: no limit).
+            max_bytes: Most bytes of their tensors resident at once (None: no limit).
+
+        Raises:
+            ConfigError: A limit that is not a positive integer.
+        """
+        self.cache.set_budget(max_resident, max_bytes)
+
+    def register_adapter(
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        *,
+        max_rank: int | None = None,
+        check_base: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Register an adapter to load on first use; costs only this metadata until then.
+
+        Selecting it (``set_adapter``, ``using``, ``adapter_names``) loads it from ``source``;
+        under a budget (:meth:`set_cache_budget`) idle ones are evicted least-recently-used
+        first and reloaded from ``source`` when selected again.
+
+        Args:
+            name: The adapter's name.
+            source: Directory, library name or Hub repo id (resolved when loaded).
+            max_rank: Load it swappable at this padded rank (see :meth:`swap_adapter`).
+            check_base: Verify the base fingerprint on each load.
+            adapter_dtype: dtype of the loaded tensors.
+
+        Raises:
+            AdapterNameError: The name is invalid or taken.
+        """
+        self.cache.register(
+            Registration(name, os.fspath(source), max_rank, check_base, adapter_dtype)
+        )
+
+    def _adapter_cache(self) -> AdapterCache | None:
+        cache = self.__dict__.get("_cache")
+        return cache if isinstance(cache, AdapterCache) else None
+
+    @contextmanager
+    def _pinned(self, names: Iterable[str]) -> Iterator[None]:
+        cache = self._adapter_cache()
+        if cache is None:
+            yield
+            return
+        pinned = cache.acquire(names)
+        try:
+            yield
+        finally:
+            cache.release(pinned)
+
+    @contextmanager
+    def _rows(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+        self._refuse_if_merged("adapter_names")  # merged deltas would apply to every row
+        selection = self._row_selection(adapter_names, check=False)
+        with self._pinned(n for n in adapter_names if n is not None):
+            self._row_selection(adapter_names)  # unknown names raise here
+            with self.router.override(selection):
+                yield
+
+    def _row_selection(self, adapter_names: Sequence[str | None], check: bool = True) -> Selection:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise AdapterNameError(
+                f"adapter_names must be a list with one adapter name (or None) per batch row, "
+                f"got {type(adapter_names).__name__}"
+            )
+        for adapter_name in adapter_names:
+            if adapter_name is not None and check:
+                self._require(adapter_name)
+        return Selection(rows=RowPlan(adapter_names))
+
 
 def inject(
     model: nn.Module,
@@ -627,3 +814,17 @@ def _check_keys(
                 f"{source}: {module} has shape {list(got)} in the file, this model needs "
                 f"{list(shape)}; the adapter was trained on a base with other dimensions"
             )
+
+
+def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:
+    """Module name -> the rank ``config`` gives it in ``model``."""
+    return {target: config.rank_for(target) for target in find_targets(model, config)}
+
+
+def _selected_names(selection: AdapterSelection) -> tuple[str, ...]:
+    """Adapter names a selection mentions (invalid selections are reported by the caller)."""
+    if isinstance(selection, str):
+        return (selection,)
+    if isinstance(selection, Mapping):
+        return tuple(n for n in selection if isinstance(n, str))
+    return ()

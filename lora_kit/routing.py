@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .rows import RowPlan
 
 
 @dataclass(frozen=True)
@@ -21,9 +24,12 @@ class Selection:
 
     Attributes:
         weights: ``(adapter name, weight)`` pairs; a single active adapter has weight 1.0.
+        rows: Per-row adapters of a mixed batch (see `lora_kit.rows`); when set, it replaces
+            ``weights`` for the call.
     """
 
     weights: tuple[tuple[str, float], ...] = ()
+    rows: RowPlan | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

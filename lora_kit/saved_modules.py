@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from .routing import Router
+from .rows import run_saved_rows
 
 
 class SavedModule(nn.Module):
@@ -45,4 +46,7 @@ class SavedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the active copy with the caller's arguments, unchanged."""
+        rows = self.router.current.rows
+        if rows is not None:  # mixed batch: each row through its adapter's copy
+            return run_saved_rows(self, rows, args, kwargs)
         return self.active_module()(*args, **kwargs)

@@ -1,0 +1,416 @@
+"""Hot-swapping and multi-adapter inference: lora_kit vs PEFT, side by side in one process.
+
+Run: ``python -m benchmarks.bench_hotswap [--models gpt2,bert] [--repeats N]``
+
+GPT-2 small and BERT-base are built from their default configs (random weights: timings do not
+depend on the values), on CPU with one thread, LoRA r=8 on every attention and MLP projection.
+Every comparison interleaves its cases (A B A B ...) after a warm-up and reports the median
+(min-max) of each case; ratios are of medians.
+
+Measured:
+* ``set_adapter`` latency with 1, 100 and 1000 resident adapters (lora_kit) and 1, 8 and 100
+  (PEFT). The 1000 lora_kit adapters beyond the first 100 alias the same tensors (4.7 GB of
+  real ones would not fit here); ``set_adapter`` never touches adapter tensors, so this measures
+  the switch itself.
+* loading an adapter directory into a live model (``load_adapter``), and in-place swapping
+  (``swap_adapter`` vs ``peft.utils.hotswap.hotswap_adapter``), both from the same files on disk;
+* unmerged single-adapter forward overhead over the bare base model, with 1 and 100 resident;
+* a batch of 8 rows over 8 distinct adapters vs 8 rows on one adapter, and vs PEFT's
+  ``adapter_names`` mixed batch;
+* memory per resident adapter (tensor bytes and process RSS growth) vs file size, 100 resident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lora_kit as lk
+
+Stats = dict[str, float]
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, Stats]:
+    """Run the cases round-robin; per-case median/min/max seconds."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(warmup + repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {
+        n: {"median": statistics.median(t), "min": min(t), "max": max(t)} for n, t in times.items()
+    }
+
+
+def per_call(fn: Callable[[], object], calls: int) -> Callable[[], object]:
+    """Time ``calls`` calls of a cheap ``fn`` as one sample (divide by ``calls`` later)."""
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def fmt(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+def show(title: str, stats: dict[str, Stats], scale: float = 1.0) -> None:
+    print(f"\n## {title}")
+    for name, s in stats.items():
+        print(
+            f"  {name:<44} {fmt(s['median'] / scale):>10}  "
+            f"({fmt(s['min'] / scale)} - {fmt(s['max'] / scale)})"
+        )
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- models -------------------------------------------------------------------------------
+
+
+def build(kind: str) -> tuple[nn.Module, Any, tuple[str, ...], dict[str, Any]]:
+    """(base model, lora_kit preset, PEFT target modules, PEFT extra config) for ``kind``."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return (
+            GPT2LMHeadModel(GPT2Config()).eval(),
+            "gpt2-all",
+            ("c_attn", "c_proj", "c_fc"),
+            {"fan_in_fan_out": True, "task_type": "CAUSAL_LM"},
+        )
+    targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense")
+    return (
+        BertForSequenceClassification(BertConfig(num_labels=2)).eval(),
+        "bert-all",
+        (*targets, "output.dense"),
+        {"task_type": "SEQ_CLS"},  # PEFT adds the classifier to modules_to_save
+    )
+
+
+def randomize(lm: lk.LoraModel, name: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lm.adapter_parameters(name):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def make_library(kind: str, root: Path, count: int) -> list[Path]:
+    """``count`` saved adapters (r=8, all projections) for ``kind``, PEFT format."""
+    base, preset, _, _ = build(kind)
+    heads = ("classifier",) if kind == "bert" else ()  # a classifier adapter carries its head
+    config = lk.LoraConfig(r=8, alpha=16, targets=preset, modules_to_save=heads)
+    lm = lk.inject(base, config, "a0")
+    paths = []
+    for i in range(count):
+        randomize(lm, "a0", seed=i)
+        paths.append(lm.save_adapter(root / f"{kind}-{i}", "a0"))
+    return paths
+
+
+def inputs(kind: str, rows: int, seq: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20000, (rows, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# ---- benchmarks -------------------------------------------------------------------------------
+
+
+def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = False) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.utils.hotswap import hotswap_adapter
+
+    out: dict[str, Any] = {}
+    results[kind] = out
+    tmp = Path(tempfile.mkdtemp(prefix="bench_hotswap_"))
+    paths = make_library(kind, tmp, 8)
+    file_bytes = (paths[0] / "adapter_model.safetensors").stat().st_size
+    print(f"\n# {kind}: adapter file {file_bytes / 1e6:.2f} MB (r=8, all projections)")
+
+    plain, _, peft_targets, peft_extra = build(kind)
+    lk_base = copy.deepcopy(plain)
+    lm = lk.LoraModel(lk_base)
+    for i, path in enumerate(paths):
+        lm.load_adapter(path, f"a{i}")
+    peft_base = copy.deepcopy(plain)
+    pcfg = PeftLoraConfig(r=8, lora_alpha=16, target_modules=list(peft_targets), **peft_extra)
+    pm = get_peft_model(peft_base, pcfg, adapter_name="p0")
+    pm.eval()
+    pm.load_adapter(str(paths[0]), adapter_name="a0")
+    pm.delete_adapter("p0")
+    for i, path in enumerate(paths[1:], start=1):
+        pm.load_adapter(str(path), adapter_name=f"a{i}")
+
+    # -- mixed batch: 8 rows over 8 adapters vs 8 rows on one --------------------------------
+    names = [f"a{i}" for i in range(8)]
+    out["mixed"] = {}
+    lm.set_adapter("a0")
+    pm.set_adapter("a0")
+    for seq in (32, 1):  # a short prefill, and one decode-sized step (1 token per row)
+        x = inputs(kind, 8, seq)
+        with torch.no_grad():
+            stats = interleaved(
+                {
+                    "lora_kit 8 rows, 1 adapter": lambda x=x: lm(**x),
+                    "lora_kit 8 rows, 8 adapters": lambda x=x: lm(**x, adapter_names=names),
+                    "PEFT 8 rows, 1 adapter": lambda x=x: pm(**x),
+                    "PEFT 8 rows, 8 adapters (adapter_names)": lambda x=x: pm(
+                        **x, adapter_names=names
+                    ),
+                },
+                repeats * (4 if seq == 1 else 1),
+            )
+        show(f"mixed batch [8 rows x {seq} tokens]", stats)
+        med = {k: v["median"] for k, v in stats.items()}
+        ratios = {
+            "lora_kit_mixed_over_single": med["lora_kit 8 rows, 8 adapters"]
+            / med["lora_kit 8 rows, 1 adapter"],
+            "peft_mixed_over_single": med["PEFT 8 rows, 8 adapters (adapter_names)"]
+            / med["PEFT 8 rows, 1 adapter"],
+            "throughput_vs_peft_mixed": med["PEFT 8 rows, 8 adapters (adapter_names)"]
+            / med["lora_kit 8 rows, 8 adapters"],
+        }
+        low = {k: v["min"] for k, v in stats.items()}  # least disturbed by other processes
+        ratios["lora_kit_mixed_over_single_min"] = (
+            low["lora_kit 8 rows, 8 adapters"] / low["lora_kit 8 rows, 1 adapter"]
+        )
+        ratios["throughput_vs_peft_mixed_min"] = (
+            low["PEFT 8 rows, 8 adapters (adapter_names)"] / low["lora_kit 8 rows, 8 adapters"]
+        )
+        out["mixed"][f"seq{seq}"] = ratios
+        print("  ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
+
+    if only_mixed:
+        return
+
+    # -- load from disk -----------------------------------------------------------------------
+    def lk_load() -> None:
+        lm.load_adapter(paths[1], "fresh")
+        lm.delete_adapter("fresh")
+
+    def peft_load() -> None:
+        pm.load_adapter(str(paths[1]), adapter_name="fresh")
+        pm.delete_adapter("fresh")
+
+    stats = interleaved(
+        {"lora_kit load_adapter (+delete)": lk_load, "PEFT load_adapter (+delete)": peft_load},
+        repeats * 2,
+    )
+    show("load an adapter from disk into the live model", stats)
+    out["load_speedup"] = (
+        stats["PEFT load_adapter (+delete)"]["median"]
+        / stats["lora_kit load_adapter (+delete)"]["median"]
+    )
+    print(f"  lora_kit is {out['load_speedup']:.1f}x faster")
+
+    # -- in-place swap -------------------------------------------------------------------------
+    lm.load_adapter(paths[0], "live", max_rank=8)
+    flip = [0]
+
+    def lk_swap() -> None:
+        flip[0] ^= 1
+        lm.swap_adapter("live", paths[flip[0]])
+
+    pflip = [0]
+
+    def peft_swap() -> None:
+        pflip[0] ^= 1
+        hotswap_adapter(pm, str(paths[pflip[0]]), adapter_name="a0")
+
+    parsed = [lk.read_adapter(p) for p in paths[:2]]
+
+    def lk_swap_parsed() -> None:
+        flip[0] ^= 1
+        lm.swap_adapter("live", parsed[flip[0]])
+
+    swaps: dict[str, Callable[[], object]] = {
+        "lora_kit swap_adapter (from disk)": lk_swap,
+        "lora_kit swap_adapter (parsed AdapterFiles)": lk_swap_parsed,
+    }
+    if kind == "gpt2":  # PEFT's hotswap_adapter does not handle modules_to_save (BERT's head)
+        swaps["PEFT hotswap_adapter (from disk)"] = peft_swap
+    stats = interleaved(swaps, repeats * 4)
+    show("in-place swap from disk", stats)
+    out["swap_ms"] = stats["lora_kit swap_adapter (from disk)"]["median"] * 1e3
+    out["swap_parsed_ms"] = stats["lora_kit swap_adapter (parsed AdapterFiles)"]["median"] * 1e3
+    if "PEFT hotswap_adapter (from disk)" in stats:
+        out["swap_speedup"] = (
+            stats["PEFT hotswap_adapter (from disk)"]["median"]
+            / stats["lora_kit swap_adapter (from disk)"]["median"]
+        )
+        print(f"  lora_kit is {out['swap_speedup']:.1f}x faster")
+    else:
+        print("  PEFT: hotswap_adapter raises KeyError on modules_to_save keys (not comparable)")
+    lm.delete_adapter("live")
+
+    # -- set_adapter latency vs adapter count ---------------------------------------------------
+    calls = 2000
+    sel: dict[str, Callable[[], object]] = {}
+    toggle = [0]
+
+    def lk_switch() -> None:
+        toggle[0] ^= 1
+        lm.set_adapter("a1" if toggle[0] else "a0")
+
+    ptoggle = [0]
+
+    def peft_switch() -> None:
+        ptoggle[0] ^= 1
+        pm.set_adapter("a1" if ptoggle[0] else "a0")
+
+    sel["lora_kit set_adapter, 8 resident"] = per_call(lk_switch, calls)
+    sel["PEFT set_adapter, 8 resident"] = per_call(peft_switch, 20)
+    stats8 = interleaved(sel, repeats)
+    show(
+        "set_adapter latency (per switch)",
+        {"lora_kit set_adapter, 8 resident": stats8["lora_kit set_adapter, 8 resident"]},
+        calls,
+    )
+    show("", {"PEFT set_adapter, 8 resident": stats8["PEFT set_adapter, 8 resident"]}, 20)
+    out["set_adapter_us"] = {
+        "lora_kit_8": stats8["lora_kit set_adapter, 8 resident"]["median"] / calls * 1e6
+    }
+    out["set_adapter_us"]["peft_8"] = stats8["PEFT set_adapter, 8 resident"]["median"] / 20 * 1e6
+
+    # 100 resident (real tensors): lora_kit and PEFT; also measures memory per adapter.
+    gc.collect()
+    rss0 = rss_bytes()
+    for i in range(8, 100):
+        lm.load_adapter(paths[i % 8], f"a{i}")
+    gc.collect()
+    rss_lk = (rss_bytes() - rss0) / 92
+    tensor_bytes = sum(p.numel() * p.element_size() for p in lm.adapter_parameters("a0"))
+    out["memory"] = {
+        "file_bytes": file_bytes,
+        "tensor_bytes_per_adapter": tensor_bytes,
+        "rss_bytes_per_adapter": rss_lk,
+    }
+    print(
+        f"\n## memory per resident adapter (100 resident): tensors {tensor_bytes / 1e6:.2f} MB, "
+        f"RSS growth {rss_lk / 1e6:.2f} MB, file {file_bytes / 1e6:.2f} MB "
+        f"(RSS/file {rss_lk / file_bytes:.2f})"
+    )
+    for i in range(8, 100):
+        pm.load_adapter(str(paths[i % 8]), adapter_name=f"a{i}")
+    stats = interleaved(
+        {
+            "lora_kit set_adapter, 100 resident": per_call(lk_switch, calls),
+            "PEFT set_adapter, 100 resident": per_call(peft_switch, 5),
+        },
+        repeats,
+    )
+    show(
+        "set_adapter latency (per switch), lora_kit",
+        {"lora_kit set_adapter, 100 resident": stats["lora_kit set_adapter, 100 resident"]},
+        calls,
+    )
+    show(
+        "set_adapter latency (per switch), PEFT",
+        {"PEFT set_adapter, 100 resident": stats["PEFT set_adapter, 100 resident"]},
+        5,
+    )
+    out["set_adapter_us"]["lora_kit_100"] = (
+        stats["lora_kit set_adapter, 100 resident"]["median"] / calls * 1e6
+    )
+    out["set_adapter_us"]["peft_100"] = stats["PEFT set_adapter, 100 resident"]["median"] / 5 * 1e6
+
+    # -- forward overhead with many resident adapters --------------------------------------------
+    x1 = inputs(kind, 1, 32)
+    with torch.no_grad():
+        lm.set_adapter("a0")
+        pm.set_adapter("a0")
+        stats = interleaved(
+            {
+                "base model alone": lambda: plain(**x1),
+                "lora_kit a0 active, 100 resident": lambda: lm(**x1),
+                "PEFT a0 active, 100 resident": lambda: pm(**x1),
+            },
+            repeats,
+        )
+    show("unmerged single-adapter forward [1 x 32 tokens]", stats)
+    base_t = stats["base model alone"]["median"]
+    out["forward_overhead_100"] = {
+        "lora_kit": stats["lora_kit a0 active, 100 resident"]["median"] / base_t - 1,
+        "peft": stats["PEFT a0 active, 100 resident"]["median"] / base_t - 1,
+    }
+    print(
+        "  overhead over base:",
+        json.dumps({k: f"{v:+.1%}" for k, v in out["forward_overhead_100"].items()}),
+    )
+
+    # 1000 resident for lora_kit: 900 extra names aliasing a0's tensors (see module docstring).
+    for i in range(100, 1000):
+        alias = f"a{i}"
+        record = lm.adapter_record("a0")
+        for module in record.modules:
+            layer = lm._layer(module)
+            layer.adapters[alias] = layer.adapter("a0")
+        lm._adapters[alias] = lk.AdapterRecord(alias, record.config, record.modules, ())
+    stats = interleaved(
+        {"lora_kit set_adapter, 1000 resident": per_call(lk_switch, calls)}, repeats
+    )
+    show("set_adapter latency (per switch)", stats, calls)
+    out["set_adapter_us"]["lora_kit_1000"] = (
+        stats["lora_kit set_adapter, 1000 resident"]["median"] / calls * 1e6
+    )
+    with torch.no_grad():
+        stats = interleaved(
+            {
+                "base model alone": lambda: plain(**x1),
+                "lora_kit a0 active, 1000 resident": lambda: lm(**x1),
+            },
+            repeats,
+        )
+    show("unmerged single-adapter forward [1 x 32 tokens], 1000 resident", stats)
+    out["forward_overhead_1000_lora_kit"] = (
+        stats["lora_kit a0 active, 1000 resident"]["median"] / stats["base model alone"]["median"]
+        - 1
+    )
+    print(f"  overhead over base: {out['forward_overhead_1000_lora_kit']:+.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gpt2,bert")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only-mixed", action="store_true", help="Only the mixed-batch figures.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    for kind in args.models.split(","):
+        run(kind, args.repeats, results, args.only_mixed)
+        gc.collect()
+    print("\nJSON " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

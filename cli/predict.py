@@ -1,0 +1,83 @@
+"""`lorakit predict`: classify texts with a sequence classifier, one adapter per text."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from lora_kit import LoraModel
+from lora_kit.base_model import load_base, load_tokenizer
+from lora_kit.errors import LoraKitError
+
+from .serving import BASE, assign_rows, emit, library_errors, load_adapters, parse_adapter
+
+
+def predict(
+    base: Annotated[
+        str, typer.Argument(help="Base classifier: a transformers folder or a Hub id.")
+    ],
+    text: Annotated[list[str], typer.Option("--text", "-t", help="Text to classify; repeatable.")],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            "-a",
+            help="Adapter to load: a directory, a name in ./adapters ($LORA_KIT_ADAPTERS) or a Hub "
+            "id, optionally as NAME=SOURCE. Repeat for several.",
+        ),
+    ] = None,
+    text_adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text-adapter",
+            help=f"Adapter name (or '{BASE}') for each --text, in order. Without it every text is "
+            f"classified with the base model and with each adapter, side by side.",
+        ),
+    ] = None,
+    check_base: bool = typer.Option(True, help="Verify each adapter's base fingerprint."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Classify texts with several adapters on one base model, all rows in one batch.
+
+    Each adapter's saved classifier head (modules_to_save) is used for its rows.
+
+    Example: lorakit predict bert-base-uncased -a sst -t "A fine film." --json
+    """
+    with library_errors():
+        names = [parse_adapter(spec)[0] for spec in adapter or []]
+        texts, rows = assign_rows(text, names, text_adapter or None, "--text-adapter")
+        records = _predict(base, adapter or [], texts, rows, check_base)
+    emit(
+        records,
+        as_json,
+        lambda r: f"[{r['adapter'] or BASE}] {r['text']!r} -> {r['label']} ({r['score']:.3f})",
+    )
+
+
+def _predict(
+    base: str, adapters: list[str], texts: list[str], rows: list[str | None], check_base: bool
+) -> list[dict[str, Any]]:
+    tokenizer = load_tokenizer(base)
+    if tokenizer is None:
+        raise LoraKitError(f"base {base!r} has no tokenizer files; save one next to the model")
+    model = load_base(base)
+    labels = getattr(getattr(model, "config", None), "id2label", None) or {}
+    lm = LoraModel(model)
+    load_adapters(lm, adapters, check_base=check_base)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = lm(**batch, adapter_names=rows).logits  # [rows, labels]
+    probs = logits.float().softmax(-1)
+    scores, best = probs.max(-1)
+    return [
+        {
+            "text": t,
+            "adapter": row,
+            "label": labels.get(int(i), str(int(i))),
+            "score": float(s),
+            "probs": [round(float(p), 6) for p in prob],
+        }
+        for t, row, i, s, prob in zip(texts, rows, best, scores, probs, strict=True)
+    ]

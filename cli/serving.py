@@ -1,0 +1,83 @@
+"""Shared plumbing of `lorakit generate` and `lorakit predict`: adapters, rows, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from lora_kit import LoraKitError, LoraModel
+
+BASE = "base"
+T = TypeVar("T")
+
+
+def parse_adapter(spec: str) -> tuple[str, str]:
+    """``NAME=SOURCE`` or ``SOURCE`` (named after its last path component) -> (name, source)."""
+    name, sep, source = spec.partition("=")
+    if sep:
+        return name, source
+    return Path(spec.rstrip("/")).name or spec, spec
+
+
+def load_adapters(lm: LoraModel, specs: list[str], *, check_base: bool) -> list[str]:
+    """Load every ``--adapter`` into ``lm``; returns their names in order."""
+    names = []
+    for spec in specs:
+        name, source = parse_adapter(spec)
+        names.append(lm.load_adapter(source, name, check_base=check_base))
+    return names
+
+
+def assign_rows(
+    inputs: list[str], names: list[str], chosen: list[str] | None, option: str
+) -> tuple[list[str], list[str | None]]:
+    """Rows to run: ``(input, adapter or None)``.
+
+    With ``chosen`` (one name or ``base`` per input) each input runs once with its adapter;
+    without it, every input runs with the base and with every adapter (a comparison grid).
+
+    Raises:
+        typer.BadParameter: Counts differ or a name is not among the loaded adapters.
+    """
+    if chosen:
+        if len(chosen) != len(inputs):
+            raise typer.BadParameter(
+                f"give one {option} per input ({len(inputs)} inputs, {len(chosen)} given)",
+                param_hint=option,
+            )
+        rows: list[str | None] = []
+        for name in chosen:
+            if name != BASE and name not in names:
+                raise typer.BadParameter(
+                    f"{name!r} is not a loaded adapter; use one of {names} or {BASE!r}",
+                    param_hint=option,
+                )
+            rows.append(None if name == BASE else name)
+        return list(inputs), rows
+    grid: list[str | None] = [None, *names]
+    return [text for text in inputs for _ in grid], [a for _ in inputs for a in grid]
+
+
+@contextmanager
+def library_errors() -> Iterator[None]:
+    """Turn a `LoraKitError` into a one-line message on stderr and exit code 1."""
+    try:
+        yield
+    except LoraKitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def emit(
+    records: list[dict[str, Any]], as_json: bool, human: Callable[[dict[str, Any]], str]
+) -> None:
+    """Print records as JSON lines (``--json``) or human text."""
+    for record in records:
+        typer.echo(json.dumps(record) if as_json else human(record))
+    sys.stdout.flush()

@@ -1,0 +1,211 @@
+"""Bounded adapter memory: registered adapters are loaded on first use and evicted when idle.
+
+``lm.register_adapter(name, source)`` records only the name and where to load it from, so
+registering thousands of adapters costs a few hundred bytes each. When a selection needs a
+registered adapter that is not resident (``set_adapter``, ``using``, ``adapter_names``), it is
+loaded from its source; once more than ``max_resident`` adapters (or ``max_bytes`` of adapter
+tensors) are resident, the least recently used ones are evicted (deleted from the model) and will
+be reloaded transparently next time.
+
+Thread-safety: loading and eviction happen under one lock, and every adapter a running call
+uses is *pinned* for the duration of the call (the model-wide default for as long as it is the
+default), so an adapter is never evicted while a call is using it. Adapters added with
+``add_adapter``/``load_adapter`` directly are not managed by the cache and never evicted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import AdapterNameError, ConfigError
+from .rows import clear_stacks
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where to (re)load a registered adapter from, and how.
+
+    Attributes:
+        name: The adapter's name in the model.
+        source: Directory, library name or Hub repo id (see `lora_kit.resolve`).
+        max_rank: Load it swappable at this padded rank (see `lora_kit.swap`).
+        check_base: Verify the base fingerprint on each load.
+        adapter_dtype: dtype of the loaded tensors.
+    """
+
+    name: str
+    source: str
+    max_rank: int | None = None
+    check_base: bool = True
+    adapter_dtype: torch.dtype = torch.float32
+
+
+class AdapterCache:
+    """The registry and LRU residency of a `LoraModel`'s registered adapters.
+
+    Attributes:
+        max_resident: Most registered adapters resident at once (None: unbounded).
+        max_bytes: Most bytes of registered adapters' tensors resident at once (None: unbounded).
+        loads: How many times an adapter was loaded (first use or reload).
+        evictions: How many times an adapter was evicted.
+    """
+
+    def __init__(
+        self, lm: LoraModel, max_resident: int | None = None, max_bytes: int | None = None
+    ) -> None:
+        self._lm = lm
+        self._lock = threading.RLock()
+        self._registered: dict[str, Registration] = {}
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
+        self._pins: Counter[str] = Counter()
+        self._default: tuple[str, ...] = ()
+        self.loads = 0
+        self.evictions = 0
+        self.max_resident: int | None = None
+        self.max_bytes: int | None = None
+        self.set_budget(max_resident, max_bytes)
+
+    def set_budget(self, max_resident: int | None, max_bytes: int | None) -> None:
+        """Change the budget (evicting idle adapters at once if over it).
+
+        Raises:
+            ConfigError: A limit that is not a positive integer.
+        """
+        for label, value in (("max_resident", max_resident), ("max_bytes", max_bytes)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ConfigError(f"{label} must be a positive integer or None, got {value!r}")
+        with self._lock:
+            self.max_resident, self.max_bytes = max_resident, max_bytes
+            self._evict()
+
+    @property
+    def registered(self) -> tuple[str, ...]:
+        """Names of all registered adapters."""
+        return tuple(self._registered)
+
+    @property
+    def resident(self) -> tuple[str, ...]:
+        """Registered adapters currently loaded, least recently used first."""
+        with self._lock:
+            return tuple(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of adapter tensors held by resident registered adapters."""
+        with self._lock:
+            return sum(self._resident.values())
+
+    def register(self, registration: Registration) -> None:
+        """Record an adapter's source; nothing is read until it is used.
+
+        Raises:
+            AdapterNameError: The name is invalid, or taken by a resident or registered adapter.
+        """
+        with self._lock:
+            name = registration.name
+            if name in self._registered:
+                raise AdapterNameError(
+                    f"adapter {name!r} is already registered (from "
+                    f"{self._registered[name].source!r}); unregister it first"
+                )
+            self._lm._check_new_name(name)
+            self._registered[name] = registration
+
+    def unregister(self, name: str) -> None:
+        """Forget a registered adapter, evicting it if resident.
+
+        Raises:
+            AdapterNameError: Not registered, or in use right now.
+        """
+        with self._lock:
+            if name not in self._registered:
+                raise AdapterNameError(f"no registered adapter named {name!r}")
+            if self._pins[name]:
+                raise AdapterNameError(f"adapter {name!r} is in use; unregister it when idle")
+            if name in self._resident:
+                self._drop(name)
+            del self._registered[name]
+
+    def acquire(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Make the registered ones among ``names`` resident and pin them; returns those pinned.
+
+        Unregistered names are left alone (the caller's selection check reports unknown ones).
+
+        Raises:
+            The errors of `LoraModel.load_adapter` when a (re)load fails; nothing stays pinned.
+        """
+        pinned: list[str] = []
+        with self._lock:
+            try:
+                for name in dict.fromkeys(names):
+                    if name not in self._registered:
+                        continue
+                    if name not in self._resident or name not in self._lm._adapters:
+                        self._resident.pop(name, None)  # deleted behind the cache's back
+                        self._load(name)
+                    self._resident.move_to_end(name)
+                    self._pins[name] += 1
+                    pinned.append(name)
+            except BaseException:
+                self.release(pinned)
+                raise
+            self._evict()
+        return tuple(pinned)
+
+    def release(self, names: Iterable[str]) -> None:
+        """Unpin names returned by :meth:`acquire`."""
+        with self._lock:
+            for name in names:
+                self._pins[name] -= 1
+                if self._pins[name] <= 0:
+                    del self._pins[name]
+            self._evict()
+
+    def replace_default(self, pinned: tuple[str, ...]) -> None:
+        """Make ``pinned`` (from :meth:`acquire`) the default's pins; unpin the previous ones."""
+        with self._lock:
+            previous, self._default = self._default, pinned
+            self.release(previous)
+
+    def _load(self, name: str) -> None:
+        reg = self._registered[name]
+        self._lm.load_adapter(
+            reg.source,
+            name,
+            check_base=reg.check_base,
+            adapter_dtype=reg.adapter_dtype,
+            max_rank=reg.max_rank,
+        )
+        size = sum(p.numel() * p.element_size() for p in self._lm.adapter_parameters(name))
+        self._resident[name] = size
+        self.loads += 1
+
+    def _over_budget(self) -> bool:
+        if self.max_resident is not None and len(self._resident) > self.max_resident:
+            return True
+        return self.max_bytes is not None and sum(self._resident.values()) > self.max_bytes
+
+    def _evict(self) -> None:
+        while self._over_budget():
+            idle = next((n for n in self._resident if not self._pins[n]), None)
+            if idle is None:
+                return  # everything resident is in use: over budget until released
+            self._drop(idle)
+            self.evictions += 1
+
+    def _drop(self, name: str) -> None:
+        del self._resident[name]
+        if name in self._lm._adapters:
+            self._lm.delete_adapter(name)
+        clear_stacks(self._lm.model)  # mixed-batch stacks may hold copies of its factors

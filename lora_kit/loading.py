@@ -1,0 +1,124 @@
+"""Fast, strict loading of a parsed adapter into a live model.
+
+The same checks as `LoraModel.load_adapter` always made (keys, shapes, base fingerprint; all
+before anything changes), with the work that does not depend on the adapter's weights done once:
+
+* the modules a target specification selects are cached per model and specification (module
+  names do not change when lora_kit wraps them), so loading the 1000th adapter does not walk
+  the whole module tree again;
+* the adapter tensors read from the file become the parameters directly (no random
+  initialisation followed by a copy); only a dtype conversion copies.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .adapter_io import AdapterFiles
+from .config import LoraConfig
+from .fingerprint import check_fingerprint
+from .layers import LoraAdapter, LoRALinear
+from .peft_format import head_key, lora_keys
+from .surgery import wrap_lora, wrap_saved
+from .targets import find_saved_modules, find_targets
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+_TARGETS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
+    """`find_targets` memoised per model and target specification."""
+    key: Hashable = (config.targets, config.exclude, config.layers, config.modules_to_save)
+    per_model = _TARGETS.setdefault(model, {})
+    found = per_model.get(key)
+    if found is None:
+        found = tuple(find_targets(model, config))
+        per_model[key] = found
+    return found
+
+
+def cached_heads(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
+    """`find_saved_modules` memoised per model and ``modules_to_save``."""
+    if not config.modules_to_save:
+        return ()
+    key: Hashable = ("heads", config.modules_to_save)
+    per_model = _TARGETS.setdefault(model, {})
+    found = per_model.get(key)
+    if found is None:
+        found = tuple(find_saved_modules(model, config.modules_to_save))
+        per_model[key] = found
+    return found
+
+
+def load_files(
+    lm: LoraModel,
+    files: AdapterFiles,
+    name: str,
+    *,
+    check_base: bool,
+    adapter_dtype: torch.dtype,
+) -> None:
+    """Add the adapter in ``files`` to ``lm`` as ``name`` (validated first; not activated).
+
+    Raises:
+        AdapterNameError: ``name`` is invalid or taken.
+        AdapterMismatchError: Keys, shapes or base fingerprint do not fit the model.
+    """
+    from .model import AdapterRecord, _check_keys
+
+    lm._check_new_name(name)
+    config, source, model = files.config, str(files.path), lm.model
+    targets = cached_targets(model, config)
+    heads = cached_heads(model, config)
+    expected: dict[str, tuple[int, ...]] = {}
+    from .model import _features
+
+    modules = {target: model.get_submodule(target) for target in targets}  # resolved once
+    for target in targets:
+        out_f, in_f = _features(modules[target])
+        rank = config.rank_for(target)
+        key_a, key_b = lora_keys(target)
+        expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
+    for head in heads:
+        module = model.get_submodule(head)
+        original = getattr(module, "original", module)
+        for key, value in original.state_dict().items():
+            expected[head_key(head, key)] = tuple(value.shape)
+    _check_keys(expected, files.tensors, source)
+    fp = files.metadata.get("base_fingerprint")
+    if check_base and isinstance(fp, dict):
+        check_fingerprint(fp, model, modules, source)
+    # Everything is validated: mutate from here on.
+    if not lm._adapters:
+        model.requires_grad_(False)
+    for target in targets:
+        module = modules[target]
+        layer = module if isinstance(module, LoRALinear) else wrap_lora(model, target, lm.router)
+        key_a, key_b = lora_keys(target)
+        adapter = LoraAdapter(
+            layer.in_features,
+            layer.out_features,
+            r=0,  # the real factors are attached just below
+            scaling=config.scaling_for(target),
+            dropout=config.dropout,
+            dtype=adapter_dtype,
+            device=layer.weight.device,
+        )
+        device = layer.weight.device
+        adapter.lora_A = nn.Parameter(files.tensors[key_a].to(device, adapter_dtype))
+        adapter.lora_B = nn.Parameter(files.tensors[key_b].to(device, adapter_dtype))
+        layer.add(name, adapter)
+    for head in heads:
+        prefix = head_key(head, "")
+        state = {k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)}
+        wrap_saved(model, head, lm.router).add(name).load_state_dict(state, strict=True)
+    lm._adapters[name] = AdapterRecord(name, config, targets, tuple(heads), source)

@@ -1,0 +1,64 @@
+"""Finding an adapter directory: a path, a name in the adapter library, or a Hub repo id.
+
+Resolution order for ``spec``:
+
+1. an existing directory ``spec``;
+2. ``<library>/<spec>``, where the library is ``$LORA_KIT_ADAPTERS`` or ``./adapters``;
+3. a Hugging Face Hub repo id, through ``huggingface_hub.snapshot_download`` (the local cache
+   first; the network only when ``HF_HUB_OFFLINE`` is not set).
+
+When nothing works, the error lists every place that was tried.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .adapter_io import CONFIG_NAME
+from .base_model import hub_offline
+from .errors import AdapterFormatError
+
+LIBRARY_ENV = "LORA_KIT_ADAPTERS"
+
+
+def adapter_library() -> Path:
+    """The adapter library directory: ``$LORA_KIT_ADAPTERS`` or ``./adapters``."""
+    return Path(os.environ.get(LIBRARY_ENV) or "adapters")
+
+
+def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
+    """The local directory holding adapter ``spec`` (see the module docstring for the order).
+
+    Raises:
+        AdapterFormatError: Nothing found; the message lists every place tried.
+    """
+    path = Path(spec)
+    if path.exists():  # a directory, or a file read_adapter will explain
+        return path
+    tried = [f"directory {str(path)!r}: does not exist"]
+    text = str(spec)
+    library = adapter_library()
+    if text and not path.is_absolute() and ".." not in path.parts:
+        candidate = library / text
+        if candidate.is_dir():
+            return candidate
+        tried.append(f"adapter library {str(candidate)!r} (${LIBRARY_ENV}): does not exist")
+    if not text or path.is_file() or text.count("/") != 1 or path.is_absolute():
+        raise AdapterFormatError(f"cannot find adapter {text!r}; tried: {'; '.join(tried)}")
+    from huggingface_hub import snapshot_download
+
+    attempts = [True] if hub_offline() else [True, False]
+    for local_only in attempts:
+        where = "Hugging Face cache" if local_only else "Hugging Face Hub (network)"
+        try:
+            folder = Path(snapshot_download(text, local_files_only=local_only))
+        except Exception as exc:  # huggingface_hub raises many types; each is reported
+            tried.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+        tried.append(f"{where}: repo {text!r} has no {CONFIG_NAME}")
+    if hub_offline():
+        tried.append("network: skipped because HF_HUB_OFFLINE is set")
+    raise AdapterFormatError(f"cannot find adapter {text!r}; tried: {'; '.join(tried)}")

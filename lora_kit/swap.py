@@ -1,0 +1,293 @@
+"""Compile-safe, in-place adapter swapping.
+
+A *swappable* adapter is stored at a fixed maximum rank (its factors zero-padded: extra rows of A
+and columns of B are zero, so ``B A`` is unchanged and outputs stay exact) with its scaling in a
+0-dim tensor buffer instead of a Python float. Swapping in another adapter then only copies
+values into the same tensors (same ``data_ptr``s): a ``torch.compile``d model sees the same
+graph inputs and the same Python constants, so it does not recompile, whatever the new adapter's
+rank (up to the maximum) or alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .adapter_io import AdapterFiles
+from .errors import AdapterMismatchError, ConfigError
+from .layers import LoraAdapter
+from .peft_format import head_key, lora_keys
+
+if TYPE_CHECKING:
+    from .model import AdapterRecord, LoraModel
+
+
+class PaddedAdapter(LoraAdapter):
+    """A `LoraAdapter` held at ``max_rank`` with a tensor ``scale`` (see the module docstring).
+
+    Attributes:
+        rank: The rank of the adapter currently held (``<= r``, the padded rank).
+        scale: ``[]`` fp32 buffer holding the scaling.
+    """
+
+    scale: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        max_rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            r=max_rank,
+            scaling=scaling,
+            dropout=dropout,
+            dtype=dtype,
+            device=device,
+        )
+        self.rank = max_rank
+
+    @property
+    def scaling(self) -> float:
+        """The scaling as a Python float (reads the ``scale`` buffer)."""
+        return float(self.scale)
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        if "scale" in self._buffers:
+            with torch.no_grad():
+                self.scale.fill_(value)
+        else:
+            self.register_buffer(
+                "scale", torch.tensor(float(value), device=self.lora_A.device), persistent=False
+            )
+
+    @torch.no_grad()
+    def assign(self, factor_a: Tensor, factor_b: Tensor, scaling: float) -> None:
+        """Copy factors of rank ``<= r`` into the padded tensors in place, zeroing the rest."""
+        rank = factor_a.shape[0]
+        self.lora_A[:rank].copy_(factor_a)
+        self.lora_A[rank:].zero_()
+        self.lora_B[:, :rank].copy_(factor_b)
+        self.lora_B[:, rank:].zero_()
+        self.scaling = scaling
+        self.rank = rank
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Zero the factors (the adapter then adds exactly nothing)."""
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        self.rank = 0
+
+    def add_to(self, out: Tensor, x: Tensor, weight: float = 1.0) -> Tensor:
+        """As `LoraAdapter.add_to`, with the scaling taken from the ``scale`` buffer."""
+        a, b = self.lora_A, self.lora_B
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        if self.dropout > 0.0:
+            x = F.dropout(x, self.dropout, self.training)
+        h = F.linear(x, a) * (self.scale * weight)  # [..., r]
+        if h.dtype == b.dtype == out.dtype and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
+            return out
+        return out.add_(F.linear(h, b))  # [..., out]
+
+    def delta(self, x: Tensor) -> Tensor:
+        """As `LoraAdapter.delta`, with the scaling taken from the ``scale`` buffer."""
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        if self.dropout > 0.0:
+            x = F.dropout(x, self.dropout, self.training)
+        h = F.linear(x, self.lora_A) * self.scale  # [..., r]
+        return F.linear(h, self.lora_B)  # [..., out]
+
+
+def saved_factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` to save: a padded adapter's factors without their zero padding."""
+    if isinstance(adapter, PaddedAdapter):
+        return adapter.lora_A[: adapter.rank], adapter.lora_B[:, : adapter.rank]
+    return adapter.lora_A, adapter.lora_B
+
+
+def live_record(lm: LoraModel, record: AdapterRecord) -> AdapterRecord:
+    """``record`` without the modules a swap left empty (rank 0), as its config targets."""
+    modules = tuple(
+        m
+        for m in record.modules
+        if not (isinstance(a := lm._layer(m).adapter(record.name), PaddedAdapter) and a.rank == 0)
+    )
+    return replace(record, modules=modules)
+
+
+def check_max_rank(ranks: Mapping[str, int], max_rank: int, source: str) -> None:
+    """Raise unless every rank fits ``max_rank``.
+
+    Raises:
+        ConfigError: ``max_rank`` is not a positive int.
+        AdapterMismatchError: A module's rank exceeds it.
+    """
+    if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
+        raise ConfigError(f"max_rank must be a positive integer, got {max_rank!r}")
+    for module, rank in ranks.items():
+        if rank > max_rank:
+            raise AdapterMismatchError(
+                f"{source}: {module} has rank {rank}, above max_rank={max_rank}; declare a "
+                f"larger max_rank when loading the adapter that will be swapped"
+            )
+
+
+def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
+    """Re-store adapter ``name`` as `PaddedAdapter`s of rank ``max_rank`` (new tensors, once).
+
+    Do this before ``torch.compile``; later swaps keep these tensors.
+
+    Raises:
+        AdapterNameError: Unknown adapter.
+        ConfigError, AdapterMismatchError: See :func:`check_max_rank`.
+    """
+    record = lm.adapter_record(name)
+    layers = {m: lm._layer(m) for m in record.modules}
+    check_max_rank({m: layer.adapter(name).r for m, layer in layers.items()}, max_rank, name)
+    for layer in layers.values():
+        old = layer.adapter(name)
+        if isinstance(old, PaddedAdapter) and old.r == max_rank:
+            continue
+        new = PaddedAdapter(
+            layer.in_features,
+            layer.out_features,
+            max_rank=max_rank,
+            scaling=old.scaling,
+            dropout=old.dropout,
+            dtype=old.lora_A.dtype,
+            device=old.lora_A.device,
+        )
+        rank = old.rank if isinstance(old, PaddedAdapter) else old.r
+        new.assign(old.lora_A[:rank], old.lora_B[:, :rank], old.scaling)
+        new.train(old.training)
+        layer.adapters[name] = new
+
+
+def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) -> None:
+    """Copy the adapter in ``files`` into adapter ``name``'s tensors in place.
+
+    The new adapter may target a subset of ``name``'s modules (the others are zeroed) and have
+    any rank up to the padded rank (any rank equal to the current one for a plain adapter).
+    Everything is validated before any tensor changes.
+
+    Raises:
+        AdapterNameError: Unknown adapter.
+        AdapterMismatchError: The new adapter targets modules ``name`` does not, has too large a
+            rank, a different head set, wrong shapes, or another base.
+    """
+    from .loading import cached_heads, cached_targets
+    from .model import _check_keys
+
+    record = lm.adapter_record(name)
+    source = str(files.path)
+    config = files.config
+    targets = cached_targets(lm.model, config)
+    extra = sorted(set(targets) - set(record.modules))
+    if extra:
+        raise AdapterMismatchError(
+            f"{source}: targets {extra[0]!r}, which adapter {name!r} does not adapt; in-place "
+            f"swapping needs the same or fewer modules (load it as a new adapter instead)"
+        )
+    heads = cached_heads(lm.model, config)
+    extra_heads = sorted(set(heads) - set(record.saved_modules))
+    if extra_heads:
+        raise AdapterMismatchError(
+            f"{source}: saves module {extra_heads[0]!r}, which adapter {name!r} has no copy of; "
+            f"load it as a new adapter instead"
+        )
+    layers = {module: lm._layer(module) for module in record.modules}  # resolved once
+    left_out = [m for m in record.modules if m not in set(targets)]
+    if any(not isinstance(layers[m].adapter(name), PaddedAdapter) for m in left_out):
+        raise AdapterMismatchError(
+            f"{source}: does not adapt {left_out[0]!r}, which adapter {name!r} does; swapping in "
+            f"an adapter over fewer modules needs {name!r} loaded with max_rank="
+        )
+    expected: dict[str, tuple[int, ...]] = {}
+    for target in targets:
+        layer = layers[target]
+        adapter = layer.adapter(name)
+        rank = config.rank_for(target)
+        limit = adapter.r
+        if (rank > limit) if isinstance(adapter, PaddedAdapter) else (rank != limit):
+            kind = "its padded rank" if isinstance(adapter, PaddedAdapter) else "its rank"
+            raise AdapterMismatchError(
+                f"{source}: {target} has rank {rank}; adapter {name!r} holds {kind} {limit} "
+                f"there (load the adapter to be swapped with max_rank >= {rank})"
+            )
+        key_a, key_b = lora_keys(target)
+        expected[key_a] = (rank, layer.in_features)
+        expected[key_b] = (layer.out_features, rank)
+    for head in heads:
+        for key, value in lm._saved(head).original.state_dict().items():
+            expected[head_key(head, key)] = tuple(value.shape)
+    _check_keys(expected, files.tensors, source)
+    fp = files.metadata.get("base_fingerprint")
+    if check_base and isinstance(fp, dict):
+        from .fingerprint import check_fingerprint
+
+        check_fingerprint(fp, lm.model, {t: layers[t] for t in targets}, source)
+    # Everything is validated: mutate from here on. The copies run as a few batched
+    # (foreach) kernels instead of several small ops per layer.
+    wanted = set(targets)
+    dst: list[Tensor] = []
+    src: list[Tensor] = []
+    zero: list[Tensor] = []
+    scales: list[Tensor] = []
+    values: list[float] = []
+    with torch.no_grad():
+        for module in record.modules:
+            adapter = layers[module].adapter(name)
+            a, b = adapter.lora_A, adapter.lora_B
+            if module not in wanted:
+                zero.extend((a, b))
+                if isinstance(adapter, PaddedAdapter):
+                    adapter.rank = 0
+                continue
+            key_a, key_b = lora_keys(module)
+            tensor_a, tensor_b = files.tensors[key_a], files.tensors[key_b]
+            rank = tensor_a.shape[0]
+            dst.extend((a[:rank], b[:, :rank]))
+            src.extend((tensor_a.to(a.dtype), tensor_b.to(b.dtype)))
+            if rank < a.shape[0]:
+                zero.extend((a[rank:], b[:, rank:]))
+            if isinstance(adapter, PaddedAdapter):
+                adapter.rank = rank
+                scales.append(adapter.scale)
+                values.append(config.scaling_for(module))
+            else:
+                adapter.scaling = config.scaling_for(module)
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if zero:
+            torch._foreach_zero_(zero)
+        if scales:
+            torch._foreach_zero_(scales)
+            torch._foreach_add_(scales, values)
+        for head in record.saved_modules:
+            wrapper = lm._saved(head)
+            if head in heads:
+                prefix = head_key(head, "")
+                state = {
+                    k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)
+                }
+            else:  # the new adapter does not save this module: behave as the original
+                state = wrapper.original.state_dict()
+            for key, value in wrapper.copies[name].state_dict().items():
+                value.copy_(state[key])

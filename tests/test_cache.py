@@ -1,0 +1,143 @@
+"""Registered adapters: lazy loading, LRU eviction under a budget, transparent reload.
+
+A reloaded adapter comes from the same file into the same model, so outputs are compared bit
+for bit; mixed batches against per-row references use the atol 1e-5 of test_rows.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hotswap_helpers import input_ids, logits, make_model, save_adapters
+
+import lora_kit as lk
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_adapters("gpt2", tmp_path_factory.mktemp("lib"))
+
+
+def _registered(root: Path, budget: int | None = 2) -> lk.LoraModel:
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.set_cache_budget(max_resident=budget)
+    for name in ("a", "b", "c"):
+        lm.register_adapter(name, root / name)
+    return lm
+
+
+def _reference(root: Path, ids: torch.Tensor) -> dict[str | None, torch.Tensor]:
+    lm = lk.LoraModel(make_model("gpt2"))
+    refs: dict[str | None, torch.Tensor] = {None: logits(lm, ids)}
+    for name in ("a", "b", "c"):
+        lm.load_adapter(root / name, name)
+        with lm.using(name):
+            refs[name] = logits(lm, ids)
+    return refs
+
+
+def test_registering_thousands_costs_only_metadata(root: Path) -> None:
+    lm = lk.LoraModel(make_model("gpt2"))
+    for i in range(2000):
+        lm.register_adapter(f"t{i}", root / "abc"[i % 3])
+    assert len(lm.cache.registered) == 2000
+    assert lm.cache.loads == 0 and not lm.adapters
+    assert not any(isinstance(m, lk.LoRALinear) for m in lm.model.modules())
+    ids = input_ids(2)
+    with lm.using("t1999"):  # loaded on first use only
+        assert lm.cache.resident == ("t1999",)
+        assert torch.equal(logits(lm, ids), _reference(root, ids)["abc"[1999 % 3]])
+
+
+def test_lru_eviction_and_transparent_reload(root: Path) -> None:
+    lm = _registered(root)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    for name in ("a", "b", "c"):
+        with lm.using(name):
+            assert torch.equal(logits(lm, ids), refs[name])
+    assert lm.cache.resident == ("b", "c") and "a" not in lm.adapters
+    assert lm.cache.evictions == 1
+    with lm.using("a"):  # reloaded from its source, evicting the LRU ("b")
+        assert torch.equal(logits(lm, ids), refs["a"])
+    assert lm.cache.resident == ("c", "a") and lm.cache.loads == 4
+    with lm.using("c"):  # resident: no reload
+        assert torch.equal(logits(lm, ids), refs["c"])
+    assert lm.cache.loads == 4
+
+
+def test_mixed_batch_pins_every_adapter_it_uses(root: Path) -> None:
+    lm = _registered(root, budget=1)
+    ids = input_ids(4)
+    names: list[str | None] = ["a", "b", None, "c"]
+    refs = _reference(root, ids)
+    got = logits(lm, ids, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(got[row], refs[name][row], atol=1e-5, rtol=1e-5)
+    assert len(lm.cache.resident) == 1  # back within budget once the call is over
+
+
+def test_default_adapter_is_never_evicted(root: Path) -> None:
+    lm = _registered(root, budget=1)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    lm.set_adapter("b")
+    with lm.using("a"):
+        assert torch.equal(logits(lm, ids), refs["a"])
+    assert "b" in lm.adapters and "a" not in lm.adapters
+    assert torch.equal(logits(lm, ids), refs["b"])
+    lm.set_adapter("c")  # "b" is no longer pinned: evicted
+    assert lm.cache.resident == ("c",)
+
+
+def test_byte_budget(root: Path) -> None:
+    lm = _registered(root, budget=None)
+    with lm.using("a"):
+        size_a = lm.cache.resident_bytes
+    lm.set_cache_budget(max_bytes=size_a)
+    with lm.using("b"):
+        pass
+    assert lm.cache.resident_bytes <= size_a and lm.cache.resident == ("b",)
+    with pytest.raises(lk.ConfigError):
+        lm.set_cache_budget(max_resident=0)
+
+
+def test_threads_with_eviction_pressure(root: Path) -> None:
+    torch.set_num_threads(1)
+    lm = _registered(root, budget=1)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    barrier = threading.Barrier(3)
+    errors: list[str] = []
+
+    def work(name: str) -> None:
+        barrier.wait()
+        for _ in range(4):
+            with lm.using(name):
+                if not torch.equal(logits(lm, ids), refs[name]):
+                    errors.append(name)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(lm.cache.resident) == 1
+
+
+def test_errors(root: Path, tmp_path: Path) -> None:
+    lm = _registered(root)
+    with pytest.raises(lk.AdapterNameError, match="already registered"):
+        lm.register_adapter("a", root / "b")
+    lm.register_adapter("gone", tmp_path / "missing")
+    with pytest.raises(lk.AdapterFormatError), lm.using("gone"):
+        pass
+    with pytest.raises(lk.AdapterNameError, match="no adapter named 'zz'"), lm.using("zz"):
+        pass
+    assert lm.cache.resident == () and lm.active == lk.Selection()
+    lm.cache.unregister("gone")
+    assert "gone" not in lm.cache.registered

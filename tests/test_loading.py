@@ -1,0 +1,129 @@
+"""Fast loading (`lora_kit.loading`) and adapter resolution (`lora_kit.resolve`).
+
+The fast path must give exactly what the foundation's strict path gives (`from_pretrained` still
+uses it): same modules, same tensors, bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from hotswap_helpers import input_ids, logits, make_model, save_adapters
+
+import lora_kit as lk
+from lora_kit.resolve import resolve_adapter
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bert"])
+def saved(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    kind = str(request.param)
+    return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
+
+
+def test_fast_load_equals_strict_load(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    for name in ("a", "b", "c"):
+        assert lm.load_adapter(root / name) == name
+    for name in ("a", "b", "c"):
+        reference = lk.LoraModel.from_pretrained(make_model(kind), root / name, name)
+        assert lm.adapter_record(name) == reference.adapter_record(name)
+        lm.set_adapter(name)
+        assert torch.equal(logits(lm, input_ids(2)), logits(reference, input_ids(2)))
+        params = lm.adapter_parameters(name)
+        assert all(p.requires_grad for p in params)
+        assert [p.shape for p in params] == [p.shape for p in reference.adapter_parameters(name)]
+
+
+def test_failed_load_changes_nothing(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    other = "bert" if kind == "gpt2" else "gpt2"
+    lm = lk.LoraModel(make_model(other))
+    lm.load_adapter(save_adapters(other, root.parent / f"other-{kind}", ("b",)) / "b", "b")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(lk.LoraKitError):
+        lm.load_adapter(root / "a", "wrong")  # saved for the other architecture
+    with pytest.raises(lk.AdapterNameError, match="already exists"):
+        lm.load_adapter(root.parent / f"other-{kind}" / "b", "b")
+    assert list(lm.adapters) == ["b"]
+    after = lm.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resolve_library_by_name(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kind, root = saved
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(root))
+    assert resolve_adapter("b") == root / "b"
+    lm = lk.LoraModel(make_model(kind))
+    assert lm.load_adapter("b") == "b"
+    monkeypatch.delenv("LORA_KIT_ADAPTERS")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters").symlink_to(root)
+    assert resolve_adapter("c") == Path("adapters") / "c"
+
+
+def _fake_hub_cache(cache: Path, repo: str, adapter: Path) -> None:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in adapter.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+def test_resolve_hub_cache_offline(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kind, root = saved
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(tmp_path / "library"))
+    _fake_hub_cache(tmp_path / "hub", "someone/adapter-a", root / "a")
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter("someone/adapter-a", "a")
+    assert lm.adapter_record("a").source.endswith(os.path.join("snapshots", "0" * 40))
+    with pytest.raises(lk.AdapterFormatError) as info:
+        lm.load_adapter("someone/missing", "m")
+    message = str(info.value)
+    for tried in (
+        "directory 'someone/missing'",
+        "adapter library",
+        "Hugging Face cache",
+        "HF_HUB_OFFLINE is set",
+    ):
+        assert tried in message
+    assert "m" not in lm.adapters
+
+
+def test_finite_check_fast_path_and_fallback(saved: tuple[str, Path], tmp_path: Path) -> None:
+    """read_adapter checks finiteness with batched norms; huge finite values must still load."""
+    from safetensors.torch import load_file, save_file
+
+    _, root = saved
+    tensors = load_file(str(root / "a" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_B" in k)
+    for value, ok in ((3e38, True), (float("nan"), False), (float("inf"), False)):
+        target = tmp_path / f"v{value}"
+        target.mkdir()
+        (target / "adapter_config.json").write_bytes(
+            (root / "a" / "adapter_config.json").read_bytes()
+        )
+        changed = dict(tensors)
+        changed[key] = torch.full_like(tensors[key], value)  # norm overflows for 3e38
+        save_file(changed, str(target / "adapter_model.safetensors"))
+        if ok:
+            assert lk.read_adapter(target).tensors[key].max() == torch.tensor(3e38)
+        else:
+            with pytest.raises(lk.NonFiniteError, match=key):
+                lk.read_adapter(target)

@@ -1,0 +1,146 @@
+"""Mixed batches: each row's output equals running that row alone with its adapter.
+
+Tolerance: fp32, atol 1e-5. The batched and the one-row runs differ only in floating-point
+summation order (GEMM blocking depends on the batch size, and a row group adds ``scale * B A x``
+in two steps where the single-adapter path fuses them); on these tiny models the logits are O(1),
+so any real routing error (a wrong or missing adapter) is orders of magnitude larger.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hotswap_helpers import input_ids, logits, model_with_adapters
+
+import lora_kit as lk
+
+ROWS = ["a", None, "b", "a", "c", None]
+
+
+def _alone(lm: lk.LoraModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    outs = []
+    for row, name in enumerate(names):
+        with lm.using(name):
+            outs.append(logits(lm, ids[row : row + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_mixed_batch_equals_each_row_alone(kind: str) -> None:
+    lm = model_with_adapters(kind)
+    ids = input_ids(len(ROWS))
+    mixed = logits(lm, ids, adapter_names=ROWS)
+    torch.testing.assert_close(mixed, _alone(lm, ids, ROWS), atol=1e-5, rtol=1e-5)
+    # The adapters really change outputs, so the check above can fail.
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_uniform_rows_take_the_single_adapter_path(kind: str) -> None:
+    lm = model_with_adapters(kind)
+    ids = input_ids(4)
+    with lm.using("a"):
+        single = logits(lm, ids)
+    # Every row on one adapter: no gather at all, so the result is bit-identical.
+    assert torch.equal(logits(lm, ids, adapter_names=["a"] * 4), single)
+
+
+def test_bert_classifier_head_per_row() -> None:
+    lm = model_with_adapters("bert")  # "a" and "c" save their own classifier copy
+    ids = input_ids(3)
+    names: list[str | None] = ["c", "b", "a"]
+    mixed = logits(lm, ids, adapter_names=names)
+    torch.testing.assert_close(mixed, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
+    assert mixed.shape == (3, 3)
+
+
+def test_gpt2_generate_mixed_greedy() -> None:
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(5, seq=5, seed=3)
+    names: list[str | None] = ["b", None, "a", "c", "b"]
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = lm.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
+        alone = []
+        for row, name in enumerate(names):
+            with lm.using(name):
+                one = ids[row : row + 1]
+                alone.append(lm.generate(one, attention_mask=torch.ones_like(one), **kwargs))
+    assert torch.equal(mixed, torch.cat(alone))
+    # Different adapters produced different continuations (the test can fail).
+    assert len({tuple(r.tolist()) for r in mixed[:, 5:]}) > 1
+
+
+def test_generate_with_expanded_batch() -> None:
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(2, seq=4, seed=5)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": 2}
+    with torch.no_grad():
+        mixed = lm.generate(
+            ids, attention_mask=torch.ones_like(ids), adapter_names=["a", None], **kwargs
+        )
+        with lm.using("a"):
+            first = lm.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), **kwargs)
+    assert torch.equal(mixed[0], first[0])
+
+
+def test_default_selection_is_untouched_by_a_mixed_call() -> None:
+    lm = model_with_adapters("gpt2")
+    lm.set_adapter("b")
+    ids = input_ids(2)
+    before = logits(lm, ids)
+    logits(lm, ids, adapter_names=["a", "c"])
+    assert lm.active == lk.Selection((("b", 1.0),))
+    assert torch.equal(logits(lm, ids), before)
+
+
+def test_bad_adapter_names() -> None:
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(3)
+    with pytest.raises(lk.AdapterNameError, match="no adapter named 'zz'"):
+        logits(lm, ids, adapter_names=["a", "zz", None])
+    with pytest.raises(lk.AdapterNameError, match="3 entries but the batch has 2 rows"):
+        logits(lm, ids[:2], adapter_names=["a", "b", None])
+    with pytest.raises(lk.AdapterNameError, match="one adapter name"):
+        logits(lm, ids, adapter_names="a")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_grouped_path_with_autograd(kind: str) -> None:
+    """With gradients on, rows are grouped per adapter (index_add_); same outputs, and grads."""
+    lm = model_with_adapters(kind)
+    ids = input_ids(len(ROWS))
+    out = lm(input_ids=ids, adapter_names=ROWS).logits
+    torch.testing.assert_close(out.detach(), _alone(lm, ids, ROWS), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in lm.adapter_parameters("b") if p.dim() == 2)
+
+
+def test_cached_stacks_follow_weight_changes() -> None:
+    """Stacked factors are cached across calls; in-place changes must invalidate them."""
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(4)
+    names: list[str | None] = ["a", "b", "c", "a"]
+    first = logits(lm, ids, adapter_names=names)
+    with torch.no_grad():
+        for p in lm.adapter_parameters("b"):
+            p.mul_(2.0)  # in place: same tensors, new version
+    second = logits(lm, ids, adapter_names=names)
+    torch.testing.assert_close(second, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first[1], second[1], atol=1e-3)
+    torch.testing.assert_close(first[0], second[0], atol=1e-5, rtol=1e-5)  # "a" rows unchanged
+
+
+def test_mixed_batch_is_refused_while_merged() -> None:
+    import lora_kit as lk
+    from lora_kit.errors import MergedStateError
+    from tests.conftest import GPT2
+
+    lm = lk.inject(GPT2.build(0), lk.LoraConfig(r=4))
+    lm.add_adapter("b", lk.LoraConfig(r=2))
+    lm.merge("default")
+    ids = GPT2.inputs()["input_ids"]
+    with pytest.raises(MergedStateError, match="unmerge"):
+        lm(input_ids=ids, adapter_names=["b", None])
+    lm.unmerge()
+    lm(input_ids=ids, adapter_names=["b", None])

@@ -1,0 +1,172 @@
+"""Compile-safe in-place swapping (``max_rank`` padding, tensor scaling, ``swap_adapter``).
+
+Tolerances: a swapped adapter and a freshly loaded one at the same ``max_rank`` run the very same
+operations on the same values, so they are compared bit for bit. Against a plain (unpadded)
+load, the padded GEMM has a longer inner dimension whose extra terms are exact zeros; only the
+blocking/summation order may change, so fp32 atol 1e-5 (logits are O(1)).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from hotswap_helpers import input_ids, logits, make_model, save_adapters
+from torch._dynamo.testing import CompileCounter
+
+import lora_kit as lk
+from lora_kit.swap import PaddedAdapter
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bert"])
+def saved(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    kind = str(request.param)
+    return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
+
+
+@functools.cache  # references are never mutated; saves model builds
+def _fresh(kind: str, path: Path, max_rank: int | None) -> torch.Tensor:
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(path, "x", max_rank=max_rank)
+    lm.set_adapter("x")
+    return logits(lm, input_ids(3))
+
+
+def _pointers(lm: lk.LoraModel) -> list[int]:
+    return [p.data_ptr() for p in lm.model.parameters()] + [
+        b.data_ptr() for b in lm.model.buffers()
+    ]
+
+
+def test_swap_in_place_equals_fresh_load(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.set_adapter("live")
+    before = _pointers(lm)
+    for other in ("b", "c", "a"):
+        lm.swap_adapter("live", root / other)
+        assert _pointers(lm) == before  # same tensors, same storage
+        got = logits(lm, input_ids(3))
+        assert torch.equal(got, _fresh(kind, root / other, max_rank=8))
+        torch.testing.assert_close(got, _fresh(kind, root / other, None), atol=1e-5, rtol=1e-5)
+        assert lm.adapter_record("live").source == str(root / other)
+
+
+def test_padding_leaves_outputs_unchanged(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    plain = _fresh(kind, root / "a", None)
+    padded = _fresh(kind, root / "a", max_rank=32)
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "x")
+    lm.make_swappable("x", 16)
+    lm.set_adapter("x")
+    assert all(isinstance(m, PaddedAdapter) and m.r == 16 for m in _adapters(lm, "x"))
+    torch.testing.assert_close(logits(lm, input_ids(3)), plain, atol=1e-5, rtol=1e-5)
+
+
+def _adapters(lm: lk.LoraModel, name: str) -> list[lk.LoraAdapter]:
+    return [m.adapter(name) for m in lm.model.modules() if isinstance(m, lk.LoRALinear)]
+
+
+def test_swap_does_not_recompile(saved: tuple[str, Path]) -> None:
+    """One compiled LoRA layer (whole-model compiles take ~15 s here; the guards are per layer)."""
+    kind, root = saved
+    torch._dynamo.reset()
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.set_adapter("live")
+    # A module "a" and "c" adapt but "b" does not (so swapping "b" in must zero it).
+    module = {"gpt2": "transformer.h.0.mlp.c_fc", "bert": "bert.encoder.layer.0.intermediate.dense"}
+    layer = lm._layer(module[kind])
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled(x)
+        frames = counter.frame_count
+        assert frames > 0
+        for other in ("b", "c", "a"):  # other ranks (8, 2, 4) and alphas
+            lm.swap_adapter("live", root / other)
+            out = compiled(x)
+            assert counter.frame_count == frames, "swap_adapter triggered a recompile"
+            assert torch.equal(out, layer(x))  # the compiled layer sees the new weights
+            fresh = lk.LoraModel(make_model(kind))
+            fresh.load_adapter(root / other, "x")
+            fresh.set_adapter("x")
+            want = fresh.model.get_submodule(module[kind])(x)  # bare base where "b" has none
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_swap_from_state_dict(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.set_adapter("live")
+    files = lk.read_adapter(root / "a")
+    doubled = {k: v * 2 if "lora_B" in k else v for k, v in files.tensors.items()}
+    ids = input_ids(3)
+    lm.swap_adapter("live", doubled)
+    assert not torch.allclose(logits(lm, ids), _fresh(kind, root / "a", 8), atol=1e-3)
+    lm.swap_adapter("live", files.tensors)
+    assert torch.equal(logits(lm, ids), _fresh(kind, root / "a", 8))
+
+
+def test_bad_swaps_change_nothing(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "b", "narrow", max_rank=8)  # attention only
+    lm.set_adapter("narrow")
+    ids = input_ids(3)
+    before = logits(lm, ids)
+    with pytest.raises(lk.AdapterMismatchError, match="does not adapt"):
+        lm.swap_adapter("narrow", root / "a")  # targets more modules
+    small = lk.LoraModel(make_model(kind))
+    small.load_adapter(root / "c", "c", max_rank=2)
+    with pytest.raises(lk.AdapterMismatchError, match="rank"):
+        lm.load_adapter(root / "b", "too_big", max_rank=4)  # b has rank 8
+    plain = lk.LoraModel(make_model(kind))
+    plain.load_adapter(root / "a", "p")
+    with pytest.raises(lk.AdapterMismatchError, match=r"needs .p. loaded with max_rank"):
+        plain.swap_adapter("p", root / "b")
+    assert "too_big" not in lm.adapters
+    assert torch.equal(logits(lm, ids), before)
+    assert lm.adapter_record("narrow").source == str(root / "b")
+
+
+def test_save_after_swap_writes_the_unpadded_adapter(
+    saved: tuple[str, Path], tmp_path: Path
+) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.swap_adapter("live", root / "c")  # rank 2, MLP only (+ BERT head)
+    lm.set_adapter("live")
+    lm.save_adapter(tmp_path / "out", "live")
+    files = lk.read_adapter(tmp_path / "out")
+    original = lk.read_adapter(root / "c")
+    assert files.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(files.tensors[k], original.tensors[k]) for k in files.tensors)
+    reloaded = lk.LoraModel.from_pretrained(make_model(kind), tmp_path / "out", "x")
+    ids = input_ids(3)
+    torch.testing.assert_close(logits(reloaded, ids), logits(lm, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_adapter_rejects_a_subset_swap(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "p")  # plain, rank 4 everywhere
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: torch.randn(v.shape, generator=gen)
+        for k, v in lk.read_adapter(root / "a").tensors.items()
+        if "lora_" not in k or ".0." in k  # only layer 0's factors
+    }
+    with pytest.raises(lk.AdapterMismatchError):
+        lm.swap_adapter("p", state)
