@@ -43,11 +43,6 @@ def test_merge_subprocess_human_output(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "fingerprint: match" in proc.stdout
-    other = tmp_path / "other"
-    proc = subprocess.run(
-        [str(exe), "merge", str(other), str(adapters[0]), "-o", str(tmp_path / "o2")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    # a base that does not exist: exit 1, message, no traceback (CliRunner: no 2nd process)
+    bad = runner.invoke(app, ["merge", str(tmp_path / "nope"), str(adapters[0]), "-o", "x"])
+    assert bad.exit_code == 1 and "error:" in bad.stderr and "Traceback" not in bad.output

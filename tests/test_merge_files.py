@@ -126,3 +126,15 @@ def test_base_without_safetensors_is_refused(tmp_path: Path) -> None:
     (base / "model.safetensors").rename(base / "pytorch_model.bin")
     with pytest.raises(BaseModelError, match="safe_serialization"):
         merge_files(base, adapters, tmp_path / "out")
+
+
+def test_sharded_base(tmp_path: Path) -> None:
+    _, adapters, lm = make_base_and_adapters(tmp_path, "gpt2")
+    sharded = tmp_path / "sharded"
+    tiny("gpt2").save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    merge_files(sharded, adapters[:1], tmp_path / "out")
+    lm.set_adapter("a")
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(out, "gpt2"), logits(lm, "gpt2"), rtol=0, atol=ATOL)
+    assert not [p for p in (tmp_path / "out").iterdir() if "index" in p.name]
