@@ -29,6 +29,8 @@ def test_merge_json_and_exit_codes(tmp_path: Path) -> None:
     # bad usage -> 2
     bad = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--weights", "a,b"])
     assert bad.exit_code == 2
+    bad_dtype = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--dtype", "float8"])
+    assert bad_dtype.exit_code == 2 and "float8" in bad_dtype.output
     assert not (tmp_path / "o2").exists()
 
 
