@@ -135,21 +135,23 @@ def drift(cycles: int, n_layer: int) -> list[list[object]]:
 # ---- lorakit merge vs load + save_pretrained -------------------------------------------------
 
 _CHILD = """
-import os, resource, sys, time, torch
+import os, sys, time, torch
 torch.set_num_threads(1)
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+def status(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
 case, base, adapter, out = sys.argv[1:5]
 from transformers import GPT2LMHeadModel
 from lora_kit.merge_files import merge_files
-start_rss = rss()
+start_rss = status('VmRSS:')
 t = time.perf_counter()
 if case == 'merge':
     merge_files(base, [adapter], out)
 else:
     GPT2LMHeadModel.from_pretrained(base).save_pretrained(out)
 t = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status('VmHWM:')  # this process's own high-water mark (ru_maxrss inherits the parent's)
 print(t, peak, start_rss)
 """
 

@@ -55,6 +55,8 @@ def merge(
 
     Example: lorakit merge ./gpt2 adapters/a adapters/b --weights 0.7,-0.3 -o gpt2-ab
     """
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r}: use one of {', '.join(DTYPES)}", param_hint="--dtype")
     try:
         report = merge_files(
             base, adapters, out, weights=parse_weights(weights), dtype=dtype, force=force

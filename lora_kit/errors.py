@@ -42,7 +42,7 @@ class NonFiniteError(AdapterFormatError):
 
 
 class MergedStateError(LoraKitError):
-    """The operation needs the adapters unmerged (or merged) and they are not; see ``unmerge()``."""
+    """Not allowed while adapters are merged into the base weights; call ``unmerge()`` first."""
 
 
 # ---- training (lora_kit.train) ------------------------------------------------------------

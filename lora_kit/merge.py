@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, MergedStateError, NonFiniteError
+from .fingerprint import weight_digest
 from .layers import LoRALinear
 from .routing import Selection
 from .saved_modules import SavedModule
@@ -142,6 +143,9 @@ def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = T
             change[name] = float((out.float() - layer.weight.float()).abs().max())
         new[name] = out
     kept = 0
+    by_name = dict(layers)
+    for name in new:  # cache the base fingerprint first: save_adapter() while merged stays right
+        weight_digest(by_name[name])
     for name, layer in layers:
         layer.merged = sel
         if name in new:

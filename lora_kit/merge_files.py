@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from ._version import __version__
@@ -203,16 +202,19 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 class _Base:
-    """The base checkpoint's safetensors file(s), memory-mapped; tensors load one at a time."""
+    """The base checkpoint's safetensors file(s); tensors are read one at a time.
+
+    Tensors are read with plain file reads (not a memory map), so what a finished tensor used
+    is returned to the OS at once and the process never holds more than one tensor of the base.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         if (folder / SINGLE).is_file():
-            with safe_open(str(folder / SINGLE), framework="pt") as handle:
-                self.shards = dict.fromkeys(handle.keys(), SINGLE)
+            files = [SINGLE]
         elif (folder / INDEX).is_file():
             index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-            self.shards = {str(k): str(v) for k, v in index.get("weight_map", {}).items()}
+            files = sorted({str(v) for v in index.get("weight_map", {}).values()})
         else:
             present = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
             raise BaseModelError(
@@ -220,25 +222,59 @@ class _Base:
                 f"lorakit merge streams safetensors only: re-save the base with "
                 f"save_pretrained(safe_serialization=True)"
             )
-        self.handles = {
-            s: safe_open(str(folder / s), framework="pt") for s in set(self.shards.values())
-        }
+        # key -> (file, dtype code, shape, absolute start, end)
+        self.entries: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
+        for name in files:
+            for key, entry in _read_header(folder / name).items():
+                self.entries[key] = (name, *entry)
+        self.shards = {k: v[0] for k, v in self.entries.items()}
 
     def load(self, key: str) -> Tensor:
-        """The tensor ``key`` (a fresh CPU copy)."""
-        return self.handles[self.shards[key]].get_tensor(key)  # type: ignore[no-any-return]
+        """The tensor ``key`` (a fresh CPU tensor)."""
+        name, code, shape, begin, end = self.entries[key]
+        dtype = self._stored(key, code)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.empty(end - begin, dtype=torch.uint8)  # not zeroed: readinto fills it
+        with (self.folder / name).open("rb", buffering=0) as handle:
+            handle.seek(begin)
+            if handle.readinto(raw.numpy().data) != end - begin:
+                raise BaseModelError(f"{self.folder / name}: truncated at tensor {key!r}")
+        return raw.view(dtype).reshape(shape)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of ``key`` without loading it."""
-        return tuple(self.handles[self.shards[key]].get_slice(key).get_shape())
+        return self.entries[key][2]
 
     def dtype(self, key: str, out: torch.dtype | None) -> torch.dtype:
         """The dtype ``key`` is written in: ``out`` for floating tensors, else as stored."""
-        code = self.handles[self.shards[key]].get_slice(key).get_dtype()
-        stored = _STORED.get(code)
-        if stored is None:
-            raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {code}, unsupported")
+        stored = self._stored(key, self.entries[key][1])
         return out if out is not None and stored.is_floating_point else stored
+
+    def _stored(self, key: str, code: str) -> torch.dtype:
+        if code not in _STORED:
+            raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {code}, unsupported")
+        return _STORED[code]
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """``key -> (dtype code, shape, start, end)`` (absolute offsets) of a safetensors file."""
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ValueError(f"implausible header length {size}")
+            header = json.loads(handle.read(size))
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (int(x) for x in info["data_offsets"])
+            out[key] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]),
+                        8 + size + begin, 8 + size + end)  # fmt: skip
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BaseModelError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
 _STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

@@ -85,4 +85,4 @@ def write_streaming(
                 )
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             if flat.numel():
-                handle.write(flat.view(torch.uint8).numpy().tobytes())
+                handle.write(flat.view(torch.uint8).numpy().data)  # no extra copy

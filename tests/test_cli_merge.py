@@ -30,6 +30,8 @@ def test_merge_json_and_exit_codes(tmp_path: Path) -> None:
     # bad usage -> 2
     bad = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--weights", "a,b"])
     assert bad.exit_code == 2
+    bad_dtype = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--dtype", "float8"])
+    assert bad_dtype.exit_code == 2 and "float8" in bad_dtype.output
     assert not (tmp_path / "o2").exists()
 
 
@@ -44,11 +46,6 @@ def test_merge_subprocess_human_output(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "fingerprint: match" in proc.stdout
-    other = tmp_path / "other"
-    proc = subprocess.run(
-        [str(exe), "merge", str(other), str(adapters[0]), "-o", str(tmp_path / "o2")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    # a base that does not exist: exit 1, message, no traceback (CliRunner: no 2nd process)
+    bad = runner.invoke(app, ["merge", str(tmp_path / "nope"), str(adapters[0]), "-o", "x"])
+    assert bad.exit_code == 1 and "error:" in bad.stderr and "Traceback" not in bad.output

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from merge_helpers import KINDS, adapters_of, logits, randomize, with_adapters
 from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
+from lora_kit.adapter_io import read_adapter
 from lora_kit.layers import LoRALinear
 from lora_kit.merge import lora_delta, merged_weight, weighted_delta
 from lora_kit.saved_modules import SavedModule
@@ -157,3 +160,13 @@ def test_merge_validates_selection() -> None:
     with pytest.raises(lk.ConfigError):
         lm.merge({})
     assert lm.merged is None
+
+
+def test_save_adapter_while_merged_keeps_the_base_fingerprint(tmp_path: Path) -> None:
+    lm = with_adapters("gpt2", ("a",))
+    lm.save_adapter(tmp_path / "before", "a")
+    fresh = with_adapters("gpt2", ("a",))
+    fresh.merge("a")  # digest not cached before this merge: merge must cache it first
+    fresh.save_adapter(tmp_path / "during", "a")
+    fp = [read_adapter(tmp_path / d).metadata["base_fingerprint"] for d in ("before", "during")]
+    assert fp[0] == fp[1]

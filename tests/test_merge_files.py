@@ -126,3 +126,37 @@ def test_base_without_safetensors_is_refused(tmp_path: Path) -> None:
     (base / "model.safetensors").rename(base / "pytorch_model.bin")
     with pytest.raises(BaseModelError, match="safe_serialization"):
         merge_files(base, adapters, tmp_path / "out")
+
+
+def test_sharded_base(tmp_path: Path) -> None:
+    _, adapters, lm = make_base_and_adapters(tmp_path, "gpt2")
+    sharded = tmp_path / "sharded"
+    tiny("gpt2").save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    merge_files(sharded, adapters[:1], tmp_path / "out")
+    lm.set_adapter("a")
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(out, "gpt2"), logits(lm, "gpt2"), rtol=0, atol=ATOL)
+    assert not [p for p in (tmp_path / "out").iterdir() if "index" in p.name]
+
+
+def test_peft_saved_adapter_square_conv1d(tmp_path: Path) -> None:
+    """A PEFT adapter has no fingerprint: orientation of square Conv1D comes from fan_in_fan_out."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    base = tmp_path / "base"
+    tiny("gpt2").save_pretrained(base)
+    cfg = PeftConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    pm = get_peft_model(tiny("gpt2"), cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    ref = logits(pm.eval(), "gpt2")
+    report = merge_files(base, [tmp_path / "peft"], tmp_path / "out")
+    assert report.adapters[0].fingerprint == "none recorded"
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(out, "gpt2"), ref, rtol=0, atol=ATOL)
