@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="timings only")
     parser.add_argument("--memory-case", nargs=2, metavar=("KIND", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
@@ -153,8 +154,8 @@ def main() -> None:
     rows = []
     for kind in args.models.split(","):
         speed = measure_speed(kind, args.steps, args.warmup, args.batch, args.seq)
-        memory = {}
-        for case in CASES:
+        memory = {case: {"peak_step_mib": float("nan"), "trainable": 0} for case in CASES}
+        for case in () if args.skip_memory else CASES:
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.bench_train", "--memory-case", kind, case,
                  "--batch", str(args.batch), "--seq", str(args.seq)],

@@ -118,6 +118,12 @@ def train(
     checkpoint = read_checkpoint(config.out) if resume else None
     if checkpoint is not None:
         _check_resume(config, checkpoint.state)
+        if is_fsdp1(model) or is_fsdp2(model):
+            raise ConfigError(
+                "resume=True needs the unsharded model: pass the LoraModel with "
+                "strategy='fsdp' (lora_kit shards it after loading the checkpoint) instead of "
+                "one you wrapped in FSDP yourself"
+            )
         _load_adapter_tensors(lm, name, checkpoint.adapter.tensors)
     else:
         _seed(config.seed)
