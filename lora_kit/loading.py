@@ -13,17 +13,19 @@ before anything changes), with the work that does not depend on the adapter's we
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles
 from .config import LoraConfig
-from .fingerprint import check_fingerprint
+from .errors import AdapterMismatchError
+from .fingerprint import check_fingerprint, describe
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys
+from .saved_modules import SavedModule
 from .surgery import wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets
 
@@ -73,27 +75,13 @@ def load_files(
         AdapterNameError: ``name`` is invalid or taken.
         AdapterMismatchError: Keys, shapes or base fingerprint do not fit the model.
     """
-    from .model import AdapterRecord, _check_keys
+    from .model import AdapterRecord
 
     lm._check_new_name(name)
     config, source, model = files.config, str(files.path), lm.model
-    targets = cached_targets(model, config)
-    heads = cached_heads(model, config)
-    expected: dict[str, tuple[int, ...]] = {}
-    from .model import _features
-
+    targets, heads, expected = expected_tensors(model, config)
+    check_keys(expected, files.tensors, source)
     modules = {target: model.get_submodule(target) for target in targets}  # resolved once
-    for target in targets:
-        out_f, in_f = _features(modules[target])
-        rank = config.rank_for(target)
-        key_a, key_b = lora_keys(target)
-        expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
-    for head in heads:
-        module = model.get_submodule(head)
-        original = getattr(module, "original", module)
-        for key, value in original.state_dict().items():
-            expected[head_key(head, key)] = tuple(value.shape)
-    _check_keys(expected, files.tensors, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         check_fingerprint(fp, model, modules, source)
@@ -121,4 +109,68 @@ def load_files(
         prefix = head_key(head, "")
         state = {k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)}
         wrap_saved(model, head, lm.router).add(name).load_state_dict(state, strict=True)
-    lm._adapters[name] = AdapterRecord(name, config, targets, tuple(heads), source)
+    lm._adapters[name] = AdapterRecord(name, config, targets, heads, source)
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear, Conv1D or `LoRALinear`."""
+    if isinstance(layer, LoRALinear):
+        return layer.out_features, layer.in_features
+    out_f, in_f, _ = describe(layer)
+    return out_f, in_f
+
+
+def expected_tensors(
+    model: nn.Module, config: LoraConfig
+) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, tuple[int, ...]]]:
+    """What an adapter with ``config`` must hold to fit ``model`` (used by loading and verify).
+
+    Returns:
+        ``(targets, heads, expected)``: the targeted projections, the ``modules_to_save``
+        modules, and PEFT tensor key -> required shape.
+
+    Raises:
+        NoTargetsError, UnsupportedModuleError: ``config`` targets nothing usable in ``model``.
+    """
+    targets = cached_targets(model, config)
+    heads = cached_heads(model, config)
+    expected: dict[str, tuple[int, ...]] = {}
+    for target in targets:
+        out_f, in_f = features(model.get_submodule(target))
+        rank = config.rank_for(target)
+        key_a, key_b = lora_keys(target)
+        expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
+    for head in heads:
+        module = model.get_submodule(head)
+        original = module.original if isinstance(module, SavedModule) else module
+        for key, value in original.state_dict().items():
+            expected[head_key(head, key)] = tuple(value.shape)
+    return targets, heads, expected
+
+
+def check_keys(
+    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
+) -> None:
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise AdapterMismatchError(
+            f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all): the "
+            f"adapter's config targets this module but the file has no weights for it; was it "
+            f"saved for another model or with other targets?"
+        )
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if unexpected:
+        example = next(iter(expected), "none")
+        raise AdapterMismatchError(
+            f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) matches "
+            f"no targeted module of this model (expected keys like {example!r}); the adapter "
+            f"was probably saved for a different model or module naming"
+        )
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            module = key.removeprefix("base_model.model.")
+            raise AdapterMismatchError(
+                f"{source}: {module} has shape {list(got)} in the file, this model needs "
+                f"{list(shape)}; the adapter was trained on a base with other dimensions"
+            )

@@ -19,13 +19,12 @@ from .adapter_io import AdapterFiles, read_adapter, write_adapter
 from .cache import AdapterCache, Registration
 from .config import LoraConfig
 from .errors import (
-    AdapterMismatchError,
     AdapterNameError,
     ConfigError,
     LoraKitError,
     MergedStateError,
 )
-from .fingerprint import check_fingerprint, fingerprint
+from .fingerprint import fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .loading import load_files
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
@@ -396,42 +395,11 @@ class LoraModel(nn.Module):
         _refuse_injected(model)
         files = read_adapter(path)
         lm = cls(model)
-        lm._load(files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+        load_files(lm, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
         lm.set_adapter(name)
         return lm
 
     # ---- internals -------------------------------------------------------------------------
-
-    def _load(
-        self, files: AdapterFiles, name: str, *, check_base: bool, adapter_dtype: torch.dtype
-    ) -> None:
-        self._check_new_name(name)
-        source = str(files.path)
-        targets, heads, expected = expected_tensors(self.model, files.config)
-        _check_keys(expected, files.tensors, source)
-        fp = files.metadata.get("base_fingerprint")
-        if check_base and isinstance(fp, dict):
-            check_fingerprint(
-                fp, self.model, {t: self.model.get_submodule(t) for t in targets}, source
-            )
-        # Everything is validated: mutate from here on.
-        self.add_adapter(name, files.config, adapter_dtype=adapter_dtype)
-        with torch.no_grad():
-            for target in targets:
-                adapter = self._layer(target).adapter(name)
-                key_a, key_b = lora_keys(target)
-                adapter.lora_A.copy_(files.tensors[key_a])
-                adapter.lora_B.copy_(files.tensors[key_b])
-            for head in heads:
-                prefix = head_key(head, "")
-                state = {
-                    k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)
-                }
-                self._saved(head).copies[name].load_state_dict(state, strict=True)
-        record = self._adapters[name]
-        self._adapters[name] = AdapterRecord(
-            name, record.config, record.modules, record.saved_modules, source
-        )
 
     def _peft_task_type(self, record: AdapterRecord) -> str | None:
         # PEFT's SEQ_CLS/TOKEN_CLS loaders insist on finding the head's weights in the file;
@@ -748,72 +716,6 @@ def _refuse_injected(model: nn.Module) -> None:
             f"this {type(model).__name__} already has lora_kit layers; add adapters through "
             f"the LoraModel handle that injected them (lm.add_adapter / lm.load_adapter)"
         )
-
-
-def _features(layer: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a Linear, Conv1D or `LoRALinear`."""
-    if isinstance(layer, LoRALinear):
-        return layer.out_features, layer.in_features
-    from .fingerprint import describe
-
-    out_f, in_f, _ = describe(layer)
-    return out_f, in_f
-
-
-def expected_tensors(
-    model: nn.Module, config: LoraConfig
-) -> tuple[list[str], list[str], dict[str, tuple[int, ...]]]:
-    """What an adapter with ``config`` must hold to fit ``model`` (used by loading and verify).
-
-    Returns:
-        ``(targets, heads, expected)``: the targeted projections, the ``modules_to_save``
-        modules, and PEFT tensor key -> required shape.
-
-    Raises:
-        NoTargetsError, UnsupportedModuleError: ``config`` targets nothing usable in ``model``.
-    """
-    targets = find_targets(model, config)
-    heads = find_saved_modules(model, config.modules_to_save)
-    expected: dict[str, tuple[int, ...]] = {}
-    for target in targets:
-        out_f, in_f = _features(model.get_submodule(target))
-        rank = config.rank_for(target)
-        key_a, key_b = lora_keys(target)
-        expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
-    for head in heads:
-        module = model.get_submodule(head)
-        original = module.original if isinstance(module, SavedModule) else module
-        for key, value in original.state_dict().items():
-            expected[head_key(head, key)] = tuple(value.shape)
-    return targets, heads, expected
-
-
-def _check_keys(
-    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
-) -> None:
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise AdapterMismatchError(
-            f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all): the "
-            f"adapter's config targets this module but the file has no weights for it; was it "
-            f"saved for another model or with other targets?"
-        )
-    unexpected = sorted(k for k in tensors if k not in expected)
-    if unexpected:
-        example = next(iter(expected), "none")
-        raise AdapterMismatchError(
-            f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) matches "
-            f"no targeted module of this model (expected keys like {example!r}); the adapter "
-            f"was probably saved for a different model or module naming"
-        )
-    for key, shape in expected.items():
-        got = tuple(tensors[key].shape)
-        if got != shape:
-            module = key.removeprefix("base_model.model.")
-            raise AdapterMismatchError(
-                f"{source}: {module} has shape {list(got)} in the file, this model needs "
-                f"{list(shape)}; the adapter was trained on a base with other dimensions"
-            )
 
 
 def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:

@@ -192,8 +192,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         AdapterMismatchError: The new adapter targets modules ``name`` does not, has too large a
             rank, a different head set, wrong shapes, or another base.
     """
-    from .loading import cached_heads, cached_targets
-    from .model import _check_keys
+    from .loading import cached_heads, cached_targets, check_keys
 
     record = lm.adapter_record(name)
     source = str(files.path)
@@ -237,7 +236,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     for head in heads:
         for key, value in lm._saved(head).original.state_dict().items():
             expected[head_key(head, key)] = tuple(value.shape)
-    _check_keys(expected, files.tensors, source)
+    check_keys(expected, files.tensors, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         from .fingerprint import check_fingerprint

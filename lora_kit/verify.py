@@ -1,7 +1,7 @@
 """Does an adapter fit a base model? Keys, shapes, orientation, fingerprint, and coverage.
 
 The checks are the ones `LoraModel.load_adapter` makes (the same `expected_tensors`,
-`_check_keys` and `check_fingerprint`), collected into a report instead of stopping at the
+`check_keys` and `check_fingerprint`), collected into a report instead of stopping at the
 first exception, and confirmed by actually loading the adapter onto the base when they pass.
 Nothing on disk is written.
 """
@@ -9,6 +9,7 @@ Nothing on disk is written.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,8 @@ from torch import nn
 from .adapter_io import AdapterFiles, read_adapter
 from .errors import AdapterMismatchError, LoraKitError, NoTargetsError, UnsupportedModuleError
 from .fingerprint import check_fingerprint, describe
-from .model import LoraModel, _check_keys, expected_tensors
+from .loading import check_keys, expected_tensors
+from .model import LoraModel
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,14 @@ def verify_fit(
         targets, _, expected = expected_tensors(base, files.config)
     except (NoTargetsError, UnsupportedModuleError) as exc:
         problems.append(f"{source}: {exc}")
-        targets, expected = [], {}
+        targets, expected = (), {}
     landed = [
         k for k, t in files.tensors.items() if k in expected and tuple(t.shape) == expected[k]
     ]
     unused = tuple(sorted(set(files.tensors) - set(landed)))
     if expected:
         try:
-            _check_keys(expected, files.tensors, source)
+            check_keys(expected, files.tensors, source)
         except AdapterMismatchError as exc:
             problems.append(str(exc))
     orientation = _orientation(files, base, targets)
@@ -119,7 +121,7 @@ def verify_fit(
     )
 
 
-def _orientation(files: AdapterFiles, base: nn.Module, targets: list[str]) -> str:
+def _orientation(files: AdapterFiles, base: nn.Module, targets: Sequence[str]) -> str:
     flag = files.peft_config.get("fan_in_fan_out")
     if not isinstance(flag, bool) or not targets:
         return "unknown"
@@ -128,7 +130,7 @@ def _orientation(files: AdapterFiles, base: nn.Module, targets: list[str]) -> st
 
 
 def _fingerprint_state(
-    files: AdapterFiles, base: nn.Module, targets: list[str], check: bool, problems: list[str]
+    files: AdapterFiles, base: nn.Module, targets: Sequence[str], check: bool, problems: list[str]
 ) -> str:
     expected = files.metadata.get("base_fingerprint")
     if not isinstance(expected, dict):
