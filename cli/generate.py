@@ -11,21 +11,21 @@ from lora_kit import LoraModel
 from lora_kit.base_model import load_base, load_tokenizer
 from lora_kit.errors import LoraKitError
 
-from .serving import BASE, assign_rows, emit, library_errors, load_adapters, parse_adapter
+from .serving import (
+    BASE,
+    AdapterOption,
+    assign_rows,
+    emit,
+    library_errors,
+    load_adapters,
+    parse_adapter,
+)
 
 
 def generate(
     base: Annotated[str, typer.Argument(help="Base model: a transformers folder or a Hub id.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text; repeatable.")],
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--adapter",
-            "-a",
-            help="Adapter to load: a directory, a name in ./adapters ($LORA_KIT_ADAPTERS) or a Hub "
-            "id, optionally as NAME=SOURCE. Repeat for several.",
-        ),
-    ] = None,
+    adapter: AdapterOption = None,
     prompt_adapter: Annotated[
         list[str] | None,
         typer.Option(
@@ -47,16 +47,10 @@ def generate(
     --prompt-adapter shakespeare --prompt-adapter base
     """
     with library_errors():
-        texts, rows = _rows(adapter or [], prompt, prompt_adapter or [])
+        names = [parse_adapter(spec)[0] for spec in adapter or []]
+        texts, rows = assign_rows(prompt, names, prompt_adapter or None, "--prompt-adapter")
         records = _generate(base, adapter or [], texts, rows, max_new_tokens, check_base)
     emit(records, as_json, lambda r: f"[{r['adapter'] or BASE}] {r['prompt']!r} -> {r['text']!r}")
-
-
-def _rows(
-    adapters: list[str], prompts: list[str], chosen: list[str]
-) -> tuple[list[str], list[str | None]]:
-    names = [parse_adapter(spec)[0] for spec in adapters]
-    return assign_rows(prompts, names, chosen or None, "--prompt-adapter")
 
 
 def _generate(

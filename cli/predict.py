@@ -11,7 +11,15 @@ from lora_kit import LoraModel
 from lora_kit.base_model import load_base, load_tokenizer
 from lora_kit.errors import LoraKitError
 
-from .serving import BASE, assign_rows, emit, library_errors, load_adapters, parse_adapter
+from .serving import (
+    BASE,
+    AdapterOption,
+    assign_rows,
+    emit,
+    library_errors,
+    load_adapters,
+    parse_adapter,
+)
 
 
 def predict(
@@ -19,15 +27,7 @@ def predict(
         str, typer.Argument(help="Base classifier: a transformers folder or a Hub id.")
     ],
     text: Annotated[list[str], typer.Option("--text", "-t", help="Text to classify; repeatable.")],
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--adapter",
-            "-a",
-            help="Adapter to load: a directory, a name in ./adapters ($LORA_KIT_ADAPTERS) or a Hub "
-            "id, optionally as NAME=SOURCE. Repeat for several.",
-        ),
-    ] = None,
+    adapter: AdapterOption = None,
     text_adapter: Annotated[
         list[str] | None,
         typer.Option(

@@ -7,13 +7,24 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from lora_kit import LoraKitError, LoraModel
 
 BASE = "base"
+
+# The --adapter option shared by `lorakit generate` and `lorakit predict`.
+AdapterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapter",
+        "-a",
+        help="Adapter to load: a directory, a name in ./adapters ($LORA_KIT_ADAPTERS) or a Hub "
+        "id, optionally as NAME=SOURCE. Repeat for several.",
+    ),
+]
 T = TypeVar("T")
 
 
