@@ -11,12 +11,12 @@ from lora_kit import LoraModel
 from lora_kit.base_model import load_base, load_tokenizer
 from lora_kit.errors import LoraKitError
 
+from ._tooling import errors_to_exit
 from .serving import (
     BASE,
     AdapterOption,
     assign_rows,
     emit,
-    library_errors,
     load_adapters,
     parse_adapter,
 )
@@ -46,7 +46,7 @@ def generate(
     Example: lorakit generate gpt2 -a shakespeare -a sst -p "To be" -p "The film"
     --prompt-adapter shakespeare --prompt-adapter base
     """
-    with library_errors():
+    with errors_to_exit():
         names = [parse_adapter(spec)[0] for spec in adapter or []]
         texts, rows = assign_rows(prompt, names, prompt_adapter or None, "--prompt-adapter")
         records = _generate(base, adapter or [], texts, rows, max_new_tokens, check_base)

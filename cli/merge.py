@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from lora_kit.errors import LoraKitError
 from lora_kit.merge_files import DTYPES, merge_files
+
+from ._tooling import errors_to_exit
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -57,13 +58,10 @@ def merge(
     """
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r}: use one of {', '.join(DTYPES)}", param_hint="--dtype")
-    try:
+    with errors_to_exit():
         report = merge_files(
             base, adapters, out, weights=parse_weights(weights), dtype=dtype, force=force
         )
-    except LoraKitError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return

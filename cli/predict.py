@@ -11,12 +11,12 @@ from lora_kit import LoraModel
 from lora_kit.base_model import load_base, load_tokenizer
 from lora_kit.errors import LoraKitError
 
+from ._tooling import errors_to_exit
 from .serving import (
     BASE,
     AdapterOption,
     assign_rows,
     emit,
-    library_errors,
     load_adapters,
     parse_adapter,
 )
@@ -45,7 +45,7 @@ def predict(
 
     Example: lorakit predict bert-base-uncased -a sst -t "A fine film." --json
     """
-    with library_errors():
+    with errors_to_exit():
         names = [parse_adapter(spec)[0] for spec in adapter or []]
         texts, rows = assign_rows(text, names, text_adapter or None, "--text-adapter")
         records = _predict(base, adapter or [], texts, rows, check_base)

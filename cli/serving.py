@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from lora_kit import LoraKitError, LoraModel
+from lora_kit import LoraModel
 
 BASE = "base"
 
@@ -73,16 +72,6 @@ def assign_rows(
         return list(inputs), rows
     grid: list[str | None] = [None, *names]
     return [text for text in inputs for _ in grid], [a for _ in inputs for a in grid]
-
-
-@contextmanager
-def library_errors() -> Iterator[None]:
-    """Turn a `LoraKitError` into a one-line message on stderr and exit code 1."""
-    try:
-        yield
-    except LoraKitError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
 
 
 def emit(

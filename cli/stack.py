@@ -8,9 +8,10 @@ from typing import Annotated
 
 import typer
 
-from lora_kit.errors import LoraKitError
 from lora_kit.stack import METHODS, StackMethod, stack
 from lora_kit_cli.merge import parse_weights
+
+from ._tooling import errors_to_exit
 
 
 def stack_command(
@@ -48,7 +49,7 @@ def stack_command(
             f"{method!r}: use one of {', '.join(METHODS)}", param_hint="--method"
         )
     chosen: StackMethod = method  # type: ignore[assignment]
-    try:
+    with errors_to_exit():
         report = stack(
             adapters,
             weights=parse_weights(weights),
@@ -58,9 +59,6 @@ def stack_command(
             density=density,
             seed=seed,
         )
-    except LoraKitError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
