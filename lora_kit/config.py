@@ -80,9 +80,9 @@ class LoraConfig:
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_finite_number(self.alpha) or self.alpha <= 0:
+        if not is_finite_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not _is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INIT_METHODS:
             raise ConfigError(f"LoraConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
@@ -106,7 +106,7 @@ class LoraConfig:
                 )
         for key, alpha in self.alpha_pattern.items():
             _check_regex("alpha_pattern", key)
-            if not _is_finite_number(alpha) or alpha <= 0:
+            if not is_finite_number(alpha) or alpha <= 0:
                 raise ConfigError(
                     f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {alpha!r}"
                 )
@@ -158,12 +158,7 @@ class LoraConfig:
         Raises:
             ConfigError: On unknown keys or invalid values.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown LoraConfig field(s) {unknown}; accepted fields are {sorted(known)}"
-            )
+        reject_unknown_fields(cls, data)
         try:
             return cls(**data)
         except TypeError as exc:  # e.g. a non-string pattern key that breaks normalisation
@@ -176,17 +171,33 @@ class LoraConfig:
         Raises:
             ConfigError: If the text is not a JSON object of valid fields.
         """
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"LoraConfig JSON is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"LoraConfig JSON must be an object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(json_object(text, cls.__name__))
 
 
-def _is_finite_number(value: object) -> bool:
+def is_finite_number(value: object) -> bool:
+    """A real int/float (not a bool) that is neither NaN nor infinite."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def reject_unknown_fields(cls: Any, data: Mapping[str, Any]) -> None:
+    """Raise `ConfigError` naming any key of ``data`` that is not a field of dataclass ``cls``."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} field(s) {unknown}; accepted fields are {sorted(known)}"
+        )
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """Parse ``text`` as a JSON object, or raise `ConfigError` saying what ``what`` needs."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} JSON is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} JSON must be an object, got {type(data).__name__}")
+    return data
 
 
 def _check_regex(field_name: str, pattern: object) -> None:

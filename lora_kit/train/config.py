@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
+from ..config import is_finite_number, json_object, reject_unknown_fields
 from ..errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -92,7 +92,7 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if not _finite(self.lr) or self.lr <= 0:
+        if not is_finite_number(self.lr) or self.lr <= 0:
             raise ConfigError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         _positive_int("epochs", self.epochs)
         if self.steps is not None:
@@ -110,15 +110,15 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
         _positive_int("max_bad_steps", self.max_bad_steps)
-        if not _finite(self.weight_decay) or self.weight_decay < 0:
+        if not is_finite_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(
                 f"TrainConfig.weight_decay must be a number >= 0, got {self.weight_decay!r}"
             )
-        if not _finite(self.clip_norm) or self.clip_norm < 0:
+        if not is_finite_number(self.clip_norm) or self.clip_norm < 0:
             raise ConfigError(
                 f"TrainConfig.clip_norm must be a number >= 0 (0 disables), got {self.clip_norm!r}"
             )
-        if not _finite(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
+        if not is_finite_number(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(
                 f"TrainConfig.eval_fraction must be in [0, 1), got {self.eval_fraction!r}"
             )
@@ -146,12 +146,7 @@ class TrainConfig:
         Raises:
             ConfigError: Unknown keys or invalid values.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown TrainConfig field(s) {unknown}; accepted fields are {sorted(known)}"
-            )
+        reject_unknown_fields(cls, data)
         return cls(**data)
 
     @classmethod
@@ -161,13 +156,7 @@ class TrainConfig:
         Raises:
             ConfigError: Not a JSON object of valid fields.
         """
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"TrainConfig JSON is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"TrainConfig JSON must be an object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(json_object(text, cls.__name__))
 
     def resume_mismatch(self, saved: TrainConfig) -> list[str]:
         """Fields in :data:`RESUME_FIELDS` whose value differs from the checkpoint's."""
@@ -176,10 +165,6 @@ class TrainConfig:
             for name in RESUME_FIELDS
             if getattr(saved, name) != getattr(self, name)
         ]
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(name: str, value: object) -> None:
