@@ -8,6 +8,7 @@ metadata to the safetensors header (ignored by PEFT): ``lora_kit.format_version`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -191,3 +192,12 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._version import __version__
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, file_sha256, read_adapter
 from .base_model import BaseModelError, resolve_base
 from .errors import AdapterMismatchError, ConfigError, LoraKitError
 from .fingerprint import HASH_DTYPE
@@ -372,20 +372,12 @@ def _check_fingerprint(
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _provenance(files: AdapterFiles, coeff: float, status: str) -> AdapterSource:
     return AdapterSource(
         path=str(files.path),
         weight=coeff,
-        config_sha256=_sha256(files.path / CONFIG_NAME),
-        weights_sha256=_sha256(files.path / WEIGHTS_NAME),
+        config_sha256=file_sha256(files.path / CONFIG_NAME),
+        weights_sha256=file_sha256(files.path / WEIGHTS_NAME),
         fingerprint=status,
     )
 

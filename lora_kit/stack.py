@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._version import __version__
-from .adapter_io import WEIGHTS_NAME, AdapterFiles, read_adapter, write_adapter
+from .adapter_io import WEIGHTS_NAME, AdapterFiles, file_sha256, read_adapter, write_adapter
 from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
 from .peft_format import PREFIX, to_peft_dict
@@ -205,7 +205,7 @@ def stack(
         "stack": {
             **{k: v for k, v in report.to_dict().items() if k not in ("out", "modules")},
             "inputs": [str(f.path) for f in inputs],
-            "inputs_sha256": [_sha256(f.path / WEIGHTS_NAME) for f in inputs],
+            "inputs_sha256": [file_sha256(f.path / WEIGHTS_NAME) for f in inputs],
             "lora_kit_version": __version__,
         },
     }
@@ -362,13 +362,3 @@ def _config(
         alpha_pattern={k: float(v) for k, v in other.items()},
         modules_to_save=heads.config.modules_to_save if heads is not None else (),
     )
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
