@@ -12,7 +12,14 @@ import typer
 
 from lora_kit.errors import ConfigError, LoraKitError
 
-DEFAULT_JOB_MODULE = "lora_kit.demo.default_job"
+EMBEDDED_JOBS = {
+    "bert-sentiment": "lora_kit.demo.default_job",
+    "gpt2-shakespeare": "lora_kit.demo.shakespeare_job",
+}
+"""``--preset`` names: each module's ``run(out=, json_output=, quiet=)`` returns an exit code."""
+DEFAULT_PRESET = "bert-sentiment"
+PRESET_OPTIONS = frozenset({"preset", "out", "json_output", "quiet"})
+"""Options an embedded job accepts; any other option given with it is a usage error."""
 
 _HELP = """Train a LoRA adapter; only the adapter (and a classifier head) is trained.
 
@@ -28,11 +35,18 @@ Examples:
 
   torchrun --nproc_per_node=2 --no-python lorakit train --model gpt2 --data corpus/ --strategy ddp
 
-With no --model and --data, the embedded default job runs (when this build includes it).
+Embedded jobs (offline, real pretrained models and text; see the README):
+
+  lorakit train                              # = --preset bert-sentiment: MiniLM BERT, 3-class
+                                             #   sentiment, head-only vs LoRA + head
+
+  lorakit train --preset gpt2-shakespeare    # the shipped Shakespeare GPT-2 adapted to the
+                                             #   held-out Roman plays, perplexity before/after
 """  # noqa: E501
 
 
 def train_command(
+    ctx: typer.Context,
     model: str | None = typer.Option(
         None, "--model", help="Base model: a local folder or a Hugging Face Hub id (cache first)."
     ),
@@ -82,9 +96,23 @@ def train_command(
     ),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON result, no bar."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notices."),
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help=f"Run an embedded job: {' | '.join(EMBEDDED_JOBS)} (the default with no --model "
+        "and --data). Takes only --out, --json and --quiet.",
+    ),
 ) -> None:
-    if model is None and data is None:
-        raise typer.Exit(_run_default_job(out, json_output, quiet))
+    if preset is not None or (model is None and data is None):
+        name = preset or DEFAULT_PRESET
+        extra = sorted(
+            max(param.opts, key=len)
+            for param in ctx.command.params
+            if param.name and param.name not in PRESET_OPTIONS and _given(ctx, param.name)
+        )
+        if extra:
+            _usage(f"--preset {name} runs with its own settings; drop {', '.join(extra)}")
+        raise typer.Exit(_run_embedded_job(name, out, json_output, quiet))
     if model is None or data is None:
         _usage("give both --model and --data (or neither, for the embedded default job)")
         return
@@ -155,22 +183,28 @@ def train_command(
 train_command.__doc__ = _HELP
 
 
+def _given(ctx: typer.Context, key: str) -> bool:
+    """Whether option ``key`` came from the command line (or environment), not its default."""
+    source = ctx.get_parameter_source(key)
+    return source is not None and source.name != "DEFAULT"
+
+
 def _usage(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
-def _run_default_job(out: Path | None, json_output: bool, quiet: bool) -> int:
-    """Hand over to the embedded default job, ``lora_kit.demo.default_job.run``."""
-    if importlib.util.find_spec("lora_kit.demo") is None or (
-        importlib.util.find_spec(DEFAULT_JOB_MODULE) is None
-    ):
+def _run_embedded_job(name: str, out: Path | None, json_output: bool, quiet: bool) -> int:
+    """Hand over to an embedded job's ``run(out=, json_output=, quiet=)``."""
+    module = EMBEDDED_JOBS.get(name)
+    if module is None:
+        _usage(f"--preset must be one of {', '.join(EMBEDDED_JOBS)}, got {name!r}")
+    if importlib.util.find_spec(module) is None:
         typer.echo(
-            "error: no --model/--data given, and this build has no embedded default job "
-            f"({DEFAULT_JOB_MODULE}); pass --model PATH_OR_HUB_ID --data PATH",
+            f"error: this build has no embedded job {name!r} ({module}); "
+            f"pass --model PATH_OR_HUB_ID --data PATH",
             err=True,
         )
         return 2
-    job: Any = importlib.import_module(DEFAULT_JOB_MODULE)
-    result = job.run(out=out, json_output=json_output, quiet=quiet)
-    return int(result or 0)
+    job: Any = importlib.import_module(module)
+    return int(job.run(out=out, json_output=json_output, quiet=quiet))

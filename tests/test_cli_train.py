@@ -86,25 +86,50 @@ def test_failures_exit_1_with_what_was_tried(tmp_path: Path) -> None:
     assert "tried" in result.output
 
 
-def test_no_model_no_data_runs_the_default_job(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    result = runner.invoke(app, ["train"])
-    if "lora_kit.demo" not in sys.modules:
-        assert result.exit_code == 2
-        assert "no embedded default job" in result.output
+def _fake_job(monkeypatch: pytest.MonkeyPatch, module: str) -> list[dict[str, object]]:
+    """Replace an embedded job module by one that records its calls and returns 0."""
     calls: list[dict[str, object]] = []
-    demo = types.ModuleType("lora_kit.demo")
-    demo.__path__ = []  # a package
-    job = types.ModuleType("lora_kit.demo.default_job")
+    job = types.ModuleType(module)
     job.run = lambda **kw: calls.append(kw) or 0  # type: ignore[attr-defined]
-    job.__spec__ = types.SimpleNamespace(name=job.__name__)  # type: ignore[assignment]
-    demo.__spec__ = types.SimpleNamespace(name=demo.__name__, submodule_search_locations=[])  # type: ignore[assignment]
-    monkeypatch.setitem(sys.modules, "lora_kit.demo", demo)
-    monkeypatch.setitem(sys.modules, "lora_kit.demo.default_job", job)
-    result = runner.invoke(app, ["train", "--json", "--out", str(tmp_path / "d")])
+    job.__spec__ = types.SimpleNamespace(name=module)  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, module, job)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("args", "module"),
+    [
+        ([], "lora_kit.demo.default_job"),
+        (["--preset", "bert-sentiment"], "lora_kit.demo.default_job"),
+        (["--preset", "gpt2-shakespeare"], "lora_kit.demo.shakespeare_job"),
+    ],
+)
+def test_embedded_jobs_dispatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], module: str
+) -> None:
+    calls = _fake_job(monkeypatch, module)
+    result = runner.invoke(app, ["train", *args, "--json", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert calls == [{"out": tmp_path / "d", "json_output": True, "quiet": False}]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "nope"], "--preset must be one of bert-sentiment, gpt2-shakespeare"),
+        (["--preset", "gpt2-shakespeare", "--lr", "0.1"], "drop --lr"),
+        (["--steps", "3", "-r", "4"], "drop --rank, --steps"),
+        (["--preset", "bert-sentiment", "--data", "x.txt"], "drop --data"),
+    ],
+)
+def test_embedded_job_usage_errors(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    calls = _fake_job(monkeypatch, "lora_kit.demo.default_job")
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert calls == []
 
 
 def test_real_subprocess_json(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
+
 __all__ = [
     "ADAPT_PLAYS",
     "SENTIMENT_LABELS",
@@ -50,7 +52,7 @@ _SMALL_PRINT_END = re.compile(r"^\*END\*THE SMALL PRINT.*$", re.I | re.M)
 _OLD_END_MARK = re.compile(r"^\s*END OF (THE )?PROJECT GUTENBERG.*$", re.I | re.M)
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(DataError):
     """Raised when a demo corpus or asset is missing or malformed."""
 
 
