@@ -1,4 +1,4 @@
-"""`lorakit inspect ADAPTER`: what is inside one adapter."""
+"""`lorakit inspect PATH`: what is inside one adapter (or a merged model folder)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ from typing import Annotated
 
 import typer
 
+from lora_kit.history import History, describe
 from lora_kit.inspection import DEFAULT_RANK_THRESHOLD, inspect_adapter
+from lora_kit.model_inspection import inspect_model, is_model_dir
 
 from ._tooling import emit_json, errors_to_exit, human_bytes, number, table
 
 
 def inspect(
-    adapter: Annotated[Path, typer.Argument(help="The adapter directory (lora_kit's or PEFT's).")],
+    adapter: Annotated[
+        Path,
+        typer.Argument(
+            help="An adapter directory (lora_kit's or PEFT's), or a model folder such as "
+            "lorakit merge writes."
+        ),
+    ],
     threshold: Annotated[
         float,
         typer.Option(
@@ -29,13 +37,23 @@ def inspect(
     """Show what is inside an adapter: config, per-module numbers, size, provenance.
 
     Per module: shape, rank, alpha, scaling, parameters, the norm of its update and its
-    effective rank; plus the adapter's size and provenance (base fingerprint, history).
+    effective rank; plus the adapter's size and provenance (base fingerprint, and the
+    stacking history when lorakit stack made it, nested for stacks of stacks).
 
     Norms and singular values are those of each module's update scaling * B @ A, computed
     from the low-rank factors in float64. Nothing is written.
+
+    Given a model folder (config.json + safetensors), shows its size, dtypes and the merge
+    history lorakit merge recorded (base, adapters with their sha256 and weights, heads).
+    An unreadable history is reported (a warning, "unreadable history") but does not fail.
     """
+    if is_model_dir(adapter):
+        _inspect_model(adapter, as_json)
+        return
     with errors_to_exit():
         report = inspect_adapter(adapter, threshold)
+    if report.history_error is not None:
+        typer.echo(f"warning: {report.history_error}", err=True)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -53,6 +71,7 @@ def inspect(
                 f"weights sha256 {str(value.get('weights_sha256'))[:16]}..."
             )
         echo(f"{key:<9} {value if isinstance(value, str) else json.dumps(value)}")
+    _echo_history(report.history, report.history_error)
     echo("")
     rows = [
         [
@@ -72,3 +91,33 @@ def inspect(
     for key, shape in report.saved_modules.items():
         echo(f"saved module tensor {key} {shape}")
     echo(f"(effective rank: singular values of dW above {report.threshold:g} x the largest)")
+
+
+def _inspect_model(path: Path, as_json: bool) -> None:
+    with errors_to_exit():
+        report = inspect_model(path)
+    if report.history_error is not None:
+        typer.echo(f"warning: {report.history_error}", err=True)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    arch = ", ".join(report.architectures) or "no architectures listed"
+    typer.echo(f"model     {report.path}  ({report.model_type or 'unknown model_type'}; {arch})")
+    dtypes = ", ".join(f"{code} x {n}" for code, n in report.dtypes.items())
+    typer.echo(
+        f"size      {report.parameters:,} parameters in {report.tensors} tensors, "
+        f"{human_bytes(report.file_bytes)} ({', '.join(report.weight_files)}); {dtypes}"
+    )
+    _echo_history(report.history, report.history_error)
+
+
+def _echo_history(history: History | None, error: str | None) -> None:
+    if error is not None:
+        typer.echo(f"history   unreadable history: {error}")
+    elif history is None:
+        typer.echo("history   none recorded (not made by lorakit stack or merge)")
+    else:
+        lines = describe(history)
+        typer.echo(f"history   {lines[0]}")
+        for line in lines[1:]:
+            typer.echo(f"          {line}")

@@ -44,15 +44,25 @@ def merge(
     force: Annotated[
         bool, typer.Option("--force", help="Merge even if an adapter's base fingerprint differs.")
     ] = False,
+    heads: Annotated[
+        Path | None,
+        typer.Option(
+            "--heads",
+            help="The adapter whose modules_to_save head (e.g. a classifier) to write when "
+            "several carry different ones.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ) -> None:
     """Merge ADAPTERS into BASE and write a complete model folder to -o OUT.
 
     The update sum_k w_k * scaling_k * B_k @ A_k is computed in fp32 and rounded once into the
     output dtype. The base is streamed one tensor at a time (never a second copy in memory);
-    config and tokenizer files are copied; provenance (adapter hashes, weights, lora_kit version)
-    is recorded in the safetensors metadata under "lora_kit.merge". Nothing is left behind on
-    error. Load the result with plain transformers: AutoModel*.from_pretrained(OUT).
+    config and tokenizer files are copied; an adapter's modules_to_save head replaces the base's
+    (adapters with different heads need --heads DIR). The history (base, adapter hashes,
+    weights, lora_kit version) is recorded in the safetensors metadata under
+    "lora_kit.history"; lorakit inspect OUT shows it. Nothing is left behind on error. Load the
+    result with plain transformers: AutoModel*.from_pretrained(OUT).
 
     Example: lorakit merge ./gpt2 adapters/a adapters/b --weights 0.7,-0.3 -o gpt2-ab
     """
@@ -60,7 +70,13 @@ def merge(
         raise typer.BadParameter(f"{dtype!r}: use one of {', '.join(DTYPES)}", param_hint="--dtype")
     with errors_to_exit():
         report = merge_files(
-            base, adapters, out, weights=parse_weights(weights), dtype=dtype, force=force
+            base,
+            adapters,
+            out,
+            weights=parse_weights(weights),
+            dtype=dtype,
+            force=force,
+            heads=heads,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

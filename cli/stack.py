@@ -33,6 +33,14 @@ def stack_command(
     seed: Annotated[
         int | None, typer.Option(help="dare's seed (default: random, recorded).")
     ] = None,
+    heads: Annotated[
+        Path | None,
+        typer.Option(
+            "--heads",
+            help="The input whose modules_to_save head (e.g. a classifier) to keep when "
+            "several inputs carry different ones.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ) -> None:
     """Stack ADAPTERS into one PEFT-format adapter at -o OUT.
@@ -41,6 +49,9 @@ def stack_command(
     svd truncates that sum to --rank on the factors (fast, optimal) and reports the energy kept.
     ties and dare work on the dense updates (--density, --seed) and are re-factored to --rank.
     Every method reports its relative error against the exact weighted sum.
+    Heads (modules_to_save) are never mixed by weight: one input's copy is kept, and inputs
+    with different copies need --heads DIR. The inputs, weights and method are recorded in the
+    output (lorakit inspect shows them).
 
     Example: lorakit stack adapters/a adapters/b --weights 0.7,-0.3 --method svd --rank 8 -o ab
     """
@@ -58,6 +69,7 @@ def stack_command(
             rank=rank,
             density=density,
             seed=seed,
+            heads=heads,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -67,6 +79,8 @@ def stack_command(
     typer.echo(f"  worst module: {worst.module} (rank {worst.rank}, error {worst.rel_error:.3g})")
     if report.seed is not None:
         typer.echo(f"  seed: {report.seed}")
+    for key, source in report.heads.items():
+        typer.echo(f"  head {key} taken from {source}")
 
 
 def register(app: typer.Typer) -> None:

@@ -54,3 +54,14 @@ class DataError(LoraKitError, ValueError):
 
 class TrainingDivergedError(LoraKitError):
     """Too many consecutive steps had a NaN/inf loss or gradient; the last good checkpoint stays."""
+
+
+# ---- provenance and heads (lora_kit.history, lora_kit.heads) -------------------------------
+
+
+class HistoryError(AdapterFormatError):
+    """A recorded stacking/merge history is malformed or of an unknown schema."""
+
+
+class HeadConflictError(AdapterMismatchError):
+    """Several inputs carry different trained copies of one ``modules_to_save`` head."""

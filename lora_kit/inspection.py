@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .adapter_io import WEIGHTS_NAME, AdapterFiles, read_adapter
-from .errors import AdapterFormatError, ConfigError
+from .errors import AdapterFormatError, ConfigError, HistoryError
+from .history import METADATA_NAME, History, read_history
 from .peft_format import PREFIX
 
 # Singular values at or below this fraction of the largest one do not count towards the
@@ -74,8 +75,10 @@ class AdapterReport:
         parameters: All elements in the file.
         file_bytes: Size of ``adapter_model.safetensors``.
         threshold: The relative singular-value threshold used for effective ranks.
-        provenance: lora_kit's header metadata except the config (fingerprint, name, version,
-            created, and any stacking/merge history a tool recorded).
+        provenance: lora_kit's header metadata except the config and the history
+            (fingerprint, name, version, created, ...).
+        history: How the adapter was made, if ``lorakit stack`` made it (see `history`).
+        history_error: Why a recorded history could not be read (then ``history`` is None).
     """
 
     path: str
@@ -88,10 +91,15 @@ class AdapterReport:
     file_bytes: int = 0
     threshold: float = DEFAULT_RANK_THRESHOLD
     provenance: dict[str, Any] = field(default_factory=dict)
+    history: History | None = None
+    history_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return asdict(self)
+        out = {k: v for k, v in asdict(self).items() if k not in ("history", "history_error")}
+        out["history"] = self.history.to_dict() if self.history is not None else None
+        out["history_error"] = self.history_error
+        return out
 
 
 def lora_modules(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -202,7 +210,8 @@ def inspect_files(files: AdapterFiles, threshold: float = DEFAULT_RANK_THRESHOLD
         if k not in lora_keys
     }
     weights = files.path / WEIGHTS_NAME
-    provenance = {k: v for k, v in files.metadata.items() if k != "config"}
+    provenance = {k: v for k, v in files.metadata.items() if k not in ("config", METADATA_NAME)}
+    history, history_error = checked_history(files.metadata, str(files.path))
     return AdapterReport(
         path=str(files.path),
         origin=files.origin,
@@ -214,7 +223,17 @@ def inspect_files(files: AdapterFiles, threshold: float = DEFAULT_RANK_THRESHOLD
         file_bytes=weights.stat().st_size,
         threshold=threshold,
         provenance=provenance,
+        history=history,
+        history_error=history_error,
     )
+
+
+def checked_history(metadata: dict[str, Any], where: str) -> tuple[History | None, str | None]:
+    """``(history, None)``, ``(None, None)`` without one, or ``(None, why)`` if unreadable."""
+    try:
+        return read_history(metadata, f"{where}: history"), None
+    except HistoryError as exc:
+        return None, str(exc)
 
 
 def inspect_adapter(

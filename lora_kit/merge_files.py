@@ -5,6 +5,10 @@ The base is read through safetensors' memory map and the output written with
 second copy of the model. The arithmetic is `merge`'s (fp32 update, rounded once). Everything is
 checked before the first byte is written, the output is assembled in a hidden temporary folder
 next to ``out`` and renamed into place only when complete.
+
+A `history.History` (base, adapters with their sha256, weights, fingerprint checks, heads kept)
+goes into the output's safetensors header as ``lora_kit.history``; transformers ignores it.
+``modules_to_save`` heads replace the base's tensors, chosen as `heads` describes.
 """
 
 from __future__ import annotations
@@ -22,32 +26,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._version import __version__
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, file_sha256, read_adapter
 from .base_model import BaseModelError, resolve_base
 from .errors import AdapterMismatchError, ConfigError, LoraKitError
 from .fingerprint import HASH_DTYPE
+from .heads import choose_heads
+from .history import HEADER_KEY, History, HistorySource, source_record
 from .merge import merged_weight, weighted_delta
 from .peft_format import PREFIX
 from .safetensors_stream import write_streaming
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-METADATA_KEY = "lora_kit.merge"
+METADATA_KEY = HEADER_KEY  # the History, as JSON
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Files in a model folder that hold weights: never copied (the merged file replaces them).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """Provenance of one merged adapter."""
-
-    path: str
-    weight: float
-    config_sha256: str
-    weights_sha256: str
-    fingerprint: str  # "match", "mismatch (forced)" or "none recorded"
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,7 @@ class FileMergeReport:
     """
 
     out: Path
-    adapters: tuple[AdapterSource, ...]
+    adapters: tuple[HistorySource, ...]
     dtype: str
     tensors: int
     max_change: dict[str, float] = field(default_factory=dict)
@@ -76,7 +70,7 @@ class FileMergeReport:
         """JSON-friendly form (for ``--json``)."""
         return {
             "out": str(self.out),
-            "adapters": [vars(a) for a in self.adapters],
+            "adapters": [a.to_dict() for a in self.adapters],
             "dtype": self.dtype,
             "tensors": self.tensors,
             "merged_modules": len(self.max_change),
@@ -104,6 +98,7 @@ def merge_files(
     weights: Sequence[float] | None = None,
     dtype: str | None = None,
     force: bool = False,
+    heads: str | os.PathLike[str] | None = None,
 ) -> FileMergeReport:
     """Merge ``adapters`` (with ``weights``, default 1 each) into ``base``; write model ``out``.
 
@@ -114,11 +109,14 @@ def merge_files(
         weights: One finite weight per adapter; negative subtracts.
         dtype: ``float32``/``float16``/``bfloat16`` for floating tensors (default: as stored).
         force: Merge even if an adapter's recorded base fingerprint differs from ``base``.
+        heads: The adapter whose ``modules_to_save`` head to keep when several carry different
+            copies (see `lora_kit.heads`); not needed when at most one has a head.
 
     Raises:
-        ConfigError: Bad weights/dtype, or ``out`` exists.
+        ConfigError: Bad weights/dtype/``heads``, or ``out`` exists.
         BaseModelError: Base not found or not in safetensors.
         AdapterFormatError, AdapterMismatchError: Unreadable adapter, or it does not fit.
+        HeadConflictError: Adapters carry different copies of a head and ``heads`` is not given.
         NonFiniteError: The merge would produce NaN/inf. Nothing is written in any case.
     """
     target = Path(out)
@@ -132,11 +130,11 @@ def merge_files(
     store = _Base(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     files = [read_adapter(p) for p in adapters]
+    head_tensors = _heads(files, choose_heads(files, heads), store)
     modules: dict[str, _Module] = {}
-    heads: dict[str, tuple[str, Tensor]] = {}  # base key -> (adapter path, tensor)
     sources = []
     for files_k, coeff in zip(files, coeffs, strict=True):
-        found = _plan(files_k, coeff, store, modules, heads)
+        found = _plan(files_k, coeff, store, modules)
         status = _check_fingerprint(files_k, found, config, store, force)
         sources.append(_provenance(files_k, coeff, status))
     by_key = {m.key: (name, m) for name, m in modules.items()}
@@ -145,7 +143,7 @@ def merge_files(
     change: dict[str, float] = {}
 
     def produce(key: str) -> Tensor:
-        stored = heads[key][1] if key in heads else store.load(key)
+        stored = head_tensors[key][1] if key in head_tensors else store.load(key)
         if key not in by_key:
             return stored.to(dtypes[key])
         name, mod = by_key[key]
@@ -154,18 +152,22 @@ def merge_files(
         change[name] = float((new.float() - stored.float()).abs().max())
         return new
 
-    provenance = {
-        "method": "linear",
-        "lora_kit_version": __version__,
-        "base": str(base),
-        "dtype": dtype or "as stored",
-        "adapters": [vars(s) for s in sources],
-    }
+    history = History(
+        operation="merge",
+        method="linear",
+        sources=tuple(sources),
+        base=str(base),
+        heads={k: v[0] for k, v in head_tensors.items()},
+        options={"dtype": dtype or "as stored", "force": force},
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         write_streaming(
-            tmp / SINGLE, specs, produce, {"format": "pt", METADATA_KEY: json.dumps(provenance)}
+            tmp / SINGLE,
+            specs,
+            produce,
+            {"format": "pt", METADATA_KEY: json.dumps(history.to_dict())},
         )
         copied = _copy_side_files(folder, tmp, dtype)
         os.replace(tmp, target)
@@ -178,7 +180,7 @@ def merge_files(
         dtype=dtype or "as stored",
         tensors=len(specs),
         max_change=change,
-        heads={k: v[0] for k, v in heads.items()},
+        heads=dict(history.heads),
         copied=copied,
     )
 
@@ -294,14 +296,31 @@ def _base_key(module: str, shards: dict[str, str], source: str) -> str:
     )
 
 
+def _heads(
+    files: Sequence[AdapterFiles], kept: dict[str, int], store: _Base
+) -> dict[str, tuple[str, Tensor]]:
+    """Base key -> (adapter path, tensor) of every head copy that replaces the base's."""
+    out: dict[str, tuple[str, Tensor]] = {}
+    for key, index in kept.items():
+        body = key.removeprefix(PREFIX)
+        base_key = body if body in store.shards else body.partition(".")[2]
+        if base_key not in store.shards:
+            raise AdapterMismatchError(f"{files[index].path}: the base has no tensor {body!r}")
+        tensor = files[index].tensors[key]
+        if tuple(tensor.shape) != store.shape(base_key):
+            raise AdapterMismatchError(
+                f"{files[index].path}: head tensor {body!r} is {list(tensor.shape)} but the "
+                f"base's is {list(store.shape(base_key))}; was the head trained for another "
+                f"number of labels?"
+            )
+        out[base_key] = (str(files[index].path), tensor)
+    return out
+
+
 def _plan(
-    files: AdapterFiles,
-    coeff: float,
-    store: _Base,
-    modules: dict[str, _Module],
-    heads: dict[str, tuple[str, Tensor]],
+    files: AdapterFiles, coeff: float, store: _Base, modules: dict[str, _Module]
 ) -> dict[str, str]:
-    """Add ``files``' terms to ``modules``/``heads``; return its module -> base key map."""
+    """Add ``files``' LoRA terms to ``modules``; return its module -> base key map."""
     source = str(files.path)
     found: dict[str, str] = {}
     fp_modules = (files.metadata.get("base_fingerprint") or {}).get("modules", {})
@@ -310,11 +329,7 @@ def _plan(
         body = key.removeprefix(PREFIX)
         if body.endswith(".lora_B.weight"):
             continue
-        if not body.endswith(".lora_A.weight"):  # a modules_to_save tensor
-            base_key = body if body in store.shards else body.partition(".")[2]
-            if base_key not in store.shards:
-                raise AdapterMismatchError(f"{source}: the base has no tensor {body!r}")
-            heads.setdefault(base_key, (source, tensor))
+        if not body.endswith(".lora_A.weight"):  # a modules_to_save tensor: see _heads
             continue
         module = body.removesuffix(".lora_A.weight")
         a, b = tensor, files.tensors.get(f"{PREFIX}{module}.lora_B.weight")
@@ -372,14 +387,9 @@ def _check_fingerprint(
     )
 
 
-def _provenance(files: AdapterFiles, coeff: float, status: str) -> AdapterSource:
-    return AdapterSource(
-        path=str(files.path),
-        weight=coeff,
-        config_sha256=file_sha256(files.path / CONFIG_NAME),
-        weights_sha256=file_sha256(files.path / WEIGHTS_NAME),
-        fingerprint=status,
-    )
+def _provenance(files: AdapterFiles, coeff: float, status: str) -> HistorySource:
+    hashes = file_sha256(files.path / WEIGHTS_NAME), file_sha256(files.path / CONFIG_NAME)
+    return source_record(files.path, files.metadata, coeff, hashes, status)
 
 
 def _copy_side_files(folder: Path, dest: Path, dtype: str | None) -> tuple[str, ...]:

@@ -14,6 +14,9 @@ says how close it gets:
   SVD. Their result is not ``T`` by design: the report gives the distance to ``T``.
 
 The output's scaling is 1 (``alpha = r`` per module), so its factors hold the whole update.
+``modules_to_save`` heads are not combined by weight: see `heads` for which copy is kept. A
+`history.History` (inputs with their sha256 and own history, weights, method, settings) goes
+into the output's safetensors header as ``lora_kit.history``.
 """
 
 from __future__ import annotations
@@ -22,17 +25,25 @@ import os
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ._version import __version__
-from .adapter_io import WEIGHTS_NAME, AdapterFiles, file_sha256, read_adapter, write_adapter
+from .adapter_io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    file_sha256,
+    read_adapter,
+    write_adapter,
+)
 from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
+from .heads import choose_heads, saved_module_names
+from .history import METADATA_NAME, History, source_record
 from .peft_format import PREFIX, to_peft_dict
 
 StackMethod = Literal["cat", "svd", "ties", "dare"]
@@ -70,7 +81,7 @@ class StackReport:
         rel_error: Over all modules, ``sqrt(sum ||err||^2) / sqrt(sum ||T||^2)``.
         density: ``ties``/``dare`` density (None otherwise).
         seed: ``dare``'s seed (recorded, also when drawn at random).
-        heads: Input whose ``modules_to_save`` tensors were copied, if any.
+        heads: ``modules_to_save`` tensor (PEFT prefix removed) -> input whose copy was kept.
     """
 
     out: Path
@@ -81,7 +92,7 @@ class StackReport:
     rel_error: float
     density: float | None = None
     seed: int | None = None
-    heads: str | None = None
+    heads: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -93,7 +104,7 @@ class StackReport:
             "rel_error": self.rel_error,
             "density": self.density,
             "seed": self.seed,
-            "heads": self.heads,
+            "heads": dict(self.heads),
             "modules": [vars(m) for m in self.modules],
         }
 
@@ -120,6 +131,7 @@ def stack(
     rank: int | None = None,
     density: float | None = None,
     seed: int | None = None,
+    heads: str | os.PathLike[str] | None = None,
 ) -> StackReport:
     """Combine adapters ``paths`` into one adapter at ``out``.
 
@@ -132,14 +144,17 @@ def stack(
             each module). Ignored by ``cat``.
         density: Fraction of entries kept by ``ties``/``dare``, in (0, 1] (required there).
         seed: ``dare``'s random seed (default: drawn and recorded in the report and file).
+        heads: The input whose ``modules_to_save`` head to keep when several inputs carry
+            different copies (see `lora_kit.heads`); not needed when at most one has a head.
 
     Returns:
         A `StackReport` (per-module energy kept and error against the exact weighted sum).
 
     Raises:
-        ConfigError: Bad weights, method, rank or density.
+        ConfigError: Bad weights, method, rank, density or ``heads`` choice.
         AdapterFormatError: An unreadable input.
         AdapterMismatchError: Inputs of different bases, or the same module with other shapes.
+        HeadConflictError: Inputs carry different copies of a head and ``heads`` is not given.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown stacking method {method!r}; use one of {METHODS}")
@@ -158,6 +173,7 @@ def stack(
         seed = secrets.randbelow(2**31)
     inputs = [read_adapter(p) for p in paths]
     fingerprint = _check_compatible(inputs)
+    kept = choose_heads(inputs, heads)
     terms = _collect(inputs, coeffs)
     tensors: dict[str, Tensor] = {}
     results = []
@@ -173,11 +189,8 @@ def stack(
         key = f"{PREFIX}{module}"
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
         results.append(result)
-    heads_from = next((f for f in inputs if f.config.modules_to_save), None)
-    if heads_from is not None:
-        for key, value in heads_from.tensors.items():
-            if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                tensors[key] = value
+    for key, index in kept.items():
+        tensors[key] = inputs[index].tensors[key]
     energy, error = _overall(terms, results)
     report = StackReport(
         out=Path(out),
@@ -188,9 +201,9 @@ def stack(
         rel_error=error,
         density=float(density) if method in ("ties", "dare") and density is not None else None,
         seed=seed if method == "dare" else None,
-        heads=str(heads_from.path) if heads_from is not None else None,
+        heads={k.removeprefix(PREFIX): str(inputs[i].path) for k, i in kept.items()},
     )
-    config = _config(results, inputs[0], heads_from)
+    config = _config(results, inputs[0], saved_module_names(inputs, kept))
     first = inputs[0].peft_config
     peft_config = to_peft_dict(
         config,
@@ -200,19 +213,26 @@ def stack(
         base_model_name_or_path=first.get("base_model_name_or_path"),
         peft_version=_PEFT_FORMAT_VERSION,
     )
-    metadata: dict[str, Any] = {
-        "config": config.to_json(),
-        "stack": {
-            **{k: v for k, v in report.to_dict().items() if k not in ("out", "modules")},
-            "inputs": [str(f.path) for f in inputs],
-            "inputs_sha256": [file_sha256(f.path / WEIGHTS_NAME) for f in inputs],
-            "lora_kit_version": __version__,
-        },
-    }
+    history = History(
+        operation="stack",
+        method=method,
+        sources=tuple(
+            source_record(f.path, f.metadata, w, _hashes(f))
+            for f, w in zip(inputs, coeffs, strict=True)
+        ),
+        heads=dict(report.heads),
+        options={"rank": rank, "density": report.density, "seed": report.seed},
+        metrics={"energy_kept": energy, "rel_error": error},
+    )
+    metadata: dict[str, Any] = {"config": config.to_json(), METADATA_NAME: history.to_dict()}
     if fingerprint is not None:
         metadata["base_fingerprint"] = fingerprint
     write_adapter(out, peft_config, tensors, metadata)
     return report
+
+
+def _hashes(files: AdapterFiles) -> tuple[str, str]:
+    return file_sha256(files.path / WEIGHTS_NAME), file_sha256(files.path / CONFIG_NAME)
 
 
 def _check_compatible(inputs: Sequence[AdapterFiles]) -> dict[str, Any] | None:
@@ -348,7 +368,7 @@ def _overall(terms: dict[str, _Terms], results: Sequence[ModuleResult]) -> tuple
 
 
 def _config(
-    results: Sequence[ModuleResult], first: AdapterFiles, heads: AdapterFiles | None
+    results: Sequence[ModuleResult], first: AdapterFiles, saved: tuple[str, ...]
 ) -> LoraConfig:
     r = max(res.rank for res in results)
     # Exact module names, escaped: PEFT and lora_kit read pattern keys as regexes.
@@ -360,5 +380,5 @@ def _config(
         targets=tuple(res.module for res in results),
         rank_pattern=other,
         alpha_pattern={k: float(v) for k, v in other.items()},
-        modules_to_save=heads.config.modules_to_save if heads is not None else (),
+        modules_to_save=saved,
     )

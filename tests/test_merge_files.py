@@ -36,11 +36,12 @@ def make_base_and_adapters(
 def test_output_loads_in_plain_transformers_and_matches(tmp_path: Path, kind: str) -> None:
     base, adapters, lm = make_base_and_adapters(tmp_path, kind, heads=True)
     if kind == "bert":
-        randomize(lm, "b", seed=5)  # distinct head copy for b; only a's head must be used
+        randomize(lm, "b", seed=5)  # distinct head copy for b; only a's (chosen) head is used
         lm.save_adapter(tmp_path / "b", "b")
-    lm.set_adapter({"a": 0.7, "b": -0.3})
+    lm.set_adapter({"a": 0.7, "b": -0.3})  # the first active adapter's head: a's
     ref = logits(lm, kind)
-    report = merge_files(base, adapters, tmp_path / "out", weights=[0.7, -0.3])
+    chosen = adapters[0] if kind == "bert" else None
+    report = merge_files(base, adapters, tmp_path / "out", weights=[0.7, -0.3], heads=chosen)
     out = LOADERS[kind].from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(out, kind), ref, rtol=0, atol=ATOL)
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
@@ -53,8 +54,8 @@ def test_output_loads_in_plain_transformers_and_matches(tmp_path: Path, kind: st
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()[METADATA_KEY])
     assert meta["method"] == "linear" and meta["lora_kit_version"] == lk.__version__
-    assert [a["weight"] for a in meta["adapters"]] == [0.7, -0.3]
-    assert all(len(a["weights_sha256"]) == 64 for a in meta["adapters"])
+    assert [a["weight"] for a in meta["sources"]] == [0.7, -0.3]
+    assert all(len(a["weights_sha256"]) == 64 for a in meta["sources"])
 
 
 def test_matches_in_memory_merge_bitwise_and_dtype(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def test_ties_and_dare(saved: tuple[str, Path, lk.LoraModel]) -> None:
     assert all(torch.equal(x1[m], x2[m]) for m in x1)
     assert any(not torch.equal(x1[m], x3[m]) for m in x1)
     assert d1.seed == 3 and d1.rel_error > 0
-    assert read_adapter(tmp / "d1").metadata["stack"]["seed"] == 3
+    assert read_adapter(tmp / "d1").metadata["history"]["options"]["seed"] == 3
     # density 1: dare keeps everything, so (at full rank) it is the exact weighted sum
     full = stack(paths, weights=list(W.values()), method="dare", out=tmp / "d4", density=1.0,
                  rank=64)  # fmt: skip
