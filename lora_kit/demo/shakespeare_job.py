@@ -13,6 +13,7 @@ PEFT's format.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -173,12 +174,12 @@ def run(out: Path | None = None, json_output: bool = False, quiet: bool = False)
 
     Returns:
         0 when held-out perplexity went down; 1 when it did not, or on a lora_kit error
-        (printed as ``error: ...``).
+        (``error: ...`` on stderr).
     """
     try:
         result = train_roman_adapter(out or DEFAULT_OUT, quiet=quiet or json_output)
     except LoraKitError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     if json_output:
         print(json.dumps(result.to_json(), sort_keys=True))

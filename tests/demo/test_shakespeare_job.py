@@ -97,7 +97,9 @@ def test_run_prints_error_and_returns_1_on_missing_data(
 
     monkeypatch.setattr(shakespeare_job, "shakespeare_gpt2_dir", missing)
     assert shakespeare_job.run(out=tmp_path / "x", quiet=True) == 1
-    assert capsys.readouterr().out.strip() == "error: the base asset is missing; rebuild it"
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: the base asset is missing; rebuild it"
+    assert captured.out == ""
 
 
 def test_cli_preset_json_with_short_settings(
