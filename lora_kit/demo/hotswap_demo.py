@@ -189,7 +189,7 @@ def hotswap_demo(
 def _measure(roman_dir: Path, posts_dir: Path, settings: HotswapSettings) -> HotswapResult:
     started = time.perf_counter()
     base, tokenizer = load_base()
-    lm = LoraModel(base)
+    lm = LoraModel(base).eval()
     load_started = time.perf_counter()
     for name, folder in zip(ADAPTER_NAMES, (roman_dir, posts_dir), strict=True):
         lm.load_adapter(folder, name)
@@ -207,13 +207,12 @@ def _measure(roman_dir: Path, posts_dir: Path, settings: HotswapSettings) -> Hot
             samples[label] = sample_text(lm, tokenizer, settings.prompt, settings.sample)
         switch = _time_switches(lm, settings.switches)
         mixed = _mixed_batch(lm, tokenizer, settings)
-    lm.set_adapter(None)
 
     return HotswapResult(
         adapters={n: str(f) for n, f in zip(ADAPTER_NAMES, (roman_dir, posts_dir), strict=True)},
         domains=tuple(d.name for d in domains),
         perplexity=table,
-        eval_tokens={d.name: _eval_count(d, settings) for d in domains},
+        eval_tokens={d.name: d.scored_tokens(settings.eval_tokens) for d in domains},
         load_seconds=load_seconds,
         switch_seconds=switch,
         prompt=settings.prompt,
@@ -263,11 +262,6 @@ def _scores(
         d.name: perplexity(lm, d.eval_ids, settings.eval_block, settings.eval_tokens)
         for d in domains
     }
-
-
-def _eval_count(domain: TextDomain, settings: HotswapSettings) -> int:
-    n = len(domain.eval_ids)
-    return n if settings.eval_tokens is None else min(n, settings.eval_tokens)
 
 
 def _time_switches(lm: LoraModel, switches: int) -> float:

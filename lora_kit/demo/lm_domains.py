@@ -61,6 +61,10 @@ class TextDomain:
     eval_ids: Tensor
     prompts: tuple[str, ...]
 
+    def scored_tokens(self, limit: int | None) -> int:
+        """How many held-out tokens a score limited to ``limit`` tokens (None: all) reads."""
+        return len(self.eval_ids) if limit is None else min(len(self.eval_ids), limit)
+
 
 def load_domain(name: str, tokenizer: Any) -> TextDomain:
     """Tokenise domain ``name`` with the base's tokenizer.

@@ -243,16 +243,16 @@ def adapt(domain: str, out: Path, settings: AdaptSettings, *, quiet: bool = True
 
 def _adapt(domain: str, out: Path, settings: AdaptSettings, quiet: bool) -> AdaptResult:
     started = time.perf_counter()
+    config = settings.train_config(out)  # validated before anything is loaded
     base, tokenizer = load_base()
     _check_fits(settings, int(base.config.n_positions))
     texts = load_domain(domain, tokenizer)
     train_set = pack_blocks(texts.train_ids, settings.block_size, int(tokenizer.eos_token_id))
-    config = settings.train_config(out)
     say = _say(quiet)
 
     lora = LoraConfig(r=settings.rank, alpha=settings.alpha, targets=settings.targets)
     torch.manual_seed(settings.seed)  # reproducible adapter initialisation
-    lm = inject(base, lora, config.adapter_name)
+    lm = inject(base, lora, config.adapter_name).eval()
     with quiet_transformers():
         with lm.disabled():  # the base alone
             before = _score(lm, texts, settings)
@@ -277,7 +277,7 @@ def _adapt(domain: str, out: Path, settings: AdaptSettings, quiet: bool) -> Adap
         perplexity_after=after,
         steps=result.steps,
         train_tokens=result.steps * settings.batch_size * settings.block_size,
-        eval_tokens=_eval_count(texts, settings),
+        eval_tokens=texts.scored_tokens(settings.eval_tokens),
         trainable_parameters=params,
         train_seconds=train_seconds,
         seconds=time.perf_counter() - started,
@@ -320,11 +320,6 @@ def _check_fits(settings: AdaptSettings, positions: int) -> None:
             raise ConfigError(
                 f"AdaptSettings.{name}={value} exceeds the base's {positions} positions"
             )
-
-
-def _eval_count(texts: TextDomain, settings: AdaptSettings) -> int:
-    n = len(texts.eval_ids)
-    return n if settings.eval_tokens is None else min(n, settings.eval_tokens)
 
 
 def _score(model: torch.nn.Module, texts: TextDomain, settings: AdaptSettings) -> float:

@@ -45,3 +45,10 @@ def test_posts_domain_ends_every_post_with_eos(tokenizer: Any) -> None:
 def test_unknown_domain_is_a_demo_data_error(tokenizer: Any) -> None:
     with pytest.raises(DemoDataError, match="roman"):
         load_domain("sonnets", tokenizer)
+
+
+def test_scored_tokens_is_capped_by_the_held_out_text(tokenizer: Any) -> None:
+    domain = load_domain("roman", tokenizer)
+    assert domain.scored_tokens(None) == len(domain.eval_ids)
+    assert domain.scored_tokens(100) == 100
+    assert domain.scored_tokens(10**9) == len(domain.eval_ids)
