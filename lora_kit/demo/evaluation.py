@@ -5,19 +5,19 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import PreTrainedModel
+from torch import nn
 
 __all__ = ["mean_token_nll", "perplexity"]
 
 
 @torch.no_grad()
 def mean_token_nll(
-    model: PreTrainedModel, ids: torch.Tensor, block_size: int, max_tokens: int | None = None
+    model: nn.Module, ids: torch.Tensor, block_size: int, max_tokens: int | None = None
 ) -> float:
     """Mean next-token negative log-likelihood (nats) over non-overlapping blocks.
 
     Args:
-        model: A causal LM returning ``.loss`` when given ``labels``.
+        model: A causal LM returning ``.loss`` when given ``labels`` (or a `LoraModel` over one).
         ids: 1-D tensor of token ids.
         block_size: Tokens per block (at most the model's context length).
         max_tokens: If set, only the first ``max_tokens`` ids are scored.
@@ -42,7 +42,7 @@ def mean_token_nll(
 
 
 def perplexity(
-    model: PreTrainedModel, ids: torch.Tensor, block_size: int, max_tokens: int | None = None
+    model: nn.Module, ids: torch.Tensor, block_size: int, max_tokens: int | None = None
 ) -> float:
     """Per-token perplexity, ``exp(mean_token_nll(...))``; see ``mean_token_nll``."""
     return math.exp(mean_token_nll(model, ids, block_size, max_tokens))
