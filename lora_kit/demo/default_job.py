@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -123,7 +124,7 @@ def run(out: Path | None = None, json_output: bool = False, quiet: bool = False)
     try:
         result = run_job(SentimentSettings(), out or DEFAULT_OUT, quiet=quiet or json_output)
     except LoraKitError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     won = result.lora.macro_f1 > result.head_only.macro_f1
     if json_output:

@@ -10,16 +10,13 @@ shows without ever reloading the base:
 (c) a mixed batch, row 0 under ``roman`` and row 1 under ``posts`` (``adapter_names=``), checked
     against each adapter run alone on its row.
 
-``python -m lora_kit.demo.hotswap_demo`` trains the posts adapter and runs the demo (after
-``lorakit train --preset gpt2-shakespeare`` has written the roman adapter).
+``lorakit demo`` (the README's main job, :mod:`lora_kit.demo.main_job`) trains both adapters
+and runs this.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,18 +24,13 @@ from typing import Any
 
 import torch
 
-from ..errors import LoraKitError
 from ..model import LoraModel
 from .evaluation import perplexity
 from .generation import SampleSettings, one_line, sample_text
 from .lm_domains import TextDomain, load_domain
 from .runtime import quiet_transformers, torch_threads
 from .shakespeare_job import (
-    DEFAULT_OUT,
-    DEFAULT_POSTS_OUT,
-    format_result,
     load_base,
-    train_posts_adapter,
 )
 
 __all__ = [
@@ -48,7 +40,6 @@ __all__ = [
     "MixedBatchCheck",
     "format_hotswap",
     "hotswap_demo",
-    "main",
 ]
 
 ADAPTER_NAMES: tuple[str, str] = ("roman", "posts")
@@ -305,40 +296,3 @@ def _mixed_batch(lm: LoraModel, tokenizer: Any, settings: HotswapSettings) -> Mi
         texts=tuple(texts),
         alone_texts=tuple(alone_texts),
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lora_kit.demo.hotswap_demo``: train the posts adapter, then run the demo.
-
-    The roman adapter must exist (``lorakit train --preset gpt2-shakespeare`` writes it).
-
-    Returns:
-        0 when each adapter wins on its own domain and the mixed batch matches; 1 when not, or
-        on a lora_kit error (``error: ...`` on stderr).
-    """
-    parser = argparse.ArgumentParser(prog="python -m lora_kit.demo.hotswap_demo")
-    parser.add_argument("--roman", type=Path, default=DEFAULT_OUT, help="roman adapter dir")
-    parser.add_argument("--posts", type=Path, default=DEFAULT_POSTS_OUT, help="posts adapter out")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    if not (args.roman / "adapter_config.json").is_file():
-        print(
-            f"error: no adapter in {args.roman}; run: lorakit train --preset gpt2-shakespeare",
-            file=sys.stderr,
-        )
-        return 1
-    try:
-        posts = train_posts_adapter(args.posts, quiet=args.json)
-        if not args.json:
-            print(format_result(posts))
-        result = hotswap_demo(args.roman, args.posts, quiet=args.json)
-    except LoraKitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({"posts": posts.to_json(), "hotswap": result.to_json()}, sort_keys=True))
-    return 0 if result.own_domain_wins and result.mixed.passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

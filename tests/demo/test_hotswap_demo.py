@@ -18,7 +18,6 @@ from lora_kit.demo.hotswap_demo import (
     MixedBatchCheck,
     format_hotswap,
     hotswap_demo,
-    main,
 )
 from lora_kit.demo.lm_domains import load_domain
 from lora_kit.demo.shakespeare_job import AdaptResult, load_base
@@ -93,12 +92,3 @@ def test_verdicts_fail_when_their_claims_do_not_hold(demo: HotswapResult) -> Non
 def test_missing_adapter_is_a_lora_kit_error(tmp_path: Path, roman_short: AdaptResult) -> None:
     with pytest.raises(LoraKitError):
         hotswap_demo(Path(roman_short.adapter), tmp_path / "nope", True, SETTINGS)
-
-
-def test_main_without_the_roman_adapter_says_how_to_make_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    posts = tmp_path / "posts"
-    assert main(["--roman", str(tmp_path / "none"), "--posts", str(posts)]) == 1
-    assert "lorakit train --preset gpt2-shakespeare" in capsys.readouterr().err
-    assert not posts.exists()  # nothing trained
