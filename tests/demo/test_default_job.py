@@ -35,7 +35,6 @@ def quick_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, default_job.SentimentJobResult]:
     out = tmp_path_factory.mktemp("job") / "bert-sentiment"
-    torch.set_num_threads(2)
     return out, run_job(QUICK, out, quiet=True)
 
 
