@@ -158,6 +158,13 @@ def merge_files(
         status = _check_fingerprint(files_k, found, config, store, force)
         sources.append(_provenance(files_k, coeff, status))
     by_key = {m.key: (name, m) for name, m in modules.items()}
+    written = set(layout.keys.values())
+    lost = sorted(name for name, m in modules.items() if m.key not in written)
+    if lost:  # only possible when the output is a task model that has no place for them
+        raise HeadLayoutError(
+            f"adapted modules {lost} are not part of {layout.architecture}, which lorakit merge "
+            f"writes for this headless base; their updates would be lost"
+        )
     change: dict[str, float] = {}
 
     def produce(key: str) -> Tensor:
@@ -227,6 +234,11 @@ class _Layout:
     shapes: dict[str, tuple[int, ...]]
     heads: dict[str, tuple[str, Tensor]]  # output key -> (adapter path, head tensor)
     task: TaskLayout | None  # set when the base had no head and the output is the task model
+
+    @property
+    def architecture(self) -> str:
+        """The task model's class name, or "the base's architecture"."""
+        return self.task.architecture if self.task is not None else "the base's architecture"
 
 
 def _layout(

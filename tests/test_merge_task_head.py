@@ -204,6 +204,19 @@ def test_refused_when_the_head_cannot_be_placed(tmp_path: Path, case: str, match
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_refused_when_an_adapted_module_has_no_place_in_the_task_model(tmp_path: Path) -> None:
+    """LoRA on the pooler, declared TOKEN_CLS: BertForTokenClassification has no pooler."""
+    base = headless("bert", tmp_path / "base")
+    config = lk.LoraConfig(r=4, alpha=8, targets=("pooler.dense",), modules_to_save=("classifier",))
+    lm = lk.inject(task_model(base), config)
+    randomize(lm, seed=3)
+    lm.save_adapter(tmp_path / "ad")
+    _edit_config(tmp_path / "ad", task_type="TOKEN_CLS")
+    with pytest.raises(HeadLayoutError, match=r"\['bert.pooler.dense'\] are not part of BertFor"):
+        merge_files(base, [tmp_path / "ad"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_says_what_it_wrote_and_refuses_with_exit_1(tmp_path: Path) -> None:
     base = headless("bert", tmp_path / "base")
     head_adapter("bert", base, tmp_path / "ad")
