@@ -185,6 +185,8 @@ def merge_cost(tmp: Path, repeats: int) -> list[list[object]]:
             t, peak, start = (float(x) for x in proc.stdout.split()[-3:])
             results[case].append((t, peak, peak - start))
     rows = []
+    per_run = [m[0] / b[0] for m, b in zip(results["merge"], results["save"], strict=True)]
+    print(f"per-run time ratios merge/baseline: {', '.join(f'{r:.2f}' for r in per_run)}")
     med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in results.items()}
     for case, label in (("merge", "lorakit merge (stream)"), ("save", "load + save_pretrained")):
         t, peak, extra = med[case]
@@ -318,9 +320,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip PEFT svd")
     parser.add_argument("--only", choices=["drift", "stack", "merge"], default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="merge-cost runs per case (default 3, quick 2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (2 if args.quick else 3)
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -354,8 +359,8 @@ def main() -> None:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             rows = merge_cost(tmp, repeats)
             table(
-                "lorakit merge vs load + save_pretrained (GPT-2-small fp32 base, one r=8 "
-                "adapter, child processes alternating)",
+                f"lorakit merge vs load + save_pretrained (GPT-2-small fp32 base, one r=8 "
+                f"adapter, child processes alternating, median of {repeats})",
                 ["case", "seconds", "peak RSS MiB", "peak - post-import MiB"],
                 rows,
             )

@@ -59,10 +59,12 @@ def merge(
     The update sum_k w_k * scaling_k * B_k @ A_k is computed in fp32 and rounded once into the
     output dtype. The base is streamed one tensor at a time (never a second copy in memory);
     config and tokenizer files are copied; an adapter's modules_to_save head replaces the base's
-    (adapters with different heads need --heads DIR). The history (base, adapter hashes,
-    weights, lora_kit version) is recorded in the safetensors metadata under
-    "lora_kit.history"; lorakit inspect OUT shows it. Nothing is left behind on error. Load the
-    result with plain transformers: AutoModel*.from_pretrained(OUT).
+    (adapters with different heads need --heads DIR). A head the base lacks (a classifier
+    trained on a headless BertModel checkpoint) makes the output the task model, e.g.
+    BertForSequenceClassification, with labels from the adapter's labels.json. The history
+    (base, adapter hashes, weights, lora_kit version) is recorded in the safetensors metadata
+    under "lora_kit.history"; lorakit inspect OUT shows it. Nothing is left behind on error.
+    Load the result with plain transformers: AutoModel*.from_pretrained(OUT).
 
     Example: lorakit merge ./gpt2 adapters/a adapters/b --weights 0.7,-0.3 -o gpt2-ab
     """
@@ -93,6 +95,17 @@ def merge(
     )
     for key, source in report.heads.items():
         typer.echo(f"  head {key} taken from {source}")
+    task = report.task
+    if task is not None:
+        names = ", ".join(task.id2label.values())
+        typer.echo(
+            f"  the base had no head: wrote {task.architecture} with {len(task.id2label)} "
+            f"labels ({names}; from {task.labels_from})"
+        )
+        if task.prefix_added:
+            typer.echo(f"  base tensors renamed under {task.prefix_added!r}")
+        if task.dropped:
+            typer.echo(f"  left out (no place in {task.architecture}): {', '.join(task.dropped)}")
     typer.echo(f"  copied: {', '.join(report.copied)}")
 
 

@@ -30,6 +30,7 @@ from .peft_format import from_peft_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LABELS_NAME = "labels.json"  # beside a classifier's adapter: {"id2label": ..., "label2id": ...}
 FORMAT_VERSION = "1"
 META_PREFIX = "lora_kit."
 

@@ -65,3 +65,7 @@ class HistoryError(AdapterFormatError):
 
 class HeadConflictError(AdapterMismatchError):
     """Several inputs carry different trained copies of one ``modules_to_save`` head."""
+
+
+class HeadLayoutError(AdapterMismatchError):
+    """An adapter's head cannot be placed into the base checkpoint: unknown task, head or labels."""

@@ -12,6 +12,7 @@ merged projection's weight while merged (reported as `MergeReport.kept_bytes`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,8 +40,9 @@ def lora_delta(a: Tensor, b: Tensor, scaling: float, *, fan_in_fan_out: bool = F
         scaling: The adapter's scaling times any extra weight.
         fan_in_fan_out: True for Conv1D (result ``[in, out]``), else ``[out, in]``.
     """
-    delta = (b.float() @ a.float()) * scaling  # [out, in]
-    return delta.t() if fan_in_fan_out else delta
+    # Contiguous in the stored layout: Conv1D's [in, out] is A^T @ B^T, not a transposed view.
+    delta = a.float().t() @ b.float().t() if fan_in_fan_out else b.float() @ a.float()
+    return delta if scaling == 1.0 else delta.mul_(scaling)  # x * 1.0 == x: skip the pass
 
 
 def weighted_delta(
@@ -66,17 +68,39 @@ def merged_weight(
 ) -> Tensor:
     """``weight + delta`` added in fp32 and rounded once into ``dtype`` (default: ``weight``'s).
 
+    Neither input is changed (`merge_update` is the variant that reuses ``delta``'s buffer).
+
+    Raises:
+        NonFiniteError: The result holds NaN/inf (e.g. fp16 overflow); names ``where``.
+    """
+    return merge_update(weight, delta.clone(), where, dtype)[0]
+
+
+def merge_update(
+    weight: Tensor, delta: Tensor, where: str, dtype: torch.dtype | None = None
+) -> tuple[Tensor, float]:
+    """`merged_weight`, and the largest absolute change it makes to one element.
+
+    ``delta`` (fp32, as `weighted_delta` returns it) is consumed: the sum is formed in its
+    buffer. The change is measured in fp32 on the rounded result; it doubles as the finiteness
+    check (NaN/inf anywhere in the result makes it non-finite), so the result is read twice in
+    all: once to round, once to measure.
+
     Raises:
         NonFiniteError: The result holds NaN/inf (e.g. fp16 overflow); names ``where``.
     """
     dtype = weight.dtype if dtype is None else dtype
-    out = (weight.detach().float() + delta.to(weight.device)).to(dtype)
-    if not bool(torch.isfinite(out).all()):
+    total = delta.to(weight.device, torch.float32)
+    total.add_(weight.detach())  # fp32 sum (a + b == b + a bitwise: same as weight + delta)
+    out = total.to(dtype)  # rounded once; the same tensor when dtype is fp32
+    diff = out - weight if out.dtype == weight.dtype == torch.float32 else out.float() - weight
+    change = float(diff.abs_().max()) if diff.numel() else 0.0
+    if not math.isfinite(change) and not bool(torch.isfinite(out).all()):
         raise NonFiniteError(
             f"merging into {where} gives NaN or infinity (in {dtype}); nothing was "
             f"changed. Check the adapter weights, use smaller merge weights, or a wider dtype"
         )
-    return out
+    return out, change
 
 
 @dataclass(frozen=True)
@@ -139,8 +163,7 @@ def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = T
             continue
         with torch.no_grad():
             delta = weighted_delta(terms, fan_in_fan_out=layer.fan_in_fan_out)
-            out = merged_weight(layer.weight, delta, name)
-            change[name] = float((out.float() - layer.weight.float()).abs().max())
+            out, change[name] = merge_update(layer.weight, delta, name)
         new[name] = out
     kept = 0
     by_name = dict(layers)

@@ -1,14 +1,17 @@
 """``lorakit merge``: fold adapters into a base checkpoint on disk, one tensor at a time.
 
-The base is read through safetensors' memory map and the output written with
-`safetensors_stream`, so at most one base tensor (plus its update) is in memory at once: never a
-second copy of the model. The arithmetic is `merge`'s (fp32 update, rounded once). Everything is
-checked before the first byte is written, the output is assembled in a hidden temporary folder
-next to ``out`` and renamed into place only when complete.
+The output is written with `safetensors_stream`: a base tensor that no adapter changes (and
+that keeps its dtype) is copied file to file by the kernel without entering the process; each
+merged one is read, updated and written alone, so at most one base tensor (plus its update) is
+in memory at once: never a second copy of the model. The arithmetic is `merge`'s (fp32 update,
+rounded once). Everything is checked before the first byte is written, the output is assembled
+in a hidden temporary folder next to ``out`` and renamed into place only when complete.
 
 A `history.History` (base, adapters with their sha256, weights, fingerprint checks, heads kept)
 goes into the output's safetensors header as ``lora_kit.history``; transformers ignores it.
-``modules_to_save`` heads replace the base's tensors, chosen as `heads` describes.
+``modules_to_save`` heads replace the base's tensors, chosen as `heads` describes; a head the
+base has no place for (a classifier trained on a headless checkpoint) makes the output the task
+model, as `task_head` describes.
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, file_sha256, read_adapter
+from .adapter_io import (
+    CONFIG_NAME,
+    LABELS_NAME,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    file_sha256,
+    read_adapter,
+)
 from .base_model import BaseModelError, resolve_base
-from .errors import AdapterMismatchError, ConfigError, LoraKitError
+from .errors import AdapterMismatchError, ConfigError, HeadLayoutError, LoraKitError
 from .fingerprint import HASH_DTYPE
 from .heads import choose_heads
-from .history import HEADER_KEY, History, HistorySource, source_record
-from .merge import merged_weight, weighted_delta
+from .history import HEADER_KEY, History, HistorySource, Scalar, source_record
+from .merge import merge_update, weighted_delta
 from .peft_format import PREFIX
-from .safetensors_stream import write_streaming
+from .safetensors_stream import ByteRange, write_streaming
+from .task_head import TaskLayout, read_labels, task_layout
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -56,6 +67,7 @@ class FileMergeReport:
         max_change: Merged module -> largest absolute change to one weight element.
         heads: ``modules_to_save`` tensor -> adapter whose copy replaced the base's.
         copied: Non-weight files copied from the base (config, tokenizer, ...).
+        task: The task model written when the base had no head for the adapter's (else None).
     """
 
     out: Path
@@ -65,6 +77,7 @@ class FileMergeReport:
     max_change: dict[str, float] = field(default_factory=dict)
     heads: dict[str, str] = field(default_factory=dict)
     copied: tuple[str, ...] = ()
+    task: TaskLayout | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for ``--json``)."""
@@ -78,6 +91,7 @@ class FileMergeReport:
             "max_change_per_module": self.max_change,
             "heads": self.heads,
             "copied": list(self.copied),
+            "task_head": None if self.task is None else self.task.record(),
         }
 
 
@@ -102,6 +116,11 @@ def merge_files(
 ) -> FileMergeReport:
     """Merge ``adapters`` (with ``weights``, default 1 each) into ``base``; write model ``out``.
 
+    When the adapters carry a head the base lacks (a classifier trained on a headless
+    ``BertModel`` checkpoint), the output is the task model, as `lora_kit.task_head` describes:
+    the base's tensors under the task model's names, the head, and a config naming the task
+    architecture and labels (from the adapter's ``labels.json`` when it has one).
+
     Args:
         base: Model folder or Hub id (see `base_model.resolve_base`); safetensors weights.
         adapters: Adapter directories (lora_kit's or PEFT's).
@@ -117,6 +136,7 @@ def merge_files(
         BaseModelError: Base not found or not in safetensors.
         AdapterFormatError, AdapterMismatchError: Unreadable adapter, or it does not fit.
         HeadConflictError: Adapters carry different copies of a head and ``heads`` is not given.
+        HeadLayoutError: A head the base lacks cannot be placed (unknown task or head names).
         NonFiniteError: The merge would produce NaN/inf. Nothing is written in any case.
     """
     target = Path(out)
@@ -130,7 +150,7 @@ def merge_files(
     store = _Base(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     files = [read_adapter(p) for p in adapters]
-    head_tensors = _heads(files, choose_heads(files, heads), store)
+    layout = _layout(files, choose_heads(files, heads), store, out_dtype)
     modules: dict[str, _Module] = {}
     sources = []
     for files_k, coeff in zip(files, coeffs, strict=True):
@@ -138,38 +158,57 @@ def merge_files(
         status = _check_fingerprint(files_k, found, config, store, force)
         sources.append(_provenance(files_k, coeff, status))
     by_key = {m.key: (name, m) for name, m in modules.items()}
-    specs = [(k, store.dtype(k, out_dtype), store.shape(k)) for k in sorted(store.shards)]
-    dtypes = {k: d for k, d, _ in specs}
+    written = set(layout.keys.values())
+    lost = sorted(name for name, m in modules.items() if m.key not in written)
+    if lost:  # only possible when the output is a task model that has no place for them
+        raise HeadLayoutError(
+            f"adapted modules {lost} are not part of {layout.architecture}, which lorakit merge "
+            f"writes for this headless base; their updates would be lost"
+        )
     change: dict[str, float] = {}
 
     def produce(key: str) -> Tensor:
-        stored = head_tensors[key][1] if key in head_tensors else store.load(key)
-        if key not in by_key:
-            return stored.to(dtypes[key])
-        name, mod = by_key[key]
+        base_key = layout.keys[key]
+        # A head's tensor, else the base's (base_key is None only for a head the base lacks).
+        stored = layout.heads[key][1] if key in layout.heads else store.load(str(base_key))
+        if base_key not in by_key:
+            return stored.to(layout.dtypes[key])
+        name, mod = by_key[base_key]
         delta = weighted_delta(mod.terms, fan_in_fan_out=mod.fan_in_fan_out)
-        new = merged_weight(stored, delta, name, dtypes[key])  # fp32 sum, rounded once
-        change[name] = float((new.float() - stored.float()).abs().max())
-        return new
+        new, change[name] = merge_update(stored, delta, name, layout.dtypes[key])
+        return new  # the fp32 sum, rounded once
 
+    copies = {
+        key: store.byte_range(base_key)
+        for key, base_key in layout.keys.items()
+        if base_key is not None
+        and key not in layout.heads
+        and base_key not in by_key
+        and layout.dtypes[key] == store.dtype(base_key, None)
+    }
+    options: dict[str, Scalar] = {"dtype": dtype or "as stored", "force": force}
+    if layout.task is not None:
+        options.update(layout.task.record())
     history = History(
         operation="merge",
         method="linear",
         sources=tuple(sources),
         base=str(base),
-        heads={k: v[0] for k, v in head_tensors.items()},
-        options={"dtype": dtype or "as stored", "force": force},
+        heads={k: v[0] for k, v in layout.heads.items()},
+        options=options,
     )
+    new_config = None if layout.task is None else layout.task.config(config)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         write_streaming(
             tmp / SINGLE,
-            specs,
+            [(k, layout.dtypes[k], layout.shapes[k]) for k in layout.keys],
             produce,
             {"format": "pt", METADATA_KEY: json.dumps(history.to_dict())},
+            copies,
         )
-        copied = _copy_side_files(folder, tmp, dtype)
+        copied = _copy_side_files(folder, tmp, dtype, new_config)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,10 +217,83 @@ def merge_files(
         out=target,
         adapters=tuple(sources),
         dtype=dtype or "as stored",
-        tensors=len(specs),
+        tensors=len(layout.keys),
         max_change=change,
         heads=dict(history.heads),
         copied=copied,
+        task=layout.task,
+    )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The output's tensors, in file order, and where each comes from."""
+
+    keys: dict[str, str | None]  # output key -> base key (None: a head the base lacks)
+    dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    heads: dict[str, tuple[str, Tensor]]  # output key -> (adapter path, head tensor)
+    task: TaskLayout | None  # set when the base had no head and the output is the task model
+
+    @property
+    def architecture(self) -> str:
+        """The task model's class name, or "the base's architecture"."""
+        return self.task.architecture if self.task is not None else "the base's architecture"
+
+
+def _layout(
+    files: Sequence[AdapterFiles], kept: dict[str, int], store: _Base, out: torch.dtype | None
+) -> _Layout:
+    """The base's tensors (in its file order) with the kept heads in place, or the task model."""
+    bodies = {
+        key.removeprefix(PREFIX): (files[i], files[i].tensors[key]) for key, i in kept.items()
+    }
+    in_base = {body: _head_base_key(body, store.shards) for body in bodies}
+    if all(in_base.values()):  # the base has every head: replace its copies
+        heads = {}
+        for body, base_key in in_base.items():
+            source, tensor = bodies[body]
+            _check_head_shape(source, body, tensor, store.shape(str(base_key)))
+            heads[str(base_key)] = (str(source.path), tensor)
+        keys: dict[str, str | None] = {k: k for k in store.ordered}
+        return _Layout(
+            keys=keys,
+            dtypes={k: store.dtype(k, out) for k in keys},
+            shapes={k: store.shape(k) for k in keys},
+            heads=heads,
+            task=None,
+        )
+    owners = {id(f) for f, _ in bodies.values()}
+    owner = next(f for f, _ in bodies.values())
+    if len(owners) > 1:
+        raise HeadLayoutError(
+            f"the heads kept come from several adapters "
+            f"({', '.join(sorted({str(f.path) for f, _ in bodies.values()}))}) and the base has "
+            f"none; lorakit merge adds a missing head from one adapter only: choose it with "
+            f"--heads DIR"
+        )
+    task = task_layout(
+        store.folder,
+        {k: store.shape(k) for k in store.ordered},
+        {body: tensor for body, (_, tensor) in bodies.items()},
+        owner.peft_config.get("task_type"),
+        read_labels(owner.path / LABELS_NAME),
+        str(owner.path),
+    )
+    floating = next((d for d in store.stored_dtypes() if d.is_floating_point), torch.float32)
+    keys = {**task.base_keys, **dict.fromkeys(k for k in task.head_keys if k not in task.base_keys)}
+    heads = {k: (str(owner.path), bodies[body][1]) for k, body in task.head_keys.items()}
+    return _Layout(
+        keys=keys,
+        dtypes={
+            k: store.dtype(b, out) if b is not None else (out or floating) for k, b in keys.items()
+        },
+        shapes={
+            k: store.shape(b) if b is not None else tuple(heads[k][1].shape)
+            for k, b in keys.items()
+        },
+        heads=heads,
+        task=task,
     )
 
 
@@ -230,6 +342,10 @@ class _Base:
             for key, entry in _read_header(folder / name).items():
                 self.entries[key] = (name, *entry)
         self.shards = {k: v[0] for k, v in self.entries.items()}
+        # File order: adjacent tensors that go out unchanged are copied in one call.
+        self.ordered = sorted(
+            self.entries, key=lambda k: (files.index(self.shards[k]), self.entries[k][3])
+        )
 
     def load(self, key: str) -> Tensor:
         """The tensor ``key`` (a fresh CPU tensor)."""
@@ -243,6 +359,15 @@ class _Base:
             if handle.readinto(raw.numpy().data) != end - begin:
                 raise BaseModelError(f"{self.folder / name}: truncated at tensor {key!r}")
         return raw.view(dtype).reshape(shape)
+
+    def byte_range(self, key: str) -> ByteRange:
+        """Where ``key``'s bytes are, to copy them as they are."""
+        name, _, _, begin, end = self.entries[key]
+        return ByteRange(self.folder / name, begin, end)
+
+    def stored_dtypes(self) -> list[torch.dtype]:
+        """The dtype of every tensor, in file order."""
+        return [self._stored(k, self.entries[k][1]) for k in self.ordered]
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of ``key`` without loading it."""
@@ -296,25 +421,22 @@ def _base_key(module: str, shards: dict[str, str], source: str) -> str:
     )
 
 
-def _heads(
-    files: Sequence[AdapterFiles], kept: dict[str, int], store: _Base
-) -> dict[str, tuple[str, Tensor]]:
-    """Base key -> (adapter path, tensor) of every head copy that replaces the base's."""
-    out: dict[str, tuple[str, Tensor]] = {}
-    for key, index in kept.items():
-        body = key.removeprefix(PREFIX)
-        base_key = body if body in store.shards else body.partition(".")[2]
-        if base_key not in store.shards:
-            raise AdapterMismatchError(f"{files[index].path}: the base has no tensor {body!r}")
-        tensor = files[index].tensors[key]
-        if tuple(tensor.shape) != store.shape(base_key):
-            raise AdapterMismatchError(
-                f"{files[index].path}: head tensor {body!r} is {list(tensor.shape)} but the "
-                f"base's is {list(store.shape(base_key))}; was the head trained for another "
-                f"number of labels?"
-            )
-        out[base_key] = (str(files[index].path), tensor)
-    return out
+def _head_base_key(body: str, shards: dict[str, str]) -> str | None:
+    """The base tensor a head tensor replaces (its name, or without the task prefix), if any."""
+    for candidate in (body, body.partition(".")[2]):
+        if candidate and candidate in shards:
+            return candidate
+    return None
+
+
+def _check_head_shape(
+    source: AdapterFiles, body: str, tensor: Tensor, shape: tuple[int, ...]
+) -> None:
+    if tuple(tensor.shape) != shape:
+        raise AdapterMismatchError(
+            f"{source.path}: head tensor {body!r} is {list(tensor.shape)} but the "
+            f"base's is {list(shape)}; was the head trained for another number of labels?"
+        )
 
 
 def _plan(
@@ -392,7 +514,10 @@ def _provenance(files: AdapterFiles, coeff: float, status: str) -> HistorySource
     return source_record(files.path, files.metadata, coeff, hashes, status)
 
 
-def _copy_side_files(folder: Path, dest: Path, dtype: str | None) -> tuple[str, ...]:
+def _copy_side_files(
+    folder: Path, dest: Path, dtype: str | None, config: dict[str, Any] | None
+) -> tuple[str, ...]:
+    """Copy ``folder``'s non-weight files; ``config`` (if given) replaces its config.json."""
     copied = []
     for entry in sorted(folder.iterdir()):
         if not entry.is_file() or entry.name.startswith("."):
@@ -401,12 +526,18 @@ def _copy_side_files(folder: Path, dest: Path, dtype: str | None) -> tuple[str, 
             continue
         shutil.copy2(entry, dest / entry.name)
         copied.append(entry.name)
-    if dtype is not None and (dest / "config.json").is_file():
-        cfg = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+    if not copied or "config.json" not in copied:
+        raise LoraKitError(f"{folder}: nothing copied; the base folder has no config.json")
+    if config is None and dtype is None:
+        return tuple(copied)
+    cfg = (
+        dict(config)
+        if config is not None
+        else json.loads((dest / "config.json").read_text(encoding="utf-8"))
+    )
+    if dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in cfg:
                 cfg[key] = dtype
-        (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    if not copied or "config.json" not in copied:
-        raise LoraKitError(f"{folder}: nothing copied; the base folder has no config.json")
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return tuple(copied)

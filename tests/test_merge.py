@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import lora_kit as lk
 from lora_kit.adapter_io import read_adapter
 from lora_kit.layers import LoRALinear
-from lora_kit.merge import lora_delta, merged_weight, weighted_delta
+from lora_kit.merge import lora_delta, merge_update, merged_weight, weighted_delta
 from lora_kit.saved_modules import SavedModule
 
 # fp32 tolerance: merged computes (W + s*B@A) x, unmerged W x + s*B(A x): the same sums in a
@@ -34,7 +34,9 @@ def test_lora_delta_layouts() -> None:
     a, b = torch.randn(3, 5), torch.randn(7, 3)
     d = lora_delta(a, b, 0.5)
     torch.testing.assert_close(d, 0.5 * b @ a, rtol=0, atol=0)
-    assert lora_delta(a, b, 0.5, fan_in_fan_out=True).shape == (5, 7)
+    conv = lora_delta(a, b, 0.5, fan_in_fan_out=True)  # Conv1D's [in, out], contiguous
+    assert conv.shape == (5, 7) and conv.is_contiguous()
+    torch.testing.assert_close(conv, d.t(), rtol=1e-6, atol=1e-6)  # GEMM order may differ
     # weighted_delta equals the explicit weighted sum (one GEMM over concatenated factors).
     a2, b2 = torch.randn(2, 5), torch.randn(7, 2)
     got = weighted_delta([(a, b, 0.7), (a2, b2, -0.3)])
@@ -47,6 +49,20 @@ def test_merged_weight_rounds_once_and_refuses_nonfinite() -> None:
     assert torch.equal(merged_weight(w, delta, "m"), (w.float() + delta).to(torch.bfloat16))
     with pytest.raises(lk.NonFiniteError, match="m"):
         merged_weight(torch.ones(2, 2, dtype=torch.float16), torch.full((2, 2), 1e6), "m")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_update_reports_the_change_of_the_rounded_result(dtype: torch.dtype) -> None:
+    w = torch.randn(6, 5).to(dtype)
+    delta = torch.randn(6, 5) * 1e-2
+    expected = (w.float() + delta).to(dtype)
+    out, change = merge_update(w, delta.clone(), "m")
+    assert torch.equal(out, expected) and out.dtype == dtype
+    assert change == float((expected.float() - w.float()).abs().max())
+    bad = torch.zeros(6, 5)
+    bad[2, 3] = float("nan")
+    with pytest.raises(lk.NonFiniteError, match="m"):
+        merge_update(w, bad, "m")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 from transformers import get_scheduler
 
+from ..adapter_io import LABELS_NAME
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..layers import LoRALinear
 from ..model import LoraModel
@@ -42,7 +43,7 @@ from .distributed import (
 from .logging import RunLogger
 from .precision import PrecisionPlan, resolve_precision
 
-LABELS_FILE = "labels.json"
+LABELS_FILE = LABELS_NAME
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import lora_kit as lk
-from lora_kit.demo import default_job
+from lora_kit.demo import default_job, main_job
 from lora_kit.demo.corpora import SENTIMENT_LABELS, DemoDataError, minilm_model_dir
 from lora_kit.demo.default_job import SentimentSettings, format_result, run_job
 
@@ -86,6 +86,25 @@ def test_adapter_loads_onto_the_real_base_and_changes_its_logits(
     assert logits.shape == (2, 3)
     assert torch.isfinite(logits).all()
     assert not torch.allclose(logits, plain)  # the trained head and adapter are in use
+
+
+def test_lorakit_merge_into_the_headless_minilm_checkpoint(
+    quick_run: tuple[Path, default_job.SentimentJobResult], tmp_path: Path
+) -> None:
+    """The README main job's merge: the shipped MiniLM is a bare BertModel checkpoint."""
+    out, _ = quick_run
+    merged = tmp_path / "merged"
+    text = main_job.merge_with_cli(minilm_model_dir(), out, merged)  # the real CLI
+    assert "wrote BertForSequenceClassification with 3 labels" in text
+    assert "embeddings.position_ids" in text  # a non-persistent buffer the task model drops
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        merged, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert list(model.config.id2label.values()) == list(SENTIMENT_LABELS)
+    check = main_job.check_merged(minilm_model_dir(), out, merged, texts=16)
+    # fp32 over 6 layers: merged and unmerged differ by float reassociation only (~1e-6).
+    assert check.ok and check.predictions_agree and check.merged_max_diff <= 1e-5, check
 
 
 def test_run_returns_1_and_prints_the_error_when_a_package_is_missing(
