@@ -223,7 +223,9 @@ def _peft_diff(base: Any, adapter: Path, batch: Any, reference: torch.Tensor) ->
         import peft
     except ImportError:
         return None
-    model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers deprecation notices raised inside PEFT
+        model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
     return float((model(**batch).logits - reference).abs().max())
 
 
