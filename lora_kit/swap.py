@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
-from .layers import LoraAdapter
+from .layers import LoraAdapter, add_low_rank_, down_t
 from .peft_format import head_key, lora_keys
 
 if TYPE_CHECKING:
@@ -94,16 +94,13 @@ class PaddedAdapter(LoraAdapter):
 
     def add_to(self, out: Tensor, x: Tensor, weight: float = 1.0) -> Tensor:
         """As `LoraAdapter.add_to`, with the scaling taken from the ``scale`` buffer."""
-        a, b = self.lora_A, self.lora_B
+        a = self.lora_A
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if self.dropout > 0.0:
             x = F.dropout(x, self.dropout, self.training)
-        h = F.linear(x, a) * (self.scale * weight)  # [..., r]
-        if h.dtype == b.dtype == out.dtype and out.is_contiguous():
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
-            return out
-        return out.add_(F.linear(h, b))  # [..., out]
+        h_t = down_t(x, a) * (self.scale * weight)  # [r, tokens]
+        return add_low_rank_(out, h_t, self.lora_B)
 
     def delta(self, x: Tensor) -> Tensor:
         """As `LoraAdapter.delta`, with the scaling taken from the ``scale`` buffer."""

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_kit import LoraAdapter, LoRALinear, UnsupportedModuleError
+from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS
 from lora_kit.routing import Router, Selection
 
 
@@ -57,6 +58,43 @@ def test_update_matches_the_formula_and_weights() -> None:
     torch.testing.assert_close(
         x @ a.delta_weight().t(), a.scaling * x @ a.lora_A.t() @ a.lora_B.t()
     )
+
+
+# Both layouts of the down-projection (`down_t`): [r, T] GEMM up to the threshold, [T, r] above.
+@pytest.mark.parametrize("tokens", [1, 35, TRANSPOSED_DOWN_MAX_ROWS + 1])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_forward_and_gradients_match_a_float64_reference(kind: str, tokens: int) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 0.7), ("b", -0.3)))
+    x = torch.randn(tokens, 24)
+    out = layer(x)
+    out.square().sum().backward()
+
+    base = linear.base  # Linear layout [out, in]; conv holds the same weight transposed
+    w, bias = base.weight.detach().double(), base.bias.detach().double()
+    factors = {
+        name: (
+            layer.adapter(name).lora_A.detach().double().requires_grad_(),
+            layer.adapter(name).lora_B.detach().double().requires_grad_(),
+        )
+        for name in ("a", "b")
+    }
+    reference = x.double() @ w.t() + bias
+    for name, weight in (("a", 0.7), ("b", -0.3)):
+        a, b = factors[name]
+        reference = reference + weight * layer.adapter(name).scaling * x.double() @ a.t() @ b.t()
+    reference.square().sum().backward()
+    # fp32 against float64. Outputs (~10) are sums of 24 + 4 products: a few fp32 ulps, so
+    # 1e-5 relative. Gradients (~10^2) sum over up to 1025 tokens with cancellation: fp32
+    # error up to ~sqrt(tokens) ulps of the summands, hence 1e-4 relative. Both are far below
+    # what a wrong layout or transposition gives (O(1) relative).
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-5, atol=1e-5)
+    for name in ("a", "b"):
+        adapter, (a, b) = layer.adapter(name), factors[name]
+        assert adapter.lora_A.grad is not None and adapter.lora_B.grad is not None
+        torch.testing.assert_close(adapter.lora_A.grad.double(), a.grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(adapter.lora_B.grad.double(), b.grad, rtol=1e-4, atol=1e-3)
 
 
 def test_fp32_adapter_beside_bf16_base_rounds_once() -> None:
