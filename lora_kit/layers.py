@@ -68,6 +68,25 @@ def add_low_rank_(out: Tensor, h_t: Tensor, b: Tensor, scale: float = 1.0) -> Te
     return out.add_(delta.view(out.shape), alpha=scale)
 
 
+# Base modules whose forward `LoRALinear._fused_forward` reproduces (not their subclasses).
+_PLAIN_BASES = (nn.Linear, Conv1D)
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _runs_plain(module: nn.Module) -> bool:
+    """Whether calling ``module`` is just its class's ``forward``: no hooks, no patched forward.
+
+    Checks the module's own hooks, module-wide ones (``register_module_forward_hook`` etc.) and
+    an instance-level ``forward`` such as accelerate's device-placement wrapper.
+    """
+    if type(module) not in _PLAIN_BASES or "forward" in module.__dict__:
+        return False
+    if any(getattr(module, hooks, None) for hooks in _MODULE_HOOKS):
+        return False
+    everywhere = torch.nn.modules.module
+    return not any(getattr(everywhere, "_global" + hooks, None) for hooks in _MODULE_HOOKS)
+
+
 class LoraAdapter(nn.Module):
     """One adapter's weights in one layer: ``delta(x) = scaling * B(A(dropout(x)))``.
 
@@ -114,6 +133,25 @@ class LoraAdapter(nn.Module):
         """The dense update ``scaling * B @ A`` in fp32, Linear layout ``[out, in]``."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    def project(self, x: Tensor, weight: float = 1.0) -> tuple[Tensor, float]:
+        """The down-projection of ``x`` and the factor for the up-projection.
+
+        This adapter's contribution is ``alpha * h @ B^T`` with ``(h^T, alpha)`` returned here.
+
+        Args:
+            x: Layer input ``[..., in_features]``.
+            weight: Extra factor (weighted stacking; negative subtracts).
+
+        Returns:
+            ``h^T`` (``[r, tokens]``, after dropout, see `down_t`) and ``alpha``.
+        """
+        a = self.lora_A
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        if self.dropout > 0.0:
+            x = F.dropout(x, self.dropout, self.training)
+        return down_t(x, a), self.scaling * weight
+
     def add_to(self, out: Tensor, x: Tensor, weight: float = 1.0) -> Tensor:
         """Add this adapter's contribution for input ``x`` to the base output ``out``.
 
@@ -125,12 +163,8 @@ class LoraAdapter(nn.Module):
             x: Layer input ``[..., in_features]``.
             weight: Extra factor (weighted stacking; negative subtracts).
         """
-        a = self.lora_A
-        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(a.dtype)
-        if self.dropout > 0.0:
-            x = F.dropout(x, self.dropout, self.training)
-        return add_low_rank_(out, down_t(x, a), self.lora_B, self.scaling * weight)
+        h_t, alpha = self.project(x, weight)  # [r, tokens]
+        return add_low_rank_(out, h_t, self.lora_B, alpha)
 
     def delta(self, x: Tensor) -> Tensor:
         """This adapter's contribution ``scaling * B(A(dropout(x)))`` alone, ``[..., out]``."""
@@ -201,15 +235,57 @@ class LoRALinear(nn.Module):
                     "lm.unmerge() first (or lm.eval() / torch.no_grad() for inference)"
                 )
             return self.base(x)  # type: ignore[no-any-return]
-        out: Tensor = self.base(x)  # [..., out]
-        adapters = self.adapters
         selection = self.router.current
         if selection.rows is not None:  # mixed batch: one adapter per row
-            return add_rows(self, out, x, selection.rows)
-        for name, weight in selection.weights:
-            if name in adapters:
-                out = self.adapter(name).add_to(out, x, weight)
+            return add_rows(self, self.base(x), x, selection.rows)
+        adapters = self.adapters
+        active = [(self.adapter(n), w) for n, w in selection.weights if n in adapters]
+        if not active:
+            return self.base(x)  # type: ignore[no-any-return]
+        if self._fusable(x, active):
+            return self._fused_forward(x, active)
+        out: Tensor = self.base(x)  # [..., out]
+        for adapter, weight in active:
+            out = adapter.add_to(out, x, weight)
         return out
+
+    def _fusable(self, x: Tensor, active: list[tuple[LoraAdapter, float]]) -> bool:
+        """Whether `_fused_forward` may stand in for ``base(x)`` plus `add_to`.
+
+        It runs the base projection itself, so only for a plain ``nn.Linear``/``Conv1D`` with a
+        bias (`_runs_plain`), and only where it was checked to give ``base(x)`` bit for bit when
+        B is zero: fp32 on CPU, autocast off, fp32 adapters.
+        """
+        base = self.base
+        if not _runs_plain(base) or base.bias is None:
+            return False
+        fp32 = torch.float32
+        if x.dtype != fp32 or x.device.type != "cpu" or base.weight.dtype != fp32:
+            return False
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        return all(a.lora_A.dtype == fp32 == a.lora_B.dtype for a, _ in active)
+
+    def _fused_forward(self, x: Tensor, active: list[tuple[LoraAdapter, float]]) -> Tensor:
+        """``bias + sum_k alpha_k h_k @ B_k^T`` first, then the base GEMM accumulated into it.
+
+        The same sum as ``base(x)`` plus `add_to`, ordered so that the large base GEMM adds into
+        the updates (BLAS ``beta = 1``, as ``base(x)`` itself adds into its bias) instead of the
+        updates making one more pass over its output afterwards, which on CPU saves most of
+        their memory traffic. With zero B the result is bit-identical to ``base(x)``.
+        """
+        base = self.base
+        x2 = x.reshape(-1, self.in_features)  # [T, in]
+        (adapter, weight), *others = active
+        h_t, alpha = adapter.project(x2, weight)  # [r, T]
+        # out[T, o] = bias + alpha * h[T, r] @ B^T[r, o]
+        out = torch.addmm(base.bias, h_t.t(), adapter.lora_B.t(), alpha=alpha)
+        for adapter, weight in others:
+            h_t, alpha = adapter.project(x2, weight)  # [r, T]
+            out.addmm_(h_t.t(), adapter.lora_B.t(), alpha=alpha)  # out += alpha * h @ B^T
+        w = base.weight if self.fan_in_fan_out else base.weight.t()  # [in, o], a view
+        out.addmm_(x2, w)  # [T, o] += [T, in] @ [in, o]
+        return out.view(*x.shape[:-1], self.out_features)  # [..., o]
 
     def adapter(self, name: str) -> LoraAdapter:
         """The adapter ``name`` (typed access to :attr:`adapters`)."""

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
-from .layers import LoraAdapter, add_low_rank_, down_t
+from .layers import LoraAdapter, down_t
 from .peft_format import head_key, lora_keys
 
 if TYPE_CHECKING:
@@ -92,15 +92,14 @@ class PaddedAdapter(LoraAdapter):
         self.lora_B.zero_()
         self.rank = 0
 
-    def add_to(self, out: Tensor, x: Tensor, weight: float = 1.0) -> Tensor:
-        """As `LoraAdapter.add_to`, with the scaling taken from the ``scale`` buffer."""
+    def project(self, x: Tensor, weight: float = 1.0) -> tuple[Tensor, float]:
+        """As `LoraAdapter.project`, with the scaling (a tensor) folded into ``h^T``."""
         a = self.lora_A
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if self.dropout > 0.0:
             x = F.dropout(x, self.dropout, self.training)
-        h_t = down_t(x, a) * (self.scale * weight)  # [r, tokens]
-        return add_low_rank_(out, h_t, self.lora_B)
+        return down_t(x, a) * (self.scale * weight), 1.0  # [r, tokens]
 
     def delta(self, x: Tensor) -> Tensor:
         """As `LoraAdapter.delta`, with the scaling taken from the ``scale`` buffer."""
