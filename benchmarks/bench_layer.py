@@ -2,10 +2,13 @@
 
 For each GPT-2/BERT projection shape and token count: the base layer alone, lora_kit's and
 PEFT's wrapped layer (one r=8 adapter, unmerged, eval, no grad), and the adapter's kernels
-alone (both down-projection layouts, the in-place up-projection, and PEFT's out-of-place
-``result + B(A(x)) * scaling``), so the extra time can be split into GEMMs and per-call Python
-overhead. All cases run interleaved in one process on the same input; each sample averages
-``calls`` back-to-back calls (enough for ~2 ms), and the table shows medians and minima.
+alone: both down-projection layouts, the in-place up-projection from either layout of ``h``
+(what lora_kit does after ``base(x)`` when it cannot fuse; its fused fp32 CPU path runs the same
+GEMM into the bias before the base GEMM), and PEFT's out-of-place ``result + B(A(x)) *
+scaling``. Kernels timed alone run on warm caches, so they show each GEMM's cost, not the
+memory traffic it causes inside the layer. All cases run interleaved in one process on the same
+input; each sample averages ``calls`` back-to-back calls (enough for ~2 ms), and the table shows
+medians and minima.
 
     python -m benchmarks.bench_layer [--tokens 1,128,512,1024,4096] [--repeats 25]
         [--threads 1] [--clock cpu|wall] [--json]
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +51,8 @@ def measure(
     holder.add_module("proj", layer)
     ours = lk.inject(copy.deepcopy(holder), lk.LoraConfig(r=R, targets=("proj",))).eval()
     theirs = get_peft_model(copy.deepcopy(holder), PeftConfig(r=R, target_modules=["proj"])).eval()
-    ours_layer, theirs_layer = ours.model.proj, theirs.base_model.model.proj
+    ours_layer = cast(lk.LoRALinear, ours.model.get_submodule("proj"))
+    theirs_layer = theirs.get_submodule("base_model.model.proj")
     adapter = ours_layer.adapter("default")
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()  # [r, in], [out, r]
     x = torch.randn(tokens, n_in)  # [T, in]

@@ -65,7 +65,7 @@ def _row(case: str, base: str, flops: float, stats: dict[str, Stats]) -> dict[st
 
 
 def whole_model(
-    arch: str, repeats: int, batch: int, seq: int, clock: Callable[[], float]
+    arch: str, repeats: int, batch: int, seq: int, clock: Callable[[], float], best_of: int
 ) -> dict[str, object]:
     torch.manual_seed(0)
     if arch == "gpt2":
@@ -91,6 +91,7 @@ def whole_model(
         repeats=repeats,
         warmup=3,
         clock=clock,
+        best_of=best_of,
     )
     return _row(
         f"{arch} whole model (b={batch}, s={seq})",
@@ -117,7 +118,13 @@ def _model_flop_share(model: nn.Module, targets: list[str]) -> float:
 
 
 def one_layer(
-    kind: str, n_in: int, n_out: int, repeats: int, tokens: int, clock: Callable[[], float]
+    kind: str,
+    n_in: int,
+    n_out: int,
+    repeats: int,
+    tokens: int,
+    clock: Callable[[], float],
+    best_of: int,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
@@ -136,6 +143,7 @@ def one_layer(
         repeats=repeats * 5,
         warmup=10,
         clock=clock,
+        best_of=best_of,
     )
     return _row(
         f"{kind} {n_in}->{n_out} ({tokens} tokens)",
@@ -152,6 +160,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--best-of", type=int, default=1, help="fastest of k calls per sample")
     parser.add_argument("--only", choices=["all", "layers", "models"], default="all")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -163,14 +172,14 @@ def main() -> None:
     rows = []
     if args.only in ("all", "layers"):
         for kind, n_in, n_out in LAYERS:
-            rows.append(one_layer(kind, n_in, n_out, args.repeats, tokens, clock))
+            rows.append(one_layer(kind, n_in, n_out, args.repeats, tokens, clock, args.best_of))
     if args.only in ("all", "models"):
         for arch in ("bert", "gpt2"):
-            rows.append(whole_model(arch, args.repeats, args.batch, args.seq, clock))
+            rows.append(whole_model(arch, args.repeats, args.batch, args.seq, clock, args.best_of))
     title = (
         f"Unmerged forward overhead vs base, r={R}, all projections, fp32 CPU, "
         f"{args.threads} threads, {args.clock} clock, {args.repeats} interleaved runs "
-        f"(layers: {5 * args.repeats})"
+        f"(layers: {5 * args.repeats}), best of {args.best_of}"
     )
     report(title, rows, as_json=args.json)
 
