@@ -17,7 +17,6 @@ medians and minima.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Callable
 from typing import cast
 
@@ -31,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 import lora_kit as lk
 
 from .bench_overhead import LAYERS, R
-from .harness import CLOCKS, Stats, interleaved, paired_ratio, report
+from .harness import CLOCKS, Stats, interleaved, paired_ratio, report, sharing_copy
 
 
 def _repeat(fn: Callable[[], object], calls: int) -> Callable[[], None]:
@@ -49,8 +48,8 @@ def measure(
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     holder = nn.Sequential()
     holder.add_module("proj", layer)
-    ours = lk.inject(copy.deepcopy(holder), lk.LoraConfig(r=R, targets=("proj",))).eval()
-    theirs = get_peft_model(copy.deepcopy(holder), PeftConfig(r=R, target_modules=["proj"])).eval()
+    ours = lk.inject(sharing_copy(holder), lk.LoraConfig(r=R, targets=("proj",))).eval()
+    theirs = get_peft_model(sharing_copy(holder), PeftConfig(r=R, target_modules=["proj"])).eval()
     ours_layer = cast(lk.LoRALinear, ours.model.get_submodule("proj"))
     theirs_layer = theirs.get_submodule("base_model.model.proj")
     adapter = ours_layer.adapter("default")

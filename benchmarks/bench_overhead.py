@@ -10,7 +10,6 @@ next to the adapter's theoretical extra FLOPs.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Callable
 
 import torch
@@ -22,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 
-from .harness import CLOCKS, Stats, interleaved, paired_ratio, report
+from .harness import CLOCKS, Stats, interleaved, paired_ratio, report, sharing_copy
 
 R = 8
 
@@ -75,10 +74,10 @@ def whole_model(
         base = BertModel(BertConfig()).eval()
         targets = list(lk.presets()["bert-all"])
     ours = lk.inject(
-        copy.deepcopy(base), lk.LoraConfig(r=R, alpha=16, targets=tuple(targets))
+        sharing_copy(base), lk.LoraConfig(r=R, alpha=16, targets=tuple(targets))
     ).eval()
     theirs = get_peft_model(
-        copy.deepcopy(base), PeftConfig(r=R, lora_alpha=16, target_modules=targets)
+        sharing_copy(base), PeftConfig(r=R, lora_alpha=16, target_modules=targets)
     ).eval()
     ids = torch.randint(0, 1000, (batch, seq))
 
@@ -130,8 +129,8 @@ def one_layer(
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     base = nn.Sequential()
     base.add_module("proj", layer)
-    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=R, targets=("proj",))).eval()
-    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=R, target_modules=["proj"])).eval()
+    ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, targets=("proj",))).eval()
+    theirs = get_peft_model(sharing_copy(base), PeftConfig(r=R, target_modules=["proj"])).eval()
     x = torch.randn(tokens, n_in)
 
     def run(model: nn.Module) -> None:

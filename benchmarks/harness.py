@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -9,6 +10,11 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
+
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,17 @@ def paired_ratio(case: Stats, reference: Stats) -> float:
     """
     ratios = [c / r for c, r in zip(case.samples, reference.samples, strict=True)]
     return statistics.median(ratios)
+
+
+def sharing_copy(model: M) -> M:
+    """A deep copy of ``model``'s modules that shares its parameter and buffer tensors.
+
+    Wrapping such copies lets lora_kit, PEFT and the bare base run on the very same weight
+    memory, so differences in where each copy's weights landed (pages, cache sets) cannot
+    masquerade as overhead.
+    """
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, shared)
 
 
 def fmt_seconds(seconds: float) -> str:
