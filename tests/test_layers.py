@@ -33,8 +33,10 @@ def _pair(in_f: int = 24, out_f: int = 40) -> tuple[LoRALinear, LoRALinear, Rout
     return wrapped[0], wrapped[1], router
 
 
-@pytest.mark.parametrize("selection", [(), (("a", 1.0),), (("a", 0.7), ("b", -0.3))])
-def test_linear_and_conv1d_give_the_same_output(selection: tuple[tuple[str, float], ...]) -> None:
+@pytest.mark.parametrize("selection", [(("a", 1.0),), (("a", 0.7), ("b", -0.3))])
+def test_linear_and_conv1d_give_the_same_output(
+    selection: tuple[tuple[str, float], ...], forward_path: str
+) -> None:
     linear, conv, router = _pair()
     router.default = Selection(selection)
     x = torch.randn(3, 5, 24)
@@ -43,7 +45,17 @@ def test_linear_and_conv1d_give_the_same_output(selection: tuple[tuple[str, floa
     torch.testing.assert_close(linear(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
-def test_update_matches_the_formula_and_weights() -> None:
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_no_active_adapter_runs_the_base_alone(kind: str) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    x = torch.randn(3, 5, 24)
+    for selection in ((), (("missing", 1.0),)):
+        router.default = Selection(selection)
+        assert torch.equal(layer(x), layer.base(x))
+
+
+def test_update_matches_the_formula_and_weights(forward_path: str) -> None:
     linear, _, router = _pair()
     x = torch.randn(2, 7, 24)
     a, b = linear.adapter("a"), linear.adapter("b")
@@ -63,7 +75,9 @@ def test_update_matches_the_formula_and_weights() -> None:
 # Both layouts of the down-projection (`down_t`): [r, T] GEMM up to the threshold, [T, r] above.
 @pytest.mark.parametrize("tokens", [1, 35, TRANSPOSED_DOWN_MAX_ROWS + 1])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_forward_and_gradients_match_a_float64_reference(kind: str, tokens: int) -> None:
+def test_forward_and_gradients_match_a_float64_reference(
+    kind: str, tokens: int, forward_path: str
+) -> None:
     linear, conv, router = _pair()
     layer = linear if kind == "linear" else conv
     router.default = Selection((("a", 0.7), ("b", -0.3)))
@@ -98,7 +112,7 @@ def test_forward_and_gradients_match_a_float64_reference(kind: str, tokens: int)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_zero_b_is_bit_identical_to_the_base(kind: str) -> None:
+def test_zero_b_is_bit_identical_to_the_base(kind: str, forward_path: str) -> None:
     linear, conv, router = _pair()
     layer = linear if kind == "linear" else conv
     for name in ("a", "b"):
@@ -116,7 +130,7 @@ def _reference(layer: LoRALinear, x: torch.Tensor, base_out: torch.Tensor) -> to
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_base_hooks_and_patched_forwards_are_honoured(kind: str) -> None:
+def test_base_hooks_and_patched_forwards_are_honoured(kind: str, forward_path: str) -> None:
     linear, conv, router = _pair()
     layer = linear if kind == "linear" else conv
     router.default = Selection((("a", 1.0),))
