@@ -278,8 +278,9 @@ class LoRALinear(nn.Module):
 
         The same sum as ``base(x)`` plus `add_to`, ordered so that the large base GEMM adds into
         the updates (BLAS ``beta = 1``, as ``base(x)`` itself adds into its bias) instead of the
-        updates making one more pass over its output afterwards, which on CPU saves most of
-        their memory traffic. With zero B the result is bit-identical to ``base(x)``.
+        updates making one more pass over its output once it has left the cache (measured on CPU
+        at GPT-2/BERT shapes, 512 tokens: 1-5% of the layer's time saved). With zero B the result
+        is bit-identical to ``base(x)``.
         """
         base = self.base
         x2 = x.reshape(-1, self.in_features)  # [T, in]
