@@ -10,7 +10,7 @@ next to the adapter's theoretical extra FLOPs.
 from __future__ import annotations
 
 import argparse
-import copy
+from collections.abc import Callable
 
 import torch
 from peft import LoraConfig as PeftConfig
@@ -21,16 +21,51 @@ from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 
-from .harness import Stats, interleaved, report
+from .harness import CLOCKS, Stats, interleaved, paired_ratio, report, sharing_copy
 
 R = 8
 
+# One projection of each kind: (module type, in, out).
+LAYERS = [
+    ("Conv1D", 768, 2304),  # GPT-2 c_attn
+    ("Conv1D", 768, 3072),  # GPT-2 c_fc
+    ("Linear", 768, 768),  # BERT query
+    ("Linear", 3072, 768),  # BERT output.dense
+]
 
-def _overhead(stats: dict[str, Stats], name: str) -> float:
-    return stats[name].median / stats["base"].median - 1.0
+
+def _overheads(stats: dict[str, Stats], case: str) -> tuple[float, float, float]:
+    """``case``'s overhead over ``base``: from medians, from minima, paired per round."""
+    base = stats["base"]
+    ours = stats[case]
+    return (
+        ours.median / base.median - 1.0,
+        ours.min / base.min - 1.0,
+        paired_ratio(ours, base) - 1.0,
+    )
 
 
-def whole_model(arch: str, repeats: int, batch: int, seq: int) -> dict[str, object]:
+def _row(case: str, base: str, flops: float, stats: dict[str, Stats]) -> dict[str, object]:
+    lk_o, peft_o = _overheads(stats, "lora_kit"), _overheads(stats, "peft")
+
+    def ratio(i: int) -> str:
+        return f"{lk_o[i] / peft_o[i]:.2f}" if peft_o[i] > 0 else "n/a"
+
+    return {
+        "case": case,
+        "base": base,
+        "lora_kit": f"{100 * lk_o[0]:+.1f}%",
+        "peft": f"{100 * peft_o[0]:+.1f}%",
+        "flops": f"+{100 * flops:.1f}%",
+        "lk/peft overhead": ratio(0),
+        "lk/peft (min)": ratio(1),
+        "lk/peft (paired)": ratio(2),
+    }
+
+
+def whole_model(
+    arch: str, repeats: int, batch: int, seq: int, clock: Callable[[], float], best_of: int
+) -> dict[str, object]:
     torch.manual_seed(0)
     if arch == "gpt2":
         base: nn.Module = GPT2Model(GPT2Config()).eval()
@@ -38,9 +73,11 @@ def whole_model(arch: str, repeats: int, batch: int, seq: int) -> dict[str, obje
     else:
         base = BertModel(BertConfig()).eval()
         targets = list(lk.presets()["bert-all"])
-    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=R, alpha=16, targets=targets)).eval()
+    ours = lk.inject(
+        sharing_copy(base), lk.LoraConfig(r=R, alpha=16, targets=tuple(targets))
+    ).eval()
     theirs = get_peft_model(
-        copy.deepcopy(base), PeftConfig(r=R, lora_alpha=16, target_modules=targets)
+        sharing_copy(base), PeftConfig(r=R, lora_alpha=16, target_modules=targets)
     ).eval()
     ids = torch.randint(0, 1000, (batch, seq))
 
@@ -52,16 +89,15 @@ def whole_model(arch: str, repeats: int, batch: int, seq: int) -> dict[str, obje
         {"base": lambda: run(base), "lora_kit": lambda: run(ours), "peft": lambda: run(theirs)},
         repeats=repeats,
         warmup=3,
+        clock=clock,
+        best_of=best_of,
     )
-    lk_o, peft_o = _overhead(stats, "lora_kit"), _overhead(stats, "peft")
-    return {
-        "case": f"{arch} whole model (b={batch}, s={seq})",
-        "base": f"{stats['base'].median * 1e3:.1f} ms",
-        "lora_kit": f"{100 * lk_o:+.1f}%",
-        "peft": f"{100 * peft_o:+.1f}%",
-        "flops": f"+{100 * _model_flop_share(base, targets):.1f}%",
-        "lk/peft overhead": f"{lk_o / peft_o:.2f}" if peft_o > 0 else "n/a",
-    }
+    return _row(
+        f"{arch} whole model (b={batch}, s={seq})",
+        f"{stats['base'].median * 1e3:.1f} ms",
+        _model_flop_share(base, targets),
+        stats,
+    )
 
 
 def _model_flop_share(model: nn.Module, targets: list[str]) -> float:
@@ -80,13 +116,21 @@ def _model_flop_share(model: nn.Module, targets: list[str]) -> float:
     return extra / dense
 
 
-def one_layer(kind: str, n_in: int, n_out: int, repeats: int, tokens: int) -> dict[str, object]:
+def one_layer(
+    kind: str,
+    n_in: int,
+    n_out: int,
+    repeats: int,
+    tokens: int,
+    clock: Callable[[], float],
+    best_of: int,
+) -> dict[str, object]:
     torch.manual_seed(0)
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     base = nn.Sequential()
     base.add_module("proj", layer)
-    ours = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=R, targets=["proj"])).eval()
-    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=R, target_modules=["proj"])).eval()
+    ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, targets=("proj",))).eval()
+    theirs = get_peft_model(sharing_copy(base), PeftConfig(r=R, target_modules=["proj"])).eval()
     x = torch.randn(tokens, n_in)
 
     def run(model: nn.Module) -> None:
@@ -97,39 +141,44 @@ def one_layer(kind: str, n_in: int, n_out: int, repeats: int, tokens: int) -> di
         {"base": lambda: run(base), "lora_kit": lambda: run(ours), "peft": lambda: run(theirs)},
         repeats=repeats * 5,
         warmup=10,
+        clock=clock,
+        best_of=best_of,
     )
-    lk_o, peft_o = _overhead(stats, "lora_kit"), _overhead(stats, "peft")
-    return {
-        "case": f"{kind} {n_in}->{n_out} ({tokens} tokens)",
-        "base": f"{stats['base'].median * 1e3:.2f} ms",
-        "lora_kit": f"{100 * lk_o:+.1f}%",
-        "peft": f"{100 * peft_o:+.1f}%",
-        "flops": f"+{100 * R * (n_in + n_out) / (n_in * n_out):.1f}%",
-        "lk/peft overhead": f"{lk_o / peft_o:.2f}" if peft_o > 0 else "n/a",
-    }
+    return _row(
+        f"{kind} {n_in}->{n_out} ({tokens} tokens)",
+        f"{stats['base'].median * 1e3:.2f} ms",
+        R * (n_in + n_out) / (n_in * n_out),
+        stats,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--best-of", type=int, default=1, help="fastest of k calls per sample")
+    parser.add_argument("--only", choices=["all", "layers", "models"], default="all")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts the calling thread only: use it with --threads 1")
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     tokens = args.batch * args.seq
-    rows = [
-        one_layer("Conv1D", 768, 2304, args.repeats, tokens),  # GPT-2 c_attn
-        one_layer("Conv1D", 768, 3072, args.repeats, tokens),  # GPT-2 c_fc
-        one_layer("Linear", 768, 768, args.repeats, tokens),  # BERT query
-        one_layer("Linear", 3072, 768, args.repeats, tokens),  # BERT output.dense
-        whole_model("bert", args.repeats, args.batch, args.seq),
-        whole_model("gpt2", args.repeats, args.batch, args.seq),
-    ]
+    rows = []
+    if args.only in ("all", "layers"):
+        for kind, n_in, n_out in LAYERS:
+            rows.append(one_layer(kind, n_in, n_out, args.repeats, tokens, clock, args.best_of))
+    if args.only in ("all", "models"):
+        for arch in ("bert", "gpt2"):
+            rows.append(whole_model(arch, args.repeats, args.batch, args.seq, clock, args.best_of))
     title = (
         f"Unmerged forward overhead vs base, r={R}, all projections, fp32 CPU, "
-        f"{args.threads} threads, medians of {args.repeats} interleaved runs"
+        f"{args.threads} threads, {args.clock} clock, {args.repeats} interleaved runs "
+        f"(layers: {5 * args.repeats}), best of {args.best_of}"
     )
     report(title, rows, as_json=args.json)
 

@@ -102,8 +102,11 @@ def load_files(
             device=layer.weight.device,
         )
         device = layer.weight.device
-        adapter.lora_A = nn.Parameter(files.tensors[key_a].to(device, adapter_dtype))
-        adapter.lora_B = nn.Parameter(files.tensors[key_b].to(device, adapter_dtype))
+        # Always a fresh allocation: tensors read from a file may sit at any offset of a shared
+        # buffer, and BLAS kernels (MKL) can round differently for unaligned operands, so a
+        # loaded adapter would not compute bit for bit what the saved one did.
+        adapter.lora_A = nn.Parameter(files.tensors[key_a].to(device, adapter_dtype, copy=True))
+        adapter.lora_B = nn.Parameter(files.tensors[key_b].to(device, adapter_dtype, copy=True))
         layer.add(name, adapter)
     for head in heads:
         prefix = head_key(head, "")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
-from .layers import LoraAdapter
+from .layers import LoraAdapter, down_t
 from .peft_format import head_key, lora_keys
 
 if TYPE_CHECKING:
@@ -92,18 +92,14 @@ class PaddedAdapter(LoraAdapter):
         self.lora_B.zero_()
         self.rank = 0
 
-    def add_to(self, out: Tensor, x: Tensor, weight: float = 1.0) -> Tensor:
-        """As `LoraAdapter.add_to`, with the scaling taken from the ``scale`` buffer."""
-        a, b = self.lora_A, self.lora_B
+    def project(self, x: Tensor, weight: float = 1.0) -> tuple[Tensor, float]:
+        """As `LoraAdapter.project`, with the scaling (a tensor) folded into ``h^T``."""
+        a = self.lora_A
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if self.dropout > 0.0:
             x = F.dropout(x, self.dropout, self.training)
-        h = F.linear(x, a) * (self.scale * weight)  # [..., r]
-        if h.dtype == b.dtype == out.dtype and out.is_contiguous():
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
-            return out
-        return out.add_(F.linear(h, b))  # [..., out]
+        return down_t(x, a) * (self.scale * weight), 1.0  # [r, tokens]
 
     def delta(self, x: Tensor) -> Tensor:
         """As `LoraAdapter.delta`, with the scaling taken from the ``scale`` buffer."""

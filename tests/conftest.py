@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from lora_kit import layers
+from lora_kit.layers import LoRALinear
 
 VOCAB = 100
 
@@ -93,3 +97,20 @@ def randomize(lm: nn.Module, seed: int = 0, std: float = 0.2) -> None:
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter and buffer, to compare after an operation."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(params=["fused", "unfused"])
+def forward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs the test with `LoRALinear`'s fused forward forced on (any size), or off."""
+    fused = request.param == "fused"
+    monkeypatch.setattr(layers, "FUSE_MIN_OUTPUTS", 0 if fused else 1 << 62)
+    calls: list[int] = []
+    original = LoRALinear._fused_forward
+
+    def counted(self: LoRALinear, x: torch.Tensor, active: Any) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return original(self, x, active)
+
+    monkeypatch.setattr(LoRALinear, "_fused_forward", counted)
+    yield str(request.param)
+    assert bool(calls) == fused  # the path under test really ran

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_kit import LoraAdapter, LoRALinear, UnsupportedModuleError
+from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS, _runs_plain
 from lora_kit.routing import Router, Selection
 
 
@@ -32,8 +33,10 @@ def _pair(in_f: int = 24, out_f: int = 40) -> tuple[LoRALinear, LoRALinear, Rout
     return wrapped[0], wrapped[1], router
 
 
-@pytest.mark.parametrize("selection", [(), (("a", 1.0),), (("a", 0.7), ("b", -0.3))])
-def test_linear_and_conv1d_give_the_same_output(selection: tuple[tuple[str, float], ...]) -> None:
+@pytest.mark.parametrize("selection", [(("a", 1.0),), (("a", 0.7), ("b", -0.3))])
+def test_linear_and_conv1d_give_the_same_output(
+    selection: tuple[tuple[str, float], ...], forward_path: str
+) -> None:
     linear, conv, router = _pair()
     router.default = Selection(selection)
     x = torch.randn(3, 5, 24)
@@ -42,7 +45,17 @@ def test_linear_and_conv1d_give_the_same_output(selection: tuple[tuple[str, floa
     torch.testing.assert_close(linear(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
-def test_update_matches_the_formula_and_weights() -> None:
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_no_active_adapter_runs_the_base_alone(kind: str) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    x = torch.randn(3, 5, 24)
+    for selection in ((), (("missing", 1.0),)):
+        router.default = Selection(selection)
+        assert torch.equal(layer(x), layer.base(x))
+
+
+def test_update_matches_the_formula_and_weights(forward_path: str) -> None:
     linear, _, router = _pair()
     x = torch.randn(2, 7, 24)
     a, b = linear.adapter("a"), linear.adapter("b")
@@ -57,6 +70,143 @@ def test_update_matches_the_formula_and_weights() -> None:
     torch.testing.assert_close(
         x @ a.delta_weight().t(), a.scaling * x @ a.lora_A.t() @ a.lora_B.t()
     )
+
+
+# Both layouts of the down-projection (`down_t`): [r, T] GEMM up to the threshold, [T, r] above.
+@pytest.mark.parametrize("tokens", [1, 35, TRANSPOSED_DOWN_MAX_ROWS + 1])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_forward_and_gradients_match_a_float64_reference(
+    kind: str, tokens: int, forward_path: str
+) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 0.7), ("b", -0.3)))
+    x = torch.randn(tokens, 24)
+    out = layer(x)
+    out.square().sum().backward()
+
+    base = linear.base  # Linear layout [out, in]; conv holds the same weight transposed
+    w, bias = base.weight.detach().double(), base.bias.detach().double()
+    factors = {
+        name: (
+            layer.adapter(name).lora_A.detach().double().requires_grad_(),
+            layer.adapter(name).lora_B.detach().double().requires_grad_(),
+        )
+        for name in ("a", "b")
+    }
+    reference = x.double() @ w.t() + bias
+    for name, weight in (("a", 0.7), ("b", -0.3)):
+        a, b = factors[name]
+        reference = reference + weight * layer.adapter(name).scaling * x.double() @ a.t() @ b.t()
+    reference.square().sum().backward()
+    # fp32 against float64. Outputs (~10) are sums of 24 + 4 products: a few fp32 ulps, so
+    # 1e-5 relative. Gradients (~10^2) sum over up to 1025 tokens with cancellation: fp32
+    # error up to ~sqrt(tokens) ulps of the summands, hence 1e-4 relative. Both are far below
+    # what a wrong layout or transposition gives (O(1) relative).
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-5, atol=1e-5)
+    for name in ("a", "b"):
+        adapter, (a, b) = layer.adapter(name), factors[name]
+        assert adapter.lora_A.grad is not None and adapter.lora_B.grad is not None
+        torch.testing.assert_close(adapter.lora_A.grad.double(), a.grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(adapter.lora_B.grad.double(), b.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_zero_b_is_bit_identical_to_the_base(kind: str, forward_path: str) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    for name in ("a", "b"):
+        with torch.no_grad():
+            layer.adapter(name).lora_B.zero_()
+    router.default = Selection((("a", 0.7), ("b", -0.3)))
+    x = torch.randn(3, 5, 24)
+    # the fused forward (bias + updates, then the base GEMM) runs the base's own BLAS call
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def _reference(layer: LoRALinear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    adapter = layer.adapter("a")
+    return base_out + adapter.scaling * x @ adapter.lora_A.t() @ adapter.lora_B.t()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_base_hooks_and_patched_forwards_are_honoured(kind: str, forward_path: str) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        plain = layer(x)
+        calls: list[str] = []
+
+        def shift(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+            calls.append("hook")
+            return output + 1.0
+
+        handle = layer.base.register_forward_hook(shift)
+        try:
+            hooked = layer(x)
+        finally:
+            handle.remove()
+        original = layer.base.forward
+        layer.base.forward = lambda inputs: original(inputs) * 2.0  # as accelerate patches it
+        try:
+            patched = layer(x)
+        finally:
+            del layer.base.forward
+        assert calls == ["hook"]
+        # fused (plain) and unfused (hook, patch) paths sum in different orders: fp32 ulps
+        torch.testing.assert_close(plain, _reference(layer, x, layer.base(x)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            hooked, _reference(layer, x, layer.base(x) + 1.0), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            patched, _reference(layer, x, layer.base(x) * 2.0), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_module_wide_hooks_are_honoured() -> None:
+    linear, _, router = _pair()
+    router.default = Selection((("a", 1.0),))
+    seen: list[nn.Module] = []
+
+    def forward_hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        seen.append(module)
+
+    handle = nn.modules.module.register_module_forward_hook(forward_hook)
+    try:
+        with torch.no_grad():
+            linear(torch.randn(4, 24))
+    finally:
+        handle.remove()
+    assert seen == [linear.base, linear]
+
+
+def test_a_base_with_backward_hooks_is_called_as_a_module() -> None:
+    linear, _, _ = _pair()
+    assert _runs_plain(linear.base)
+    handle = linear.base.register_full_backward_hook(lambda *args: None)
+    try:
+        assert not _runs_plain(linear.base)  # the fused forward would skip the hook
+    finally:
+        handle.remove()
+    assert not _runs_plain(nn.Bilinear(2, 2, 2))
+
+
+def test_linear_without_bias() -> None:
+    router = Router()
+    layer = LoRALinear(nn.Linear(24, 40, bias=False), router)
+    adapter = LoraAdapter(24, 40, r=4, scaling=2.0)
+    with torch.no_grad():
+        adapter.lora_A.normal_()
+        adapter.lora_B.normal_()
+    layer.add("a", adapter)
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x), _reference(layer, x, layer.base(x)), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_fp32_adapter_beside_bf16_base_rounds_once() -> None:

@@ -12,7 +12,7 @@ from lora_kit import LoRALinear
 from tests.conftest import Arch, logits, randomize, state_copy
 
 
-def test_fresh_adapter_is_bit_identical_then_changes(arch: Arch) -> None:
+def test_fresh_adapter_is_bit_identical_then_changes(arch: Arch, forward_path: str) -> None:
     model = arch.build(0)
     reference = copy.deepcopy(model)
     inputs = arch.inputs()

@@ -42,7 +42,7 @@ IDS = ["gpt2-c_attn", "gpt2-all-patterns", "gpt2-rslora-layers", "bert-cls-head"
 
 @pytest.mark.parametrize(("arch", "options"), CASES, ids=IDS)
 def test_lora_kit_adapter_loads_in_peft(
-    arch: Arch, options: dict[str, Any], tmp_path: Path
+    arch: Arch, options: dict[str, Any], tmp_path: Path, forward_path: str
 ) -> None:
     base = arch.build(0)
     lm = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=4, alpha=8, **options))
@@ -72,7 +72,7 @@ def _peft_config(options: dict[str, Any], arch: Arch) -> PeftConfig:
 
 @pytest.mark.parametrize(("arch", "options"), CASES, ids=IDS)
 def test_peft_adapter_loads_in_lora_kit(
-    arch: Arch, options: dict[str, Any], tmp_path: Path
+    arch: Arch, options: dict[str, Any], tmp_path: Path, forward_path: str
 ) -> None:
     base = arch.build(0)
     peft_model = get_peft_model(copy.deepcopy(base), _peft_config(options, arch)).eval()

@@ -17,6 +17,7 @@ from hotswap_helpers import input_ids, logits, make_model, save_adapters
 from torch._dynamo.testing import CompileCounter
 
 import lora_kit as lk
+from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS
 from lora_kit.swap import PaddedAdapter
 
 
@@ -72,6 +73,24 @@ def test_padding_leaves_outputs_unchanged(saved: tuple[str, Path]) -> None:
 
 def _adapters(lm: lk.LoraModel, name: str) -> list[lk.LoraAdapter]:
     return [m.adapter(name) for m in lm.model.modules() if isinstance(m, lk.LoRALinear)]
+
+
+@pytest.mark.parametrize("tokens", [3, TRANSPOSED_DOWN_MAX_ROWS + 1])  # both down_t layouts
+def test_padded_adapter_adds_what_the_plain_one_adds(tokens: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    plain = lk.LoraAdapter(24, 40, r=4, scaling=2.0)
+    with torch.no_grad():
+        plain.lora_A.copy_(torch.randn(4, 24, generator=gen))
+        plain.lora_B.copy_(torch.randn(40, 4, generator=gen))
+    padded = PaddedAdapter(24, 40, max_rank=8, scaling=1.0)
+    padded.assign(plain.lora_A.detach(), plain.lora_B.detach(), 2.0)
+    x, out = torch.randn(tokens, 24, generator=gen), torch.randn(tokens, 40, generator=gen)
+    with torch.no_grad():
+        expected = plain.add_to(out.clone(), x, -0.5)
+        got = padded.add_to(out.clone(), x, -0.5)
+    # Same products; the padded one scales h instead of the GEMM's alpha: fp32 rounding only
+    # (updates are O(10)).
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_swap_does_not_recompile(saved: tuple[str, Path]) -> None:
