@@ -127,3 +127,14 @@ def test_finite_check_fast_path_and_fallback(saved: tuple[str, Path], tmp_path: 
         else:
             with pytest.raises(lk.NonFiniteError, match=key):
                 lk.read_adapter(target)
+
+
+def test_loaded_adapter_saves_and_reloads_exactly(saved: tuple[str, Path], tmp_path: Path) -> None:
+    """Loaded tensors are views of one file buffer; saving them again must still work."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "a")
+    again = lm.save_adapter(tmp_path / "again", "a")
+    first, second = lk.read_adapter(root / "a"), lk.read_adapter(again)
+    assert set(first.tensors) == set(second.tensors)
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
