@@ -53,7 +53,7 @@ class SafetensorsFormatError(ValueError):
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; tensors are CPU views of one buffer.
 
-    The tensors are views of one writable buffer holding the file's bytes (no copy per
+    The tensors are views of one uint8 tensor holding the file's bytes (no copy per
     tensor; they share one storage); a tensor whose bytes are not aligned to its element size
     is copied to aligned memory instead.
 
@@ -66,15 +66,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         size = os.fstat(handle.fileno()).st_size
         if size < 8:
             raise SafetensorsFormatError(f"file of {size} bytes is shorter than its header length")
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        buffer = torch.empty(size, dtype=torch.uint8)  # [bytes]; not zero-filled, read over
+        view = buffer.numpy().data  # a writable memoryview of the same bytes
         done = 0
         while done < size:  # readinto may return less than asked (e.g. on a pipe or NFS)
             got = handle.readinto(view[done:])
             if not got:
                 raise SafetensorsFormatError(f"file ended after {done} of {size} bytes")
             done += got
-    header_len = int.from_bytes(buffer[:8], "little")
+    header_len = int.from_bytes(view[:8], "little")
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise SafetensorsFormatError(
             f"header length {header_len} does not fit a file of {size} bytes"
@@ -88,19 +88,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise SafetensorsFormatError("__metadata__ must map strings to strings")
     spans = [_span(name, entry) for name, entry in header.items()]
     _check_tiling(spans, size - data_start)
-    data = (
-        torch.frombuffer(buffer, dtype=torch.uint8, offset=data_start)
-        if size > data_start
-        else None
-    )
+    data = buffer[data_start:] if size > data_start else None
     tensors: dict[str, Tensor] = {}
     for name, dtype, shape, begin, end in spans:
         if data is None or begin == end:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
         raw = data[begin:end]  # [bytes], one storage for every tensor
-        if (data_start + begin) % dtype.itemsize or raw.data_ptr() % dtype.itemsize:
-            raw = raw.clone()  # an odd offset: CPU kernels expect aligned elements
+        if raw.storage_offset() % dtype.itemsize or raw.data_ptr() % dtype.itemsize:
+            raw = raw.clone()  # an odd offset: dtype views and CPU kernels need alignment
         tensors[name] = raw.view(dtype).view(shape)
     return tensors, dict(metadata)
 

@@ -51,14 +51,26 @@ def _raw_file(path: Path, header: object, data: bytes, pad: int = 8) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-def test_misaligned_tensor_is_copied_to_aligned_memory(tmp_path: Path) -> None:
-    values = torch.arange(3, dtype=torch.float32)
+@pytest.mark.parametrize("start", [0, 1, 2, 3])
+def test_misaligned_tensors_are_copied_to_aligned_memory(tmp_path: Path, start: int) -> None:
+    """Offsets that are not multiples of the element size (legal, if unusual) still read."""
+    u8 = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    f32 = torch.arange(3, dtype=torch.float32)
+    f16 = torch.tensor([0.5, -2.0], dtype=torch.float16)
+    header = {
+        "u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "x": {"dtype": "F32", "shape": [3], "data_offsets": [3, 15]},
+        "y": {"dtype": "F16", "shape": [2], "data_offsets": [15, 19]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * ((start - 8 - len(raw)) % 4)  # the data area starts at ``start`` mod 4
+    data = b"".join(t.numpy().tobytes() for t in (u8, f32, f16))
     path = tmp_path / "odd.safetensors"
-    header = {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}
-    _raw_file(path, header, values.numpy().tobytes(), pad=1)  # header length not a multiple of 4
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     tensors, _ = read_safetensors(path)
-    assert tensors["x"].data_ptr() % 4 == 0
-    assert torch.equal(tensors["x"], values)
+    for key, want in (("u", u8), ("x", f32), ("y", f16)):
+        assert tensors[key].data_ptr() % want.element_size() == 0
+        assert torch.equal(tensors[key], want), key
 
 
 F32 = torch.ones(2, dtype=torch.float32).numpy().tobytes()  # 8 bytes
