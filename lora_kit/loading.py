@@ -91,6 +91,7 @@ def load_files(
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         check_fingerprint(fp, model, modules, source)
+    own = _needs_own_storage(files, targets)
     # Everything is validated: mutate from here on.
     if not lm._adapters:
         model.requires_grad_(False)
@@ -108,14 +109,32 @@ def load_files(
             device=layer.weight.device,
         )
         device = layer.weight.device
-        adapter.lora_A = nn.Parameter(files.tensors[key_a].to(device, adapter_dtype))
-        adapter.lora_B = nn.Parameter(files.tensors[key_b].to(device, adapter_dtype))
+        factor_a = files.tensors[key_a].to(device, adapter_dtype, copy=own)
+        factor_b = files.tensors[key_b].to(device, adapter_dtype, copy=own)
+        adapter.lora_A, adapter.lora_B = nn.Parameter(factor_a), nn.Parameter(factor_b)
         layer.add(name, adapter)
     for head in heads:
         prefix = head_key(head, "")
         state = {k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)}
         wrap_saved(model, head, lm.router).add(name).load_state_dict(state, strict=True)
     lm._adapters[name] = AdapterRecord(name, config, targets, heads, source)
+
+
+def _needs_own_storage(files: AdapterFiles, targets: tuple[str, ...]) -> bool:
+    """Whether the factors must be copied out of the buffer the file was read into.
+
+    `read_adapter` returns views of one buffer holding the whole file. Parameters made from
+    those views keep all of it alive, which is free when the factors are (nearly) the whole
+    file, but not when it also holds a large ``modules_to_save`` copy (an embedding matrix):
+    that copy is loaded into the model's own module, and would then sit in memory twice.
+    """
+    factor_bytes = 0
+    for target in targets:
+        for key in lora_keys(target):
+            tensor = files.tensors[key]
+            factor_bytes += tensor.numel() * tensor.element_size()
+    total = sum(t.numel() * t.element_size() for t in files.tensors.values())
+    return total - factor_bytes > total // 16
 
 
 def features(layer: nn.Module) -> tuple[int, int]:
