@@ -3,9 +3,10 @@
 The same checks as `LoraModel.load_adapter` always made (keys, shapes, base fingerprint; all
 before anything changes), with the work that does not depend on the adapter's weights done once:
 
-* the modules a target specification selects are cached per model and specification (module
-  names do not change when lora_kit wraps them), so loading the 1000th adapter does not walk
-  the whole module tree again;
+* the modules a target specification selects, and the key -> shape table an adapter must
+  match, are cached per model and specification (module names and shapes do not change when
+  lora_kit wraps them), so loading the 1000th adapter does not walk the whole module tree or
+  rebuild the table again; the check against the table itself runs on every load;
 * the adapter tensors read from the file become the parameters directly (no random
   initialisation followed by a copy); only a dtype conversion copies.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Hashable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,13 +28,17 @@ from .fingerprint import check_fingerprint, describe
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys
 from .saved_modules import SavedModule
-from .surgery import wrap_lora, wrap_saved
+from .surgery import submodule, wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets
 
 if TYPE_CHECKING:
     from .model import LoraModel
 
 _TARGETS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+Expected = tuple[tuple[str, ...], tuple[str, ...], Mapping[str, tuple[int, ...]]]
+_EXPECTED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Expected]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -81,7 +87,7 @@ def load_files(
     config, source, model = files.config, str(files.path), lm.model
     targets, heads, expected = expected_tensors(model, config)
     check_keys(expected, files.tensors, source)
-    modules = {target: model.get_submodule(target) for target in targets}  # resolved once
+    modules = {target: submodule(model, target) for target in targets}  # resolved once
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         check_fingerprint(fp, model, modules, source)
@@ -123,32 +129,49 @@ def features(layer: nn.Module) -> tuple[int, int]:
     return out_f, in_f
 
 
-def expected_tensors(
-    model: nn.Module, config: LoraConfig
-) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, tuple[int, ...]]]:
+def expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
     """What an adapter with ``config`` must hold to fit ``model`` (used by loading and verify).
+
+    Memoised per model and the config fields it depends on (targets and ranks).
 
     Returns:
         ``(targets, heads, expected)``: the targeted projections, the ``modules_to_save``
-        modules, and PEFT tensor key -> required shape.
+        modules, and PEFT tensor key -> required shape (read-only).
 
     Raises:
         NoTargetsError, UnsupportedModuleError: ``config`` targets nothing usable in ``model``.
     """
+    key: Hashable = (
+        config.targets,
+        config.exclude,
+        config.layers,
+        config.modules_to_save,
+        config.r,
+        tuple(config.rank_pattern.items()),
+    )
+    per_model = _EXPECTED.setdefault(model, {})
+    found = per_model.get(key)
+    if found is None:
+        found = _expected_tensors(model, config)
+        per_model[key] = found
+    return found
+
+
+def _expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
     targets = cached_targets(model, config)
     heads = cached_heads(model, config)
     expected: dict[str, tuple[int, ...]] = {}
     for target in targets:
-        out_f, in_f = features(model.get_submodule(target))
+        out_f, in_f = features(submodule(model, target))
         rank = config.rank_for(target)
         key_a, key_b = lora_keys(target)
         expected[key_a], expected[key_b] = (rank, in_f), (out_f, rank)
     for head in heads:
-        module = model.get_submodule(head)
+        module = submodule(model, head)
         original = module.original if isinstance(module, SavedModule) else module
         for key, value in original.state_dict().items():
             expected[head_key(head, key)] = tuple(value.shape)
-    return targets, heads, expected
+    return targets, heads, MappingProxyType(expected)
 
 
 def check_keys(

@@ -26,13 +26,13 @@ from .errors import (
 )
 from .fingerprint import fingerprint
 from .layers import LoraAdapter, LoRALinear
-from .loading import load_files
+from .loading import cached_targets, load_files
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
 from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
 from .rows import RowPlan
 from .saved_modules import SavedModule
-from .surgery import unwrap_if_empty, wrap_lora, wrap_saved
+from .surgery import submodule, unwrap_if_empty, wrap_lora, wrap_saved
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .targets import find_saved_modules, find_targets, resolve_spec
 
@@ -171,11 +171,15 @@ class LoraModel(nn.Module):
         self._refuse_if_merged("delete_adapter")
         record = self.adapter_record(name)
         for module_name in record.modules:
-            del self._layer(module_name).adapters[name]
-            unwrap_if_empty(self.model, module_name)
+            layer = self._layer(module_name)
+            del layer.adapters[name]
+            if not len(layer.adapters):
+                unwrap_if_empty(self.model, module_name)
         for module_name in record.saved_modules:
-            del self._saved(module_name).copies[name]
-            unwrap_if_empty(self.model, module_name)
+            wrapper = self._saved(module_name)
+            del wrapper.copies[name]
+            if not len(wrapper.copies):
+                unwrap_if_empty(self.model, module_name)
         del self._adapters[name]
         default = self.router.default
         if name in default.names:
@@ -467,13 +471,13 @@ class LoraModel(nn.Module):
         )
 
     def _layer(self, module_name: str) -> LoRALinear:
-        layer = self.model.get_submodule(module_name)
+        layer = submodule(self.model, module_name)
         if not isinstance(layer, LoRALinear):
             raise LoraKitError(f"{module_name!r} is not a LoRA layer (was the model edited?)")
         return layer
 
     def _saved(self, module_name: str) -> SavedModule:
-        wrapper = self.model.get_submodule(module_name)
+        wrapper = submodule(self.model, module_name)
         if not isinstance(wrapper, SavedModule):
             raise LoraKitError(f"{module_name!r} is not a saved module (was the model edited?)")
         return wrapper
@@ -720,7 +724,7 @@ def _refuse_injected(model: nn.Module) -> None:
 
 def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:
     """Module name -> the rank ``config`` gives it in ``model``."""
-    return {target: config.rank_for(target) for target in find_targets(model, config)}
+    return {target: config.rank_for(target) for target in cached_targets(model, config)}
 
 
 def _selected_names(selection: AdapterSelection) -> tuple[str, ...]:

@@ -1,11 +1,20 @@
 """Mixed batches: every row of a batch uses its own adapter (or none), in one forward pass.
 
 A :class:`RowPlan` is built once per call from ``adapter_names`` and travels to every layer in
-the thread-local :class:`~lora_kit.routing.Selection` (``Selection.rows``). Each layer groups the
-rows by adapter: rows sharing an adapter are gathered with ``index_select``, go through that
-adapter's two small GEMMs together, and are added back with ``index_add_``. The cost grows with
-the number of *distinct* adapters in the batch, never with the number of rows; a batch whose
-rows all use one adapter takes exactly the single-adapter path.
+the thread-local :class:`~lora_kit.routing.Selection` (``Selection.rows``). The first time a
+layer sees the plan it decides, once for the whole call (a ``generate`` reuses the decision at
+every step), how to add the rows' adapters (:class:`Prepared`):
+
+* inference: the distinct adapters' factors are stacked (cached across calls while their tensors
+  are unchanged) and every row goes through its own adapter's factors in two batched GEMMs
+  (``bmm`` + ``baddbmm_``): the same two kernels however many distinct adapters the batch holds,
+  and no gather at all when each adapter's rows are one contiguous run of equal length (distinct
+  names, possibly repeated by ``generate``'s batch expansion);
+* with autograd on (or dropout active), rows are grouped by adapter instead: one
+  ``index_select``/GEMMs/``index_add_`` per distinct adapter.
+
+The cost grows with the number of *distinct* adapters in the batch, never with the number of
+rows; a batch whose rows all use one adapter takes exactly the single-adapter path.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +49,11 @@ class RowPlan:
 
     def __init__(self, names: Sequence[str | None]) -> None:
         self.names: tuple[str | None, ...] = tuple(names)
+        # Each name once, first-seen order: the slots of the stacked factors.
+        self.distinct: tuple[str | None, ...] = tuple(dict.fromkeys(self.names))
         self._groups: dict[tuple[int, torch.device], tuple[Group, ...]] = {}
         self._slots: dict[tuple[int, torch.device], Tensor] = {}
-        self._stacks: dict[tuple[int, torch.device, torch.dtype], Stack] = {}
+        self._prepared: dict[nn.Module, Prepared] = {}
 
     def groups(self, batch: int, device: torch.device) -> tuple[Group, ...]:
         """Row groups for a batch of ``batch`` rows on ``device``.
@@ -72,16 +83,21 @@ class RowPlan:
         self._groups[key] = result
         return result
 
-    def identity(self, batch: int) -> bool:
-        """Whether row ``i`` is the ``i``-th distinct name (every row its own adapter)."""
-        return len(set(self.names)) == len(self.names) == batch
+    def runs(self) -> bool:
+        """Whether each distinct name's rows form one contiguous run, all runs equally long.
+
+        True when the names are all different (each row its own adapter, in any batch
+        expansion): slot ``i`` then holds rows ``[i * k, (i + 1) * k)``, so the rows can be
+        reshaped into ``[slots, k * tokens, ...]`` with no gather.
+        """
+        return len(self.distinct) == len(self.names)
 
     def slots(self, batch: int, device: torch.device) -> Tensor:
         """``[batch]`` int64: each row's position among the distinct names (first-seen order)."""
         key = (batch, device)
         cached = self._slots.get(key)
         if cached is None:
-            position = {name: i for i, (name, _) in enumerate(self.groups(batch, device))}
+            position = {name: i for i, name in enumerate(self.distinct)}
             expand = batch // len(self.names)
             cached = torch.tensor(
                 [position[name] for name in self.names], device=device
@@ -89,27 +105,65 @@ class RowPlan:
             self._slots[key] = cached
         return cached
 
-    def stack(self, layer: LoRALinear, batch: int, x: Tensor) -> Stack:
-        """The distinct adapters' factors of ``layer``, stacked (see :func:`stacked_factors`).
-
-        Looked up once per layer per call: a whole ``generate`` reuses it at every step.
-        """
-        key = (id(layer), x.device, x.dtype)
-        cached = self._stacks.get(key)
-        if cached is None:
-            names = tuple(name for name, _ in self.groups(batch, x.device))
-            cached = stacked_factors(layer, names, x)
-            self._stacks[key] = cached
-        return cached
+    def prepared(self, layer: LoRALinear, x: Tensor) -> Prepared:
+        """How ``layer`` adds the rows' adapters for input ``x``: decided once per call."""
+        grad = torch.is_grad_enabled()
+        found = self._prepared.get(layer)
+        if found is not None and found.matches(x, grad):
+            return found
+        batch, device = x.shape[0], x.device
+        groups = self.groups(batch, device)  # raises on a batch that does not fit the names
+        stack = None
+        if len(groups) > 1 and _can_gather(layer, self.distinct, grad):
+            stack = stacked_factors(layer, self.distinct, x)
+        slots = None if stack is None or self.runs() else self.slots(batch, device)
+        found = Prepared(batch, x.dtype, device, grad, groups, stack, slots)
+        self._prepared[layer] = found
+        return found
 
 
 # Stacked factors of the distinct adapters in a layer: scaled A^T [n, in, R] and B^T [n, R, out].
 Stack = tuple[Tensor, Tensor]
 
-# Per layer: the last few stacks built, keyed by (names, device, dtype), each with the identity
-# and version of the tensors it was built from, so in-place changes (swap_adapter, training)
-# and reloads are noticed and the stack rebuilt.
-_STACK_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, tuple[Hashable, Stack]]]
+
+class Prepared:
+    """One layer's way of adding a call's rows (see the module docstring); built once per call.
+
+    Attributes:
+        groups: The row groups (used without a stack).
+        stack: The distinct adapters' stacked factors, or None to add group by group.
+        slots: ``[batch]`` stack slot of each row, or None when the rows form equal runs.
+    """
+
+    __slots__ = ("batch", "device", "dtype", "grad", "groups", "slots", "stack")
+
+    def __init__(
+        self,
+        batch: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        grad: bool,
+        groups: tuple[Group, ...],
+        stack: Stack | None,
+        slots: Tensor | None,
+    ) -> None:
+        self.batch, self.dtype, self.device, self.grad = batch, dtype, device, grad
+        self.groups, self.stack, self.slots = groups, stack, slots
+
+    def matches(self, x: Tensor, grad: bool) -> bool:
+        """Whether this applies to input ``x`` under the current grad mode."""
+        return (
+            x.shape[0] == self.batch
+            and x.dtype == self.dtype
+            and grad == self.grad
+            and x.device == self.device
+        )
+
+
+# Per layer: the last few stacks built, keyed by (names, device, dtype), each with a record of
+# the tensors it was built from (identity and version), so in-place changes (swap_adapter,
+# training) and reloads are noticed and the stack rebuilt.
+_STACK_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, tuple[_Seen, Stack]]]
 _STACK_CACHE = weakref.WeakKeyDictionary()
 _STACKS_PER_LAYER = 4
 
@@ -120,13 +174,59 @@ def clear_stacks(model: nn.Module) -> None:
         _STACK_CACHE.pop(module, None)
 
 
-def _token(adapter: LoraAdapter | None) -> Hashable:
-    if adapter is None:
-        return None
-    a, b = adapter.lora_A, adapter.lora_B
+class _Seen:
+    """What a stack was built from: per slot, the factor tensors and their state.
+
+    Tensors are held by weak reference: a cached stack never keeps a deleted adapter's tensors
+    alive, and a new tensor at a recycled address never passes for the old one. The state
+    (versions, data pointers, scaling) changes with any in-place update or swap.
+    """
+
+    __slots__ = ("refs", "state")
+
+    def __init__(self, adapters: list[LoraAdapter | None]) -> None:
+        refs: list[tuple[weakref.ref[Tensor], ...] | None] = []
+        state: list[Hashable] = []
+        for adapter in adapters:
+            if adapter is None:
+                refs.append(None)
+                state.append(None)
+                continue
+            tensors, observed = _observe(adapter)
+            refs.append(tuple(weakref.ref(t) for t in tensors))
+            state.append(observed)
+        self.refs, self.state = tuple(refs), tuple(state)
+
+    def still(self, adapters: list[LoraAdapter | None]) -> bool:
+        """Whether ``adapters`` hold the same tensors, unchanged since the stack was built."""
+        if len(adapters) != len(self.refs):
+            return False
+        for adapter, refs, state in zip(adapters, self.refs, self.state, strict=True):
+            if adapter is None or refs is None:
+                if adapter is not None or refs is not None:
+                    return False
+                continue
+            tensors, observed = _observe(adapter)
+            if observed != state or len(tensors) != len(refs):
+                return False
+            for ref, tensor in zip(refs, tensors, strict=True):
+                if ref() is not tensor:
+                    return False
+        return True
+
+
+def _observe(adapter: LoraAdapter) -> tuple[tuple[Tensor, ...], Hashable]:
+    """An adapter's A, B (and scale buffer) and their versions, data pointers and scaling.
+
+    Read through the module's dictionaries directly: this runs per layer and call.
+    """
+    params = adapter._parameters
+    a, b = cast(Tensor, params["lora_A"]), cast(Tensor, params["lora_B"])
     scale = adapter._buffers.get("scale")
-    scaling = ("t", id(scale), scale._version) if scale is not None else adapter.scaling
-    return (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), scaling)
+    if scale is None:  # a plain adapter: the scaling is a Python float
+        return (a, b), (a._version, a.data_ptr(), b._version, b.data_ptr(), adapter.scaling)
+    state = (a._version, a.data_ptr(), b._version, b.data_ptr(), scale._version, scale.data_ptr())
+    return (a, b, scale), state
 
 
 def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor) -> Stack:
@@ -134,21 +234,30 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
 
     The scaling is folded into A. Entries for None, or for an adapter that does not adapt this
     layer, are zeros. Cached per layer across calls while the adapters' tensors are unchanged.
+
+    Returns:
+        ``(A^T [n, in, R], B^T [n, R, out])``, the layouts ``bmm``/``baddbmm_`` run fastest
+        with (A^T as a transposed view, B^T contiguous).
     """
-    adapters = [layer.adapter(n) if n is not None and n in layer.adapters else None for n in names]
+    modules = layer.adapters._modules
+    adapters = [
+        cast("LoraAdapter | None", modules.get(n)) if n is not None else None for n in names
+    ]
     key: Hashable = (names, x.device, x.dtype)
-    token = tuple(_token(a) for a in adapters)
-    per_layer = _STACK_CACHE.setdefault(layer, OrderedDict())
+    per_layer = _STACK_CACHE.get(layer)
+    if per_layer is None:
+        per_layer = _STACK_CACHE.setdefault(layer, OrderedDict())
     hit = per_layer.get(key)
-    if hit is not None and hit[0] == token:
+    if hit is not None and hit[0].still(adapters):
         per_layer.move_to_end(key)
         return hit[1]
+    seen = _Seen(adapters)
     present = [a for a in adapters if a is not None]
     rank = max((a.r for a in present), default=0)
     dtype = present[0].lora_A.dtype if present else x.dtype
     n, device = len(names), x.device
     a_stack = torch.zeros((n, rank, layer.in_features), dtype=dtype, device=device)  # [n, R, in]
-    b_stack = torch.zeros((n, layer.out_features, rank), dtype=dtype, device=device)  # [n, out, R]
+    b_t = torch.zeros((n, rank, layer.out_features), dtype=dtype, device=device)  # [n, R, out]
     with torch.no_grad():
         for i, adapter in enumerate(adapters):  # one entry per distinct adapter, not per row
             if adapter is not None:
@@ -158,9 +267,9 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
                     scale if scale is not None else adapter.scaling,
                     out=a_stack[i, : adapter.r],
                 )
-                b_stack[i, :, : adapter.r].copy_(adapter.lora_B)
-    stack = (a_stack.transpose(1, 2), b_stack.transpose(1, 2))
-    per_layer[key] = (token, stack)
+                b_t[i, : adapter.r].copy_(adapter.lora_B.t())
+    stack = (a_stack.transpose(1, 2), b_t)
+    per_layer[key] = (seen, stack)
     per_layer.move_to_end(key)
     while len(per_layer) > _STACKS_PER_LAYER:
         per_layer.popitem(last=False)
@@ -170,10 +279,10 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
 def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
     """Add each row's own adapter contribution to ``out``.
 
-    Inference (no autograd, no active dropout) gathers each row's factors from the distinct
-    adapters stacked once per call and runs two batched GEMMs: the per-layer work is the same
-    few kernels however many distinct adapters the batch holds. With autograd on, rows are
-    grouped by adapter instead (one ``index_select``/GEMMs/``index_add_`` per distinct adapter).
+    Inference (no autograd, no active dropout) runs every row through its own adapter's
+    stacked factors in two batched GEMMs: the per-layer work is the same few kernels however
+    many distinct adapters the batch holds. With autograd on, rows are grouped by adapter
+    instead (one ``index_select``/GEMMs/``index_add_`` per distinct adapter).
 
     Args:
         layer: The LoRA layer.
@@ -184,11 +293,11 @@ def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor
     Returns:
         ``out`` with the adapters' contributions added (in place where possible).
     """
+    prepared = plan.prepared(layer, x)
+    if prepared.stack is not None:
+        return _add_gathered(out, x, prepared.stack, prepared.slots)
     adapters = layer.adapters
-    groups = plan.groups(x.shape[0], x.device)
-    if len(groups) > 1 and _can_gather(layer, groups):
-        return _add_gathered(layer, out, x, plan)
-    for name, index in groups:
+    for name, index in prepared.groups:
         if name is None or name not in adapters:
             continue
         adapter = layer.adapter(name)
@@ -201,29 +310,28 @@ def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor
     return out
 
 
-def _can_gather(layer: LoRALinear, groups: tuple[Group, ...]) -> bool:
-    if torch.is_grad_enabled():
+def _can_gather(layer: LoRALinear, names: tuple[str | None, ...], grad: bool) -> bool:
+    if grad:
         return False
-    for name, _ in groups:
-        if name is not None and name in layer.adapters:
-            adapter = layer.adapter(name)
-            if adapter.dropout > 0.0 and adapter.training:
-                return False
+    modules = layer.adapters._modules
+    for name in names:
+        adapter = cast("LoraAdapter | None", modules.get(name)) if name is not None else None
+        if adapter is not None and adapter.dropout > 0.0 and adapter.training:
+            return False
     return True
 
 
-def _add_gathered(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor:
-    batch = x.shape[0]
-    a_t, b_t = plan.stack(layer, batch, x)
-    if a_t.shape[0] != batch or not plan.identity(batch):  # rows -> their adapter's slot
-        slots = plan.slots(batch, x.device)
+def _add_gathered(out: Tensor, x: Tensor, stack: Stack, slots: Tensor | None) -> Tensor:
+    a_t, b_t = stack  # [n, in, R], [n, R, out]
+    if slots is not None:  # rows -> their adapter's slot
         a_t, b_t = a_t.index_select(0, slots), b_t.index_select(0, slots)
-    x3 = x.reshape(batch, -1, x.shape[-1])  # [batch, tokens, in]
+    groups = a_t.shape[0]  # the batch, or the distinct adapters with their rows in runs
+    x3 = x.reshape(groups, -1, x.shape[-1])  # [groups, rows per group * tokens, in]
     if x3.dtype != a_t.dtype:
         x3 = x3.to(a_t.dtype)
-    h = torch.bmm(x3, a_t)  # [batch, tokens, R], scaling folded into A
+    h = torch.bmm(x3, a_t)  # [groups, rows * tokens, R], scaling folded into A
     if out.dtype == h.dtype and out.is_contiguous():
-        out.view(batch, -1, out.shape[-1]).baddbmm_(h, b_t)  # out += h @ B^T, per row
+        out.view(groups, -1, out.shape[-1]).baddbmm_(h, b_t)  # out += h @ B^T, per group
         return out
     return out.add_(torch.bmm(h, b_t).view(out.shape).to(out.dtype))
 

@@ -9,6 +9,24 @@ from .routing import Router
 from .saved_modules import SavedModule
 
 
+def submodule(root: nn.Module, name: str) -> nn.Module:
+    """The module at dotted path ``name`` inside ``root`` (``root`` itself for ``""``).
+
+    Walks the child dictionaries directly: the same modules ``root.get_submodule`` returns, for
+    a fraction of its cost (it goes through ``nn.Module.__getattr__`` at every step), which adds
+    up when an adapter touches a hundred modules.
+
+    Raises:
+        AttributeError: No module at ``name`` (from ``get_submodule``, with its message).
+    """
+    module: nn.Module | None = root
+    for part in name.split(".") if name else ():
+        module = module._modules.get(part) if module is not None else None
+    if module is None:
+        return root.get_submodule(name)  # raises, naming the missing part
+    return module
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at dotted path ``name`` inside ``root``."""
     parent_name, _, child = name.rpartition(".")

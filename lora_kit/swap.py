@@ -188,19 +188,20 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         AdapterMismatchError: The new adapter targets modules ``name`` does not, has too large a
             rank, a different head set, wrong shapes, or another base.
     """
-    from .loading import cached_heads, cached_targets, check_keys
+    from .loading import check_keys, expected_tensors
 
     record = lm.adapter_record(name)
     source = str(files.path)
     config = files.config
-    targets = cached_targets(lm.model, config)
-    extra = sorted(set(targets) - set(record.modules))
+    # Targets, heads and the key -> shape table are memoised per model and config.
+    targets, heads, expected = expected_tensors(lm.model, config)
+    resident = set(record.modules)
+    extra = sorted(set(targets) - resident)
     if extra:
         raise AdapterMismatchError(
             f"{source}: targets {extra[0]!r}, which adapter {name!r} does not adapt; in-place "
             f"swapping needs the same or fewer modules (load it as a new adapter instead)"
         )
-    heads = cached_heads(lm.model, config)
     extra_heads = sorted(set(heads) - set(record.saved_modules))
     if extra_heads:
         raise AdapterMismatchError(
@@ -208,16 +209,16 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"load it as a new adapter instead"
         )
     layers = {module: lm._layer(module) for module in record.modules}  # resolved once
-    left_out = [m for m in record.modules if m not in set(targets)]
-    if any(not isinstance(layers[m].adapter(name), PaddedAdapter) for m in left_out):
+    adapters = {module: layer.adapter(name) for module, layer in layers.items()}
+    wanted = set(targets)
+    left_out = [m for m in record.modules if m not in wanted]
+    if any(not isinstance(adapters[m], PaddedAdapter) for m in left_out):
         raise AdapterMismatchError(
             f"{source}: does not adapt {left_out[0]!r}, which adapter {name!r} does; swapping in "
             f"an adapter over fewer modules needs {name!r} loaded with max_rank="
         )
-    expected: dict[str, tuple[int, ...]] = {}
     for target in targets:
-        layer = layers[target]
-        adapter = layer.adapter(name)
+        adapter = adapters[target]
         rank = config.rank_for(target)
         limit = adapter.r
         if (rank > limit) if isinstance(adapter, PaddedAdapter) else (rank != limit):
@@ -226,12 +227,6 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
                 f"{source}: {target} has rank {rank}; adapter {name!r} holds {kind} {limit} "
                 f"there (load the adapter to be swapped with max_rank >= {rank})"
             )
-        key_a, key_b = lora_keys(target)
-        expected[key_a] = (rank, layer.in_features)
-        expected[key_b] = (layer.out_features, rank)
-    for head in heads:
-        for key, value in lm._saved(head).original.state_dict().items():
-            expected[head_key(head, key)] = tuple(value.shape)
     check_keys(expected, files.tensors, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
@@ -240,15 +235,13 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         check_fingerprint(fp, lm.model, {t: layers[t] for t in targets}, source)
     # Everything is validated: mutate from here on. The copies run as a few batched
     # (foreach) kernels instead of several small ops per layer.
-    wanted = set(targets)
     dst: list[Tensor] = []
     src: list[Tensor] = []
     zero: list[Tensor] = []
     scales: list[Tensor] = []
-    values: list[float] = []
+    values: list[Tensor] = []
     with torch.no_grad():
-        for module in record.modules:
-            adapter = layers[module].adapter(name)
+        for module, adapter in adapters.items():
             a, b = adapter.lora_A, adapter.lora_B
             if module not in wanted:
                 zero.extend((a, b))
@@ -258,14 +251,18 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             key_a, key_b = lora_keys(module)
             tensor_a, tensor_b = files.tensors[key_a], files.tensors[key_b]
             rank = tensor_a.shape[0]
-            dst.extend((a[:rank], b[:, :rank]))
-            src.extend((tensor_a.to(a.dtype), tensor_b.to(b.dtype)))
-            if rank < a.shape[0]:
+            if rank == a.shape[0]:  # the common case: no padding, whole tensors
+                dst.extend((a, b))
+            else:
+                dst.extend((a[:rank], b[:, :rank]))
                 zero.extend((a[rank:], b[:, rank:]))
+            if tensor_a.dtype != a.dtype:
+                tensor_a, tensor_b = tensor_a.to(a.dtype), tensor_b.to(b.dtype)
+            src.extend((tensor_a, tensor_b))
             if isinstance(adapter, PaddedAdapter):
                 adapter.rank = rank
                 scales.append(adapter.scale)
-                values.append(config.scaling_for(module))
+                values.append(_scalar(config.scaling_for(module), adapter.scale))
             else:
                 adapter.scaling = config.scaling_for(module)
         if dst:
@@ -273,8 +270,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         if zero:
             torch._foreach_zero_(zero)
         if scales:
-            torch._foreach_zero_(scales)
-            torch._foreach_add_(scales, values)
+            torch._foreach_copy_(scales, values)
         for head in record.saved_modules:
             wrapper = lm._saved(head)
             if head in heads:
@@ -286,3 +282,18 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
                 state = wrapper.original.state_dict()
             for key, value in wrapper.copies[name].state_dict().items():
                 value.copy_(state[key])
+
+
+# 0-dim source tensors for the scale buffers, one per (value, device, dtype): swaps reuse them.
+_SCALARS: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    key = (value, like.device, like.dtype)
+    found = _SCALARS.get(key)
+    if found is None:
+        if len(_SCALARS) > 256:  # a handful of distinct scalings in practice; stay bounded
+            _SCALARS.clear()
+        found = torch.tensor(value, device=like.device, dtype=like.dtype)
+        _SCALARS[key] = found
+    return found

@@ -127,3 +127,37 @@ def test_finite_check_fast_path_and_fallback(saved: tuple[str, Path], tmp_path: 
         else:
             with pytest.raises(lk.NonFiniteError, match=key):
                 lk.read_adapter(target)
+
+
+def test_loaded_adapter_saves_and_reloads_exactly(saved: tuple[str, Path], tmp_path: Path) -> None:
+    """Loaded tensors are views of one file buffer; saving them again must still work."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "a")
+    again = lm.save_adapter(tmp_path / "again", "a")
+    first, second = lk.read_adapter(root / "a"), lk.read_adapter(again)
+    assert set(first.tensors) == set(second.tensors)
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
+
+
+def test_factors_share_the_file_buffer_only_when_it_holds_little_else(tmp_path: Path) -> None:
+    """Loaded factors view the file's buffer (no copy) unless a large saved module would then
+    be held twice (its bytes in that buffer and in the model's copy)."""
+    from tests.conftest import tiny_gpt2
+
+    def factor_storages(path: Path) -> list[tuple[int, int]]:
+        lm = lk.LoraModel(tiny_gpt2())
+        lm.load_adapter(path, "x")
+        factors = [
+            t
+            for m in lm.model.modules()
+            if isinstance(m, lk.LoRALinear)
+            for t in (m.adapter("x").lora_A, m.adapter("x").lora_B)
+        ]
+        return [(t.untyped_storage().nbytes(), t.numel() * t.element_size()) for t in factors]
+
+    for saves, shared in (((), True), (("wte",), False)):
+        source = lk.inject(tiny_gpt2(), lk.LoraConfig(r=4, modules_to_save=saves))
+        path = source.save_adapter(tmp_path / f"saves-{len(saves)}")
+        storages = factor_storages(path)
+        assert all((nbytes > own) == shared for nbytes, own in storages), saves

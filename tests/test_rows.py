@@ -8,9 +8,11 @@ so any real routing error (a wrong or missing adapter) is orders of magnitude la
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from hotswap_helpers import input_ids, logits, model_with_adapters
+from hotswap_helpers import config_for, input_ids, logits, model_with_adapters
 
 import lora_kit as lk
 
@@ -144,3 +146,31 @@ def test_mixed_batch_is_refused_while_merged() -> None:
         lm(input_ids=ids, adapter_names=["b", None])
     lm.unmerge()
     lm(input_ids=ids, adapter_names=["b", None])
+
+
+def test_cached_stacks_follow_delete_and_reload(tmp_path: Path) -> None:
+    """A deleted and reloaded adapter (new tensors, maybe at recycled addresses) is re-stacked."""
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(3)
+    names: list[str | None] = ["a", "b", "c"]
+    before = logits(lm, ids, adapter_names=names)
+    path = lm.save_adapter(tmp_path / "b", "b")
+    lm.delete_adapter("b")
+    lm.add_adapter("b", config_for("gpt2", "b"))  # fresh init: B is zero, "b" adds nothing
+    fresh = logits(lm, ids, adapter_names=names)
+    torch.testing.assert_close(fresh[1], logits(lm, ids[1:2], adapter_names=[None])[0])
+    assert not torch.allclose(fresh[1], before[1], atol=1e-3)  # not the stale stack
+    lm.delete_adapter("b")
+    lm.load_adapter(path, "b")
+    torch.testing.assert_close(logits(lm, ids, adapter_names=names), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [["a", "b", None], ["a", "a", "b", "b"], ["b", "a", "b"]])
+def test_runs_and_gathered_rows_with_expansion(rows: list[str | None]) -> None:
+    """Distinct names (equal runs, no gather) and repeated names (gathered), each expanded 2x."""
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(len(rows))
+    expanded = ids.repeat_interleave(2, dim=0)  # as generate expands beams
+    mixed = logits(lm, expanded, adapter_names=rows)
+    alone = _alone(lm, expanded, [n for n in rows for _ in range(2)])
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)

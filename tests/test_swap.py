@@ -189,3 +189,28 @@ def test_plain_adapter_rejects_a_subset_swap(saved: tuple[str, Path]) -> None:
     }
     with pytest.raises(lk.AdapterMismatchError):
         lm.swap_adapter("p", state)
+
+
+def test_swap_converts_to_the_resident_dtype(saved: tuple[str, Path]) -> None:
+    """A bf16-resident adapter swapped from fp32 files equals a fresh bf16 load, bit for bit."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8, adapter_dtype=torch.bfloat16)
+    lm.swap_adapter("live", root / "b")  # "b" adapts a subset of "a"'s modules
+    fresh = lk.LoraModel(make_model(kind))
+    fresh.load_adapter(root / "b", "x", max_rank=8, adapter_dtype=torch.bfloat16)
+    live = _by_module(lm, "live")
+    for module, want in _by_module(fresh, "x").items():
+        got = live.pop(module)
+        assert got.lora_A.dtype == torch.bfloat16
+        assert torch.equal(got.lora_A, want.lora_A) and torch.equal(got.lora_B, want.lora_B)
+        assert got.scaling == want.scaling
+    assert live and all(not a.lora_A.any() and not a.lora_B.any() for a in live.values())
+
+
+def _by_module(lm: lk.LoraModel, name: str) -> dict[str, lk.LoraAdapter]:
+    return {
+        n: m.adapter(name)
+        for n, m in lm.model.named_modules()
+        if isinstance(m, lk.LoRALinear) and name in m.adapters
+    }
