@@ -140,9 +140,9 @@ def test_loaded_adapter_saves_and_reloads_exactly(saved: tuple[str, Path], tmp_p
     assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
 
 
-def test_factors_share_the_file_buffer_only_when_it_holds_little_else(tmp_path: Path) -> None:
-    """Loaded factors view the file's buffer (no copy) unless a large saved module would then
-    be held twice (its bytes in that buffer and in the model's copy)."""
+def test_factors_get_their_own_storage(tmp_path: Path) -> None:
+    """Loaded factors never view the file's buffer: a fresh allocation keeps BLAS rounding the
+    same as for the saved adapter and never pins the file (e.g. a large saved module)."""
     from tests.conftest import tiny_gpt2
 
     def factor_storages(path: Path) -> list[tuple[int, int]]:
@@ -156,8 +156,8 @@ def test_factors_share_the_file_buffer_only_when_it_holds_little_else(tmp_path: 
         ]
         return [(t.untyped_storage().nbytes(), t.numel() * t.element_size()) for t in factors]
 
-    for saves, shared in (((), True), (("wte",), False)):
+    for saves in ((), ("wte",)):
         source = lk.inject(tiny_gpt2(), lk.LoraConfig(r=4, modules_to_save=saves))
         path = source.save_adapter(tmp_path / f"saves-{len(saves)}")
         storages = factor_storages(path)
-        assert all((nbytes > own) == shared for nbytes, own in storages), saves
+        assert all(nbytes == own for nbytes, own in storages), saves
