@@ -1,13 +1,17 @@
 """Training-step throughput and memory: lora_kit LoRA vs PEFT LoRA vs full fine-tuning.
 
-Run ``python -m benchmarks.bench_train [--steps N] [--batch B] [--seq T] [--json]``.
+Run ``python -m benchmarks.bench_train [--steps N] [--batch B] [--seq T] [--json]``
+(add ``--device cuda --precision bf16|fp16|fp32`` on a GPU).
 
 One training step = forward, backward and an AdamW step over the trainable tensors, on the same
-model, batch and precision (fp32, CPU, 1 thread). Timings interleave lora_kit and PEFT (A B A B)
-in one process after warm-up; memory is measured per case in a fresh subprocess (peak RSS from
+model, batch and precision (default fp32, CPU, 1 thread; bf16/fp16 use autocast, fp16 also a
+GradScaler, as the trainer does). Timings interleave lora_kit and PEFT (A B A B) in one process
+after warm-up. On CPU, memory is measured per case in a fresh subprocess (peak RSS from
 ``/proc/self/status`` ``VmHWM``, minus the RSS after the model was built), so one case's
-allocator history cannot hide another's. Models: GPT-2 small shape (r=8, c_attn/c_proj/c_fc)
-and BERT-base shape for sequence classification (r=8, query/key/value/dense), built from config.
+allocator history cannot hide another's; on CUDA it is the allocator's peak
+(``torch.cuda.max_memory_allocated``) minus what was allocated after the model was built.
+Models: GPT-2 small shape (r=8, c_attn/c_proj/c_fc) and BERT-base shape for sequence
+classification (r=8, query/key/value/dense), built from config.
 """
 
 from __future__ import annotations
@@ -75,17 +79,34 @@ def _batch(kind: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 
 def _step_fn(
-    model: nn.Module, params: list[nn.Parameter], batch: dict[str, torch.Tensor]
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: dict[str, torch.Tensor],
+    precision: str = "fp32",
 ) -> Callable[[], None]:
+    from lora_kit.train import resolve_precision
+
+    device = next(model.parameters()).device
+    plan = resolve_precision(precision, device)
+    batch = {k: v.to(device) for k, v in batch.items()}
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scaler = plan.scaler()
     model.train()
 
     def step() -> None:
-        model(**batch).loss.backward()
-        optimizer.step()
+        with plan.autocast():
+            loss = model(**batch).loss
+        scaler.scale(loss.float()).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _rss_kib(field: str) -> int:
@@ -110,18 +131,49 @@ def measure_memory(kind: str, case: str, batch: int, seq: int) -> dict[str, floa
     return {"peak_step_mib": (peak - before) / 1024, "trainable": sum(p.numel() for p in params)}
 
 
-def measure_speed(kind: str, steps: int, warmup: int, batch: int, seq: int) -> dict[str, Any]:
+def measure_cuda_memory(
+    kind: str, case: str, batch: int, seq: int, precision: str
+) -> dict[str, float]:
+    """Allocator peak over 2 steps, minus what the built model holds (CUDA, in process)."""
+    model, params = _prepare(kind, case, _base(kind).cuda())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step = _step_fn(model, params, _batch(kind, batch, seq), precision)
+    step()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    trainable = sum(p.numel() for p in params)
+    del model, params, step
+    torch.cuda.empty_cache()
+    return {"peak_step_mib": (peak - before) / 2**20, "trainable": trainable}
+
+
+def measure_speed(
+    kind: str,
+    steps: int,
+    warmup: int,
+    batch: int,
+    seq: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """Interleaved lora_kit/PEFT steps on twin models; median seconds and tokens/s."""
-    base = _base(kind)
+    base = _base(kind).to(device)
     fns = {
-        case: _step_fn(*_prepare(kind, case, copy.deepcopy(base)), _batch(kind, batch, seq))
+        case: _step_fn(
+            *_prepare(kind, case, copy.deepcopy(base)), _batch(kind, batch, seq), precision
+        )
         for case in ("lora_kit", "peft")
     }
     times: dict[str, list[float]] = {case: [] for case in fns}
     for round_ in range(warmup + steps):
         for case, fn in fns.items():
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             if round_ >= warmup:
                 times[case].append(time.perf_counter() - start)
     tokens = batch * seq
@@ -145,23 +197,30 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="timings only")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--memory-case", nargs=2, metavar=("KIND", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
         print(json.dumps(measure_memory(*args.memory_case, args.batch, args.seq)))
         return
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     rows = []
     for kind in args.models.split(","):
-        speed = measure_speed(kind, args.steps, args.warmup, args.batch, args.seq)
+        speed = measure_speed(
+            kind, args.steps, args.warmup, args.batch, args.seq, args.device, args.precision
+        )
         memory = {case: {"peak_step_mib": float("nan"), "trainable": 0} for case in CASES}
-        for case in () if args.skip_memory else CASES:
+        for case in () if args.skip_memory or args.device == "cuda" else CASES:
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.bench_train", "--memory-case", kind, case,
                  "--batch", str(args.batch), "--seq", str(args.seq)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             memory[case] = json.loads(out.stdout.strip().splitlines()[-1])
+        for case in CASES if args.device == "cuda" and not args.skip_memory else ():
+            memory[case] = measure_cuda_memory(kind, case, args.batch, args.seq, args.precision)
         ratio = speed["peft"]["median_s"] / speed["lora_kit"]["median_s"]
         for case in CASES:
             rows.append(
@@ -185,11 +244,19 @@ def main() -> None:
     if args.json:
         print(
             json.dumps(
-                {"benchmark": "train_step", "batch": args.batch, "seq": args.seq, "rows": rows}
+                {
+                    "benchmark": "train_step",
+                    "device": args.device,
+                    "precision": args.precision,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "rows": rows,
+                }
             )
         )
         return
-    print(f"\n## training step, fp32 CPU 1 thread, batch {args.batch} x {args.seq} tokens")
+    where = "CPU 1 thread" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"\n## training step, {args.precision} {where}, batch {args.batch} x {args.seq} tokens")
     keys = list(rows[0])
     widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))

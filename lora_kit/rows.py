@@ -305,8 +305,12 @@ def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor
             out = adapter.add_to(out, x)
             continue
         xs = x.index_select(0, index)  # [rows, ..., in]
-        delta = adapter.delta(xs)  # [rows, ..., out]
-        out = out.index_add_(0, index, delta.to(out.dtype))
+        delta = adapter.delta(xs).to(out.dtype)  # [rows, ..., out]
+        # Out of place under autograd: the base output is usually a view (see add_low_rank_).
+        if torch.is_grad_enabled():
+            out = out.index_add(0, index, delta)
+        else:
+            out = out.index_add_(0, index, delta)
     return out
 
 

@@ -241,3 +241,89 @@ def test_gradients_flow_to_adapters_only() -> None:
 def test_only_linear_and_conv1d_can_be_wrapped() -> None:
     with pytest.raises(UnsupportedModuleError, match="Embedding"):
         LoRALinear(nn.Embedding(3, 4), Router())
+
+
+def _graph_names(t: torch.Tensor) -> set[str]:
+    """Names of every autograd node that produced ``t``."""
+    seen: set[str] = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or type(node).__name__ in seen:
+            continue
+        seen.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_forward_records_no_in_place_update_of_a_view(
+    kind: str, dtype: torch.dtype
+) -> None:
+    """In place on the base's (view) output costs a CopySlices node and its copies in backward."""
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    layer.base.to(dtype)
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(2, 3, 24, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    assert "CopySlices" not in _graph_names(out)
+    out.float().pow(2).sum().backward()
+    assert layer.adapter("a").lora_A.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_inference_updates_the_base_output_in_place(kind: str) -> None:
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(2, 3, 24)
+    with torch.no_grad():
+        out = layer.base(x)
+        a = layer.adapter("a")
+        expected = _reference(layer, x, out.clone())
+        assert a.add_to(out, x) is out  # no [tokens, out] temporary
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_base_with_a_full_backward_hook_trains(kind: str) -> None:
+    """The hook makes the base output a view that must not be modified in place."""
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    expected = layer.adapter("a").lora_B.grad.clone()
+    layer.adapter("a").zero_grad()
+    grads: list[torch.Tensor] = []
+    handle = layer.base.register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    try:
+        layer(x).pow(2).sum().backward()
+    finally:
+        handle.remove()
+    assert len(grads) == 1
+    torch.testing.assert_close(layer.adapter("a").lora_B.grad, expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_autocast_adds_the_update_in_the_gemm(kind: str) -> None:
+    """Under bf16 autocast the update is one GEMM accumulating into the base output."""
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        base = layer.base(x)
+    assert out.dtype == torch.bfloat16
+    names = _graph_names(out)
+    assert "AddmmBackward0" in names and "AddBackward0" not in names
+    with torch.no_grad():
+        exact = _reference(layer, x, base.float())
+    # bf16 inputs (x, A, B, the base GEMM) carry 2^-8 relative error each: bound by the scale
+    torch.testing.assert_close(out.float(), exact, rtol=0, atol=2**-6 * exact.abs().max().item())
+    out.float().sum().backward()
+    assert layer.adapter("a").lora_B.grad is not None
+    assert layer.adapter("a").lora_B.grad.dtype == torch.float32
