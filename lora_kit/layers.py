@@ -280,12 +280,10 @@ class LoRALinear(nn.Module):
         B is zero: fp32 on CPU, autocast off, fp32 adapters.
         """
         base = self.base
-        if not _runs_plain(base) or base.bias is None:
-            return False
         fp32 = torch.float32
-        if x.dtype != fp32 or x.device.type != "cpu" or base.weight.dtype != fp32:
-            return False
-        if torch.is_autocast_enabled("cpu"):
+        if x.device.type != "cpu" or x.dtype != fp32 or torch.is_autocast_enabled("cpu"):
+            return False  # the cheap checks first: this runs on every call
+        if not _runs_plain(base) or base.bias is None or base.weight.dtype != fp32:
             return False
         return all(a.lora_A.dtype == fp32 == a.lora_B.dtype for a, _ in active)
 
