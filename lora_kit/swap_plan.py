@@ -51,6 +51,7 @@ class SwapPlan:
 
     Attributes:
         name: The adapter.
+        root: The wrapped model (``lm.model``) the links start from.
         modules: The record's modules, in its order.
         layers: Module name -> its `LoRALinear`.
         slots: Module name -> `SwapSlot`, in the record's order.
@@ -58,16 +59,21 @@ class SwapPlan:
     """
 
     name: str
+    root: nn.Module
     modules: tuple[str, ...]
     layers: dict[str, LoRALinear]
     slots: dict[str, SwapSlot]
     links: tuple[Link, ...]
 
-    def is_current(self) -> bool:
-        """Whether every link still leads to the object it led to (the walk would agree)."""
+    def is_current(self, lm: LoraModel) -> bool:
+        """Whether ``lm`` still wraps ``root`` and every link leads where it led."""
+        if lm._modules.get("model") is not self.root:
+            return False
         return all(parent._modules.get(child) is found for parent, child, found in self.links)
 
 
+# Keyed weakly by the LoraModel; a plan holds no reference to it (links start at ``lm.model``),
+# so the model handle can be garbage collected with its plans.
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[str, SwapPlan]] = weakref.WeakKeyDictionary()
 
 
@@ -79,7 +85,7 @@ def swap_plan(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
     """
     plans = _PLANS.setdefault(lm, {})
     plan = plans.get(record.name)
-    if plan is not None and plan.modules == record.modules and plan.is_current():
+    if plan is not None and plan.modules == record.modules and plan.is_current(lm):
         return plan
     plan = _resolve(lm, record)
     plans[record.name] = plan
@@ -110,8 +116,9 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
         links[(id(parent), child)] = (parent, child, found)
         return found
 
+    root = lm.model
     for module, layer in layers.items():
-        node = follow(lm, "model")
+        node = root
         for part in module.split("."):
             node = follow(node, part)
         box = follow(layer, "adapters")  # the layer's ModuleDict of adapters
@@ -120,4 +127,4 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
             raise TypeError(f"{module}: adapter {name!r} is a {type(adapter).__name__}")
         key_a, key_b = lora_keys(module)
         slots[module] = SwapSlot(module, adapter, key_a, key_b)
-    return SwapPlan(name, record.modules, layers, slots, tuple(links.values()))
+    return SwapPlan(name, root, record.modules, layers, slots, tuple(links.values()))

@@ -138,7 +138,7 @@ def test_replaced_parent_block_gets_the_swap(saved: tuple[str, Path], up: int) -
     block = module.rsplit(".", up)[0]
     old = lm.model.get_submodule(block)
     set_submodule(lm.model, block, copy.deepcopy(old, memo={id(lm.router): lm.router}))
-    assert not _PLANS[lm]["live"].is_current()
+    assert not _PLANS[lm]["live"].is_current(lm)
     lm.swap_adapter("live", root / "a")
     _assert_holds(lm, "live", root / "a")  # walks the model as it is now
 
@@ -175,3 +175,29 @@ def test_merge_and_unload_drops_the_plans(saved: tuple[str, Path]) -> None:
     lm.set_adapter("live")
     lm.merge_and_unload()
     assert not _PLANS[lm]
+
+
+def test_plans_do_not_keep_the_model_alive(saved: tuple[str, Path]) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.swap_adapter("live", root / "b")
+    assert "live" in _PLANS[lm]
+    ref = weakref.ref(lm)
+    del lm
+    gc.collect()
+    assert ref() is None
+
+
+def test_rewrapped_model_is_noticed(saved: tuple[str, Path]) -> None:
+    """``lm.model`` itself replaced: the plan is not used."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.swap_adapter("live", root / "b")
+    plan = _PLANS[lm]["live"]
+    assert plan.is_current(lm)
+    lm.model = copy.deepcopy(lm.model, memo={id(lm.router): lm.router})
+    assert not plan.is_current(lm)
+    lm.swap_adapter("live", root / "a")
+    _assert_holds(lm, "live", root / "a")
