@@ -27,7 +27,11 @@ from ._version import __version__
 from .config import LoraConfig
 from .errors import AdapterFormatError, NonFiniteError
 from .peft_format import from_peft_dict
-from .safetensors_read import NATIVE_LITTLE_ENDIAN, SafetensorsFormatError, read_safetensors
+from .safetensors_read import (
+    NATIVE_LITTLE_ENDIAN,
+    SafetensorsFormatError,
+    read_safetensors_content,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,9 +101,11 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         if NATIVE_LITTLE_ENDIAN:
-            tensors, metadata = read_safetensors(path)
+            content = read_safetensors_content(path)
+            tensors, metadata, values = content.tensors, content.metadata, list(content.runs)
         else:  # tensor views need native little-endian bytes; the library swaps them
             tensors, metadata = _read_with_library(path)
+            values = list(tensors.values())
     except (SafetensorsFormatError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(
             f"{path}: unreadable safetensors file ({exc}); it may be truncated or corrupt: "
@@ -108,7 +114,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, not float")
-    if not _all_finite(list(tensors.values())):
+    if not _all_finite(values):  # every value of every tensor, in a few reductions
         for key, tensor in tensors.items():
             wide = tensor if tensor.dtype.itemsize > 1 else tensor.float()  # fp8: no isfinite
             if not bool(torch.isfinite(wide).all()):
@@ -127,45 +133,19 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     """Fast test that no tensor holds NaN/inf: True is exact, False needs a per-tensor check.
 
     Any NaN or infinity makes a sum non-finite. Summing in fp32 or wider (one reduction per
-    dtype, over the file's data area in one piece when the tensors lie back to back in one
-    buffer, as `read_safetensors` returns them) can also overflow on huge finite values; the
-    caller then checks each tensor exactly.
+    tensor; `read_safetensors_content` hands over the whole data area as one flat run per
+    dtype, so a file of one dtype is one reduction) can also overflow on huge finite values;
+    the caller then checks each tensor exactly.
     """
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    sums: list[Tensor] = []
     for tensor in tensors:
         if tensor.numel():
-            by_dtype.setdefault(tensor.dtype, []).append(tensor)
-    for dtype, group in by_dtype.items():
-        acc = dtype if dtype.itemsize >= 4 else torch.float32
-        whole = _contiguous_span(group)
-        if whole is not None:
-            total = whole.sum(dtype=acc)
-        else:
-            total = torch.stack([t.sum(dtype=acc) for t in group]).sum()
-        if not bool(total.isfinite()):
-            return False
-    return True
-
-
-def _contiguous_span(group: list[Tensor]) -> Tensor | None:
-    """One flat tensor covering exactly ``group``'s elements, when they lie back to back."""
-    if len(group) == 1:
-        return group[0].reshape(-1)
-    first = group[0]
-    storage = first.untyped_storage()
-    ordered = sorted(group, key=lambda t: t.data_ptr())
-    position = ordered[0].data_ptr()
-    for tensor in ordered:
-        if (
-            not tensor.is_contiguous()
-            or tensor.untyped_storage().data_ptr() != storage.data_ptr()
-            or tensor.data_ptr() != position
-        ):
-            return None
-        position += tensor.numel() * tensor.element_size()
-    start = ordered[0]
-    count = sum(t.numel() for t in group)
-    return start.as_strided((count,), (1,))
+            dtype = tensor.dtype
+            sums.append(tensor.sum(dtype=dtype if dtype.itemsize >= 4 else torch.float32))
+    if not sums:
+        return True
+    total = sums[0] if len(sums) == 1 else torch.stack([s.double() for s in sums]).sum()
+    return bool(total.isfinite())
 
 
 def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:

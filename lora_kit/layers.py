@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import InitMethod
-from .errors import MergedStateError, UnsupportedModuleError
+from .errors import AdapterMismatchError, MergedStateError, UnsupportedModuleError
 from .routing import Router, Selection
 from .rows import add_rows
 
@@ -129,10 +129,39 @@ class LoraAdapter(nn.Module):
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        factors: tuple[Tensor, Tensor] | None = None,
     ) -> None:
+        """Zero factors of rank ``r``, or ``factors`` (``(A, B)``) held as they are.
+
+        Args:
+            in_features: Input size of the adapted layer.
+            out_features: Output size of the adapted layer.
+            r: Rank.
+            scaling: The update's factor.
+            dropout: Dropout probability on the adapter's input.
+            dtype: dtype of zero factors (ignored with ``factors``).
+            device: Device of zero factors (ignored with ``factors``).
+            factors: ``A [r, in_features]`` and ``B [out_features, r]`` to become the
+                parameters themselves (no copy: pass tensors this adapter may own); loading
+                uses it to skip allocating zero factors that would be replaced at once.
+
+        Raises:
+            AdapterMismatchError: ``factors`` do not have those shapes.
+        """
         super().__init__()
-        self.lora_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        if factors is None:
+            self.lora_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        else:
+            factor_a, factor_b = factors
+            if factor_a.shape != (r, in_features) or factor_b.shape != (out_features, r):
+                raise AdapterMismatchError(
+                    f"factors of shapes {list(factor_a.shape)} and {list(factor_b.shape)} do not "
+                    f"fit a rank-{r} adapter of a {in_features}->{out_features} layer (need "
+                    f"[{r}, {in_features}] and [{out_features}, {r}])"
+                )
+            self.lora_A = nn.Parameter(factor_a)
+            self.lora_B = nn.Parameter(factor_b)
         self.scaling = scaling
         self.dropout = dropout
 

@@ -98,21 +98,20 @@ def load_files(
         module = modules[target]
         layer = module if isinstance(module, LoRALinear) else wrap_lora(model, target, lm.router)
         key_a, key_b = lora_keys(target)
-        adapter = LoraAdapter(
-            layer.in_features,
-            layer.out_features,
-            r=0,  # the real factors are attached just below
-            scaling=config.scaling_for(target),
-            dropout=config.dropout,
-            dtype=adapter_dtype,
-            device=layer.weight.device,
-        )
         device = layer.weight.device
         # Always a fresh allocation: tensors read from a file may sit at any offset of a shared
         # buffer, and BLAS kernels (MKL) can round differently for unaligned operands, so a
         # loaded adapter would not compute bit for bit what the saved one did.
-        adapter.lora_A = nn.Parameter(files.tensors[key_a].to(device, adapter_dtype, copy=True))
-        adapter.lora_B = nn.Parameter(files.tensors[key_b].to(device, adapter_dtype, copy=True))
+        factor_a = files.tensors[key_a].to(device, adapter_dtype, copy=True)
+        factor_b = files.tensors[key_b].to(device, adapter_dtype, copy=True)
+        adapter = LoraAdapter(
+            layer.in_features,
+            layer.out_features,
+            r=factor_a.shape[0],
+            scaling=config.scaling_for(target),
+            dropout=config.dropout,
+            factors=(factor_a, factor_b),
+        )
         layer.add(name, adapter)
     for head in heads:
         prefix = head_key(head, "")

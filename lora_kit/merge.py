@@ -26,6 +26,7 @@ from .layers import LoRALinear
 from .routing import Selection
 from .saved_modules import SavedModule
 from .surgery import set_submodule
+from .swap_plan import forget_plans
 
 if TYPE_CHECKING:
     from .model import AdapterSelection, LoraModel
@@ -224,6 +225,7 @@ def merge_and_unload(lm: LoraModel, selection: AdapterSelection = None) -> nn.Mo
         elif isinstance(module, SavedModule):
             set_submodule(model, name, module.active_module())
     lm._adapters.clear()
+    forget_plans(lm)
     lm.router.default = Selection()
     lm._merge_state = None
     return model

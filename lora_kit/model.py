@@ -34,6 +34,7 @@ from .rows import RowPlan
 from .saved_modules import SavedModule
 from .surgery import submodule, unwrap_if_empty, wrap_lora, wrap_saved
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
+from .swap_plan import forget_plans
 from .targets import find_saved_modules, find_targets, resolve_spec
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ class LoraModel(nn.Module):
             if not len(wrapper.copies):
                 unwrap_if_empty(self.model, module_name)
         del self._adapters[name]
+        forget_plans(self, name)  # a remembered swap plan would keep the tensors alive
         default = self.router.default
         if name in default.names:
             self.router.default = Selection(tuple((n, w) for n, w in default.weights if n != name))

@@ -9,15 +9,20 @@ costs a fraction of opening the file through ``safetensors.safe_open`` and copyi
 tensor (that path pays a fixed cost per tensor, and an adapter has a hundred small ones). The
 header is checked as strictly as the ``safetensors`` library does: known dtypes, non-negative
 integer shapes, byte ranges that match the shapes and tile the data area exactly (no gaps,
-overlaps or bytes past the end), string-only metadata.
+overlaps or bytes past the end), string-only metadata. The check depends on nothing but the
+header's bytes and the data area's length, so its result is remembered for a few recent small
+headers: reading the same file again (hot-swapping between adapters) re-reads and re-views all
+the bytes but skips re-parsing an identical header.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,14 +59,70 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; tensors are CPU views of one buffer.
 
     The tensors are views of one uint8 tensor holding the file's bytes (no copy per
-    tensor; they share one storage); a tensor whose bytes are not aligned to its element size
-    is copied to aligned memory instead.
+    tensor; they share one storage); a run of tensors whose bytes are not aligned to their
+    element size is copied to aligned memory instead.
 
     Raises:
         SafetensorsFormatError: Truncated file, malformed header, unknown dtype, or byte
             ranges that do not match the shapes or do not tile the data area.
         OSError: The file cannot be read.
     """
+    content = read_safetensors_content(path)
+    return content.tensors, content.metadata
+
+
+@dataclass(frozen=True)
+class SafetensorsContent:
+    """What `read_safetensors_content` returns.
+
+    Attributes:
+        tensors: Name -> CPU tensor (views of the file's buffer, see `read_safetensors`).
+        metadata: The header's ``__metadata__`` (a fresh dict).
+        runs: Flat 1-D views that together hold every tensor's elements exactly once: one per
+            maximal run of same-dtype tensors lying back to back in the data area (a single
+            view for a file of one dtype). A check over every value (finiteness) is one
+            reduction per run instead of one per tensor.
+    """
+
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    runs: tuple[Tensor, ...]
+
+
+def read_safetensors_content(path: Path) -> SafetensorsContent:
+    """As `read_safetensors`, also returning the data area as flat per-dtype runs.
+
+    Raises:
+        SafetensorsFormatError, OSError: As `read_safetensors`.
+    """
+    buffer = _read_bytes(path)
+    size = buffer.numel()
+    view = buffer.numpy().data
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise SafetensorsFormatError(
+            f"header length {header_len} does not fit a file of {size} bytes"
+        )
+    data_start = 8 + header_len
+    layout = _checked_layout(bytes(view[8:data_start]), size - data_start)
+    runs: list[Tensor] = []
+    for dtype, begin, end in layout.runs:
+        raw = buffer[data_start + begin : data_start + end]  # [bytes], the file's one storage
+        if raw.storage_offset() % dtype.itemsize or raw.data_ptr() % dtype.itemsize:
+            raw = raw.clone()  # an odd offset: dtype views and CPU kernels need alignment
+        runs.append(raw.view(dtype))  # [elements of the run]
+    tensors: dict[str, Tensor] = {}
+    for name, dtype, shape, strides, run, first in layout.entries:
+        if run < 0:  # no bytes: an empty tensor
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            flat = runs[run]
+            tensors[name] = flat.as_strided(shape, strides, flat.storage_offset() + first)
+    return SafetensorsContent(tensors, dict(layout.metadata), tuple(runs))
+
+
+def _read_bytes(path: Path) -> Tensor:
+    """The whole file as a uint8 tensor ``[bytes]``, read with one ``readinto`` (or a few)."""
     with path.open("rb", buffering=0) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size < 8:
@@ -74,31 +135,75 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             if not got:
                 raise SafetensorsFormatError(f"file ended after {done} of {size} bytes")
             done += got
-    header_len = int.from_bytes(view[:8], "little")
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-        raise SafetensorsFormatError(
-            f"header length {header_len} does not fit a file of {size} bytes"
-        )
-    data_start = 8 + header_len
-    header = _parse_header(bytes(view[8:data_start]))
-    metadata = header.pop("__metadata__", None) or {}
+    return buffer
+
+
+# name, dtype, shape, contiguous strides, run index (-1: no bytes), element offset in the run
+Entry = tuple[str, torch.dtype, tuple[int, ...], tuple[int, ...], int, int]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A checked header: where each tensor lies, the same-dtype runs, the metadata."""
+
+    entries: tuple[Entry, ...]
+    runs: tuple[tuple[torch.dtype, int, int], ...]  # dtype, begin, end (bytes of the data area)
+    metadata: tuple[tuple[str, str], ...]
+
+
+# Headers up to this size are remembered (at most _LAYOUTS_KEPT of them), so reading the same
+# adapter again skips parsing and checking its header (swapping between a few adapters).
+MEMO_HEADER_BYTES = 1 << 18
+_LAYOUTS_KEPT = 32
+
+
+def _checked_layout(header: bytes, data_bytes: int) -> _Layout:
+    """`_layout`, remembered for small headers: it depends on nothing but its two arguments."""
+    if len(header) > MEMO_HEADER_BYTES:
+        return _layout(header, data_bytes)
+    return _memo_layout(header, data_bytes)
+
+
+def _layout(header: bytes, data_bytes: int) -> _Layout:
+    """Parse and check a header for a data area of ``data_bytes`` bytes.
+
+    Raises:
+        SafetensorsFormatError: Anything malformed (see `read_safetensors`).
+    """
+    parsed = _parse_header(header)
+    metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        type(k) is str and type(v) is str for k, v in metadata.items()
     ):
         raise SafetensorsFormatError("__metadata__ must map strings to strings")
-    spans = [_span(name, entry) for name, entry in header.items()]
-    _check_tiling(spans, size - data_start)
-    data = buffer[data_start:] if size > data_start else None
-    tensors: dict[str, Tensor] = {}
+    spans = sorted((_span(name, entry) for name, entry in parsed.items()), key=_span_order)
+    entries: list[Entry] = []
+    runs: list[tuple[torch.dtype, int, int]] = []
+    position = 0  # the spans, in file order, must tile [0, data_bytes) exactly
     for name, dtype, shape, begin, end in spans:
-        if data is None or begin == end:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+        if begin != position:
+            raise SafetensorsFormatError(
+                f"tensor {name!r} starts at byte {begin}, expected {position} (gap or overlap)"
+            )
+        position = end
+        if begin == end:
+            entries.append((name, dtype, shape, (), -1, 0))
             continue
-        raw = data[begin:end]  # [bytes], one storage for every tensor
-        if raw.storage_offset() % dtype.itemsize or raw.data_ptr() % dtype.itemsize:
-            raw = raw.clone()  # an odd offset: dtype views and CPU kernels need alignment
-        tensors[name] = raw.view(dtype).view(shape)
-    return tensors, dict(metadata)
+        if not runs or runs[-1][0] != dtype:
+            runs.append((dtype, begin, end))
+        else:
+            runs[-1] = (dtype, runs[-1][1], end)
+        first = (begin - runs[-1][1]) // dtype.itemsize
+        entries.append((name, dtype, shape, _contiguous_strides(shape), len(runs) - 1, first))
+    if position != data_bytes:
+        raise SafetensorsFormatError(
+            f"tensor data ends at byte {position} but the file holds {data_bytes} bytes of data "
+            f"(truncated or padded file)"
+        )
+    return _Layout(tuple(entries), tuple(runs), tuple(metadata.items()))
+
+
+_memo_layout = functools.lru_cache(maxsize=_LAYOUTS_KEPT)(_layout)
 
 
 def _parse_header(raw: bytes) -> dict[str, object]:
@@ -114,23 +219,24 @@ def _parse_header(raw: bytes) -> dict[str, object]:
 Span = tuple[str, torch.dtype, tuple[int, ...], int, int]
 
 
+def _span_order(span: Span) -> tuple[int, int]:
+    return span[3], span[4]
+
+
 def _span(name: str, entry: object) -> Span:
-    if not isinstance(entry, dict):
+    if type(entry) is not dict:
         raise SafetensorsFormatError(f"tensor {name!r}: header entry is not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    dtype = _DTYPES.get(code) if isinstance(code, str) else None
+    dtype = _DTYPES.get(code) if type(code) is str else None
     if dtype is None:
         raise SafetensorsFormatError(f"tensor {name!r}: unsupported dtype {code!r}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise SafetensorsFormatError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
+    if type(offsets) is not list or len(offsets) != 2:
         raise SafetensorsFormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
     begin, end = offsets
+    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+        raise SafetensorsFormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise SafetensorsFormatError(
             f"tensor {name!r}: {end - begin} bytes do not hold {code}{shape}"
@@ -138,21 +244,10 @@ def _span(name: str, entry: object) -> Span:
     return name, dtype, tuple(shape), begin, end
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_tiling(spans: list[Span], data_bytes: int) -> None:
-    """The byte ranges must cover ``[0, data_bytes)`` exactly, without gaps or overlaps."""
-    position = 0
-    for name, _, _, begin, end in sorted(spans, key=lambda s: (s[3], s[4])):
-        if begin != position:
-            raise SafetensorsFormatError(
-                f"tensor {name!r} starts at byte {begin}, expected {position} (gap or overlap)"
-            )
-        position = end
-    if position != data_bytes:
-        raise SafetensorsFormatError(
-            f"tensor data ends at byte {position} but the file holds {data_bytes} bytes of data "
-            f"(truncated or padded file)"
-        )
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from torch import Tensor
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
 from .layers import LoraAdapter, down_t
-from .peft_format import head_key, lora_keys
+from .peft_format import head_key
+from .swap_plan import forget_plans, swap_plan
 
 if TYPE_CHECKING:
     from .model import AdapterRecord, LoraModel
@@ -174,6 +175,7 @@ def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
         new.assign(old.lora_A[:rank], old.lora_B[:, :rank], old.scaling)
         new.train(old.training)
         layer.adapters[name] = new
+    forget_plans(lm, name)  # it held the replaced adapter modules
 
 
 def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) -> None:
@@ -208,19 +210,19 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"{source}: saves module {extra_heads[0]!r}, which adapter {name!r} has no copy of; "
             f"load it as a new adapter instead"
         )
-    layers = {module: lm._layer(module) for module in record.modules}  # resolved once
-    adapters = {module: layer.adapter(name) for module, layer in layers.items()}
+    plan = swap_plan(lm, record)  # the layers and adapter modules, remembered per model
+    slots = plan.slots
     wanted = set(targets)
     left_out = [m for m in record.modules if m not in wanted]
-    if any(not isinstance(adapters[m], PaddedAdapter) for m in left_out):
+    if any(not isinstance(slots[m].adapter, PaddedAdapter) for m in left_out):
         raise AdapterMismatchError(
             f"{source}: does not adapt {left_out[0]!r}, which adapter {name!r} does; swapping in "
             f"an adapter over fewer modules needs {name!r} loaded with max_rank="
         )
-    for target in targets:
-        adapter = adapters[target]
-        rank = config.rank_for(target)
-        limit = adapter.r
+    ranks = {target: config.rank_for(target) for target in targets}
+    for target, rank in ranks.items():
+        adapter = slots[target].adapter
+        limit = _tensor(adapter, "lora_A").shape[0]  # adapter.r
         if (rank > limit) if isinstance(adapter, PaddedAdapter) else (rank != limit):
             kind = "its padded rank" if isinstance(adapter, PaddedAdapter) else "its rank"
             raise AdapterMismatchError(
@@ -232,7 +234,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     if check_base and isinstance(fp, dict):
         from .fingerprint import check_fingerprint
 
-        check_fingerprint(fp, lm.model, {t: layers[t] for t in targets}, source)
+        check_fingerprint(fp, lm.model, {t: plan.layers[t] for t in targets}, source)
     # Everything is validated: mutate from here on. The copies run as a few batched
     # (foreach) kernels instead of several small ops per layer.
     dst: list[Tensor] = []
@@ -240,16 +242,17 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     zero: list[Tensor] = []
     scales: list[Tensor] = []
     values: list[Tensor] = []
+    tensors = files.tensors
     with torch.no_grad():
-        for module, adapter in adapters.items():
-            a, b = adapter.lora_A, adapter.lora_B
+        for module, slot in slots.items():
+            adapter = slot.adapter
+            a, b = _tensor(adapter, "lora_A"), _tensor(adapter, "lora_B")
             if module not in wanted:
                 zero.extend((a, b))
                 if isinstance(adapter, PaddedAdapter):
-                    adapter.rank = 0
+                    _set_rank(adapter, 0)
                 continue
-            key_a, key_b = lora_keys(module)
-            tensor_a, tensor_b = files.tensors[key_a], files.tensors[key_b]
+            tensor_a, tensor_b = tensors[slot.key_a], tensors[slot.key_b]
             rank = tensor_a.shape[0]
             if rank == a.shape[0]:  # the common case: no padding, whole tensors
                 dst.extend((a, b))
@@ -260,9 +263,10 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
                 tensor_a, tensor_b = tensor_a.to(a.dtype), tensor_b.to(b.dtype)
             src.extend((tensor_a, tensor_b))
             if isinstance(adapter, PaddedAdapter):
-                adapter.rank = rank
-                scales.append(adapter.scale)
-                values.append(_scalar(config.scaling_for(module), adapter.scale))
+                _set_rank(adapter, rank)
+                scale = _tensor(adapter, "scale")
+                scales.append(scale)
+                values.append(_scalar(config.scaling_for(module), scale))
             else:
                 adapter.scaling = config.scaling_for(module)
         if dst:
@@ -275,13 +279,33 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             wrapper = lm._saved(head)
             if head in heads:
                 prefix = head_key(head, "")
-                state = {
-                    k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)
-                }
+                state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             else:  # the new adapter does not save this module: behave as the original
                 state = wrapper.original.state_dict()
             for key, value in wrapper.copies[name].state_dict().items():
                 value.copy_(state[key])
+
+
+def _tensor(adapter: LoraAdapter, name: str) -> Tensor:
+    """``getattr(adapter, name)`` for a parameter or buffer, from its dict when it is there.
+
+    ``nn.Module.__getattr__`` (a Python fallback) costs about a microsecond; a swap reads three
+    tensors per module.
+    """
+    found: Tensor | None = adapter._parameters.get(name)
+    if found is None:
+        found = adapter._buffers.get(name)
+    return found if found is not None else cast(Tensor, getattr(adapter, name))
+
+
+def _set_rank(adapter: PaddedAdapter, rank: int) -> None:
+    """Set the plain-int ``rank`` attribute, skipping ``nn.Module.__setattr__``'s checks.
+
+    ``rank`` is never a parameter, buffer or submodule, so ``nn.Module.__setattr__`` would end
+    in this same ``object.__setattr__``; it is called 48 times per GPT-2 swap.
+    """
+    if adapter.__dict__.get("rank") != rank:
+        object.__setattr__(adapter, "rank", rank)
 
 
 # 0-dim source tensors for the scale buffers, one per (value, device, dtype): swaps reuse them.

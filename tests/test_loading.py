@@ -161,3 +161,12 @@ def test_factors_get_their_own_storage(tmp_path: Path) -> None:
         path = source.save_adapter(tmp_path / f"saves-{len(saves)}")
         storages = factor_storages(path)
         assert all(nbytes == own for nbytes, own in storages), saves
+
+
+def test_adapter_from_factors_checks_their_shapes() -> None:
+    a, b = torch.randn(2, 5), torch.randn(3, 2)
+    adapter = lk.LoraAdapter(5, 3, r=2, scaling=0.5, factors=(a, b))
+    assert adapter.lora_A.data_ptr() == a.data_ptr()  # held as given, no copy
+    assert adapter.lora_B.data_ptr() == b.data_ptr() and adapter.scaling == 0.5
+    with pytest.raises(lk.AdapterMismatchError, match=r"need \[2, 5\] and \[3, 2\]"):
+        lk.LoraAdapter(5, 3, r=2, scaling=0.5, factors=(b, a))

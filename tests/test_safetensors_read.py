@@ -6,6 +6,7 @@ computed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from collections.abc import Callable
@@ -16,8 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
+from lora_kit import safetensors_read
 from lora_kit.adapter_io import _all_finite
-from lora_kit.safetensors_read import SafetensorsFormatError, read_safetensors
+from lora_kit.safetensors_read import (
+    SafetensorsFormatError,
+    read_safetensors,
+    read_safetensors_content,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -89,6 +95,42 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
     "bad shape": (
         lambda p: _raw_file(p, {"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, F32),
         "not a list of sizes",
+    ),
+    "bool shape": (
+        lambda p: _raw_file(
+            p, {"x": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, F32
+        ),
+        "not a list of sizes",
+    ),
+    "bool offsets": (
+        lambda p: _raw_file(
+            p, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [False, 8]}}, F32
+        ),
+        "bad data_offsets",
+    ),
+    "float offsets": (
+        lambda p: _raw_file(
+            p, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}}, F32
+        ),
+        "bad data_offsets",
+    ),
+    "three offsets": (
+        lambda p: _raw_file(
+            p, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}}, F32
+        ),
+        "bad data_offsets",
+    ),
+    "entry not an object": (lambda p: _raw_file(p, {"x": [0, 8]}, F32), "not an object"),
+    "duplicate range": (
+        lambda p: _raw_file(
+            p,
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            },
+            F32,
+        ),
+        "expected 8",
     ),
     "reversed offsets": (
         lambda p: _raw_file(p, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, F32),
@@ -163,3 +205,120 @@ def test_finite_check_on_half_precision_does_not_overflow() -> None:
     assert _all_finite([big, torch.ones(3, dtype=torch.bfloat16)])
     assert not _all_finite([big, torch.tensor([float("nan")], dtype=torch.float16)])
     assert not _all_finite([torch.tensor([1.0, float("-inf")])])
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed_files_are_refused_every_time(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refusals are never remembered, and the unremembered (large-header) path is as strict."""
+    make, message = BAD[case]
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    for _ in range(2):
+        with pytest.raises(SafetensorsFormatError, match=message):
+            read_safetensors(path)
+    monkeypatch.setattr(safetensors_read, "MEMO_HEADER_BYTES", 0)
+    with pytest.raises(SafetensorsFormatError, match=message):
+        read_safetensors(path)
+
+
+def _identical_header_files(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """Two files whose headers are byte for byte the same, with different data."""
+    first = _tensors()
+    second = {k: v + 1 if v.is_floating_point() else v for k, v in first.items()}
+    paths = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    for path, tensors in zip(paths, (first, second), strict=True):
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    raw = [p.read_bytes() for p in paths]
+    length = 8 + struct.unpack("<Q", raw[0][:8])[0]
+    assert raw[0][:length] == raw[1][:length]  # same header, so the remembered check applies
+    return paths[0], paths[1], second
+
+
+def test_remembered_header_still_reads_each_files_own_bytes(tmp_path: Path) -> None:
+    one, two, second = _identical_header_files(tmp_path)
+    read_safetensors(one)
+    tensors, _ = read_safetensors(two)
+    for key, want in second.items():
+        assert torch.equal(tensors[key], want), key
+
+
+def test_remembered_header_does_not_hide_truncated_or_padded_data(tmp_path: Path) -> None:
+    one, two, _ = _identical_header_files(tmp_path)
+    read_safetensors(one)  # its header is now remembered
+    raw = two.read_bytes()
+    two.write_bytes(raw[:-4])
+    with pytest.raises(SafetensorsFormatError, match="truncated or padded"):
+        read_safetensors(two)
+    two.write_bytes(raw + b"\0" * 4)
+    with pytest.raises(SafetensorsFormatError, match="truncated or padded"):
+        read_safetensors(two)
+
+
+def test_runs_hold_every_value_once(tmp_path: Path) -> None:
+    """The flat runs cover exactly the tensors' bytes: one run per same-dtype stretch."""
+    path = tmp_path / "t.safetensors"
+    save_file(_tensors(), str(path))
+    content = read_safetensors_content(path)
+    assert sum(r.numel() * r.element_size() for r in content.runs) == sum(
+        t.numel() * t.element_size() for t in content.tensors.values()
+    )
+    for run in content.runs:
+        assert run.dim() == 1 and run.is_contiguous()
+    spans = {
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in content.tensors.values()
+        if t.numel()
+    }
+    covered = sorted(spans)
+    runs = sorted((r.data_ptr(), r.data_ptr() + r.numel() * r.element_size()) for r in content.runs)
+    assert covered[0][0] == runs[0][0] and covered[-1][1] == runs[-1][1]
+    for (_, end), (begin, _) in itertools.pairwise(covered):
+        assert end == begin  # back to back: the runs are exactly these bytes
+
+
+def test_one_dtype_file_is_one_run(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    tensors = {f"m{i}.weight": torch.randn(3, i + 1) for i in range(5)}
+    save_file(tensors, str(path))
+    content = read_safetensors_content(path)
+    assert len(content.runs) == 1
+    assert content.runs[0].numel() == sum(t.numel() for t in tensors.values())
+
+
+def _adapter_dir(root: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    root.mkdir()
+    (root / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"]})
+    )
+    save_file(tensors, str(root / "adapter_model.safetensors"))
+    return root
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_non_finite_value_in_any_run_is_named(
+    tmp_path: Path, dtype: torch.dtype, where: str
+) -> None:
+    """NaN/inf anywhere (a mixed-dtype file, several runs) fails, naming its tensor."""
+    tensors = {
+        "a.weight": torch.randn(4, 3),
+        "b.weight": torch.randn(5, dtype=torch.float16),
+        "c.weight": torch.randn(2, 2, dtype=torch.bfloat16),
+        "d.weight": torch.randn(6, dtype=torch.float64),
+    }
+    key = next(k for k, v in tensors.items() if v.dtype == dtype)
+    index = 0 if where == "first" else -1
+    tensors[key].view(-1)[index] = float("nan") if where == "first" else float("-inf")
+    bad = _adapter_dir(tmp_path / "bad", tensors)
+    for _ in range(2):  # also once the header is remembered
+        with pytest.raises(lk.NonFiniteError, match=key):
+            lk.read_adapter(bad)
+
+
+def test_huge_finite_values_are_accepted(tmp_path: Path) -> None:
+    """A sum that overflows (finite values near the fp32 maximum) falls back to the exact check."""
+    tensors = {"a.weight": torch.full((8,), 3e38), "b.weight": torch.full((4,), 3e38)}
+    files = lk.read_adapter(_adapter_dir(tmp_path / "big", tensors))
+    assert torch.equal(files.tensors["a.weight"], tensors["a.weight"])

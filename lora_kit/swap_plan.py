@@ -1,0 +1,130 @@
+"""The layers and adapter modules of a resident adapter, resolved once per model for swapping.
+
+`swap_in` needs, for each module an adapter targets, its `LoRALinear` and its adapter module.
+Resolving them walks the model's child dictionaries (a few steps per module, a hundred
+modules); a hot swap does it on every call. A `SwapPlan` remembers what the walk found together
+with every parent -> child link it followed, and is reused only while each of those links still
+holds the same object (one dictionary look-up per link): a plan is never stale, whatever
+changed the model (adding, deleting or re-storing adapters, unwrapping, editing it by hand).
+Plans are also dropped where lora_kit itself removes or replaces adapter modules, so a deleted
+adapter's tensors are not kept alive by a plan.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .layers import LoraAdapter, LoRALinear
+from .peft_format import lora_keys
+
+if TYPE_CHECKING:
+    from .model import AdapterRecord, LoraModel
+
+# parent module, child name, the child found there when the plan was made
+Link = tuple[nn.Module, str, nn.Module]
+
+
+@dataclass(frozen=True)
+class SwapSlot:
+    """One targeted module of a resident adapter.
+
+    Attributes:
+        module: The module's dotted name.
+        adapter: Its adapter module (a `PaddedAdapter` or a plain `LoraAdapter`).
+        key_a: PEFT key of the A factor in an adapter file.
+        key_b: PEFT key of the B factor.
+    """
+
+    module: str
+    adapter: LoraAdapter
+    key_a: str
+    key_b: str
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """What resolving adapter ``name``'s modules found (see the module docstring).
+
+    Attributes:
+        name: The adapter.
+        root: The wrapped model (``lm.model``) the links start from.
+        modules: The record's modules, in its order.
+        layers: Module name -> its `LoRALinear`.
+        slots: Module name -> `SwapSlot`, in the record's order.
+        links: Every parent -> child link followed, each once.
+    """
+
+    name: str
+    root: nn.Module
+    modules: tuple[str, ...]
+    layers: dict[str, LoRALinear]
+    slots: dict[str, SwapSlot]
+    links: tuple[Link, ...]
+
+    def is_current(self, lm: LoraModel) -> bool:
+        """Whether ``lm`` still wraps ``root`` and every link leads where it led."""
+        if lm._modules.get("model") is not self.root:
+            return False
+        return all(parent._modules.get(child) is found for parent, child, found in self.links)
+
+
+# Keyed weakly by the LoraModel; a plan holds no reference to it (links start at ``lm.model``),
+# so the model handle can be garbage collected with its plans.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[str, SwapPlan]] = weakref.WeakKeyDictionary()
+
+
+def swap_plan(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
+    """The current `SwapPlan` of adapter ``record.name``: remembered, or resolved afresh.
+
+    Raises:
+        LoraKitError: A module of the record is no longer a LoRA layer (the model was edited).
+    """
+    plans = _PLANS.setdefault(lm, {})
+    plan = plans.get(record.name)
+    if plan is not None and plan.modules == record.modules and plan.is_current(lm):
+        return plan
+    plan = _resolve(lm, record)
+    plans[record.name] = plan
+    return plan
+
+
+def forget_plans(lm: LoraModel, name: str | None = None) -> None:
+    """Drop the remembered plan of adapter ``name`` (of every adapter for None)."""
+    plans = _PLANS.get(lm)
+    if plans is None:
+        return
+    if name is None:
+        plans.clear()
+    else:
+        plans.pop(name, None)
+
+
+def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
+    name = record.name
+    layers = {module: lm._layer(module) for module in record.modules}  # raises if edited
+    slots: dict[str, SwapSlot] = {}
+    links: dict[tuple[int, str], Link] = {}
+
+    def follow(parent: nn.Module, child: str) -> nn.Module:
+        found = parent._modules[child]
+        if found is None:  # unreachable: _layer resolved this path
+            raise KeyError(child)
+        links[(id(parent), child)] = (parent, child, found)
+        return found
+
+    root = lm.model
+    for module, layer in layers.items():
+        node = root
+        for part in module.split("."):
+            node = follow(node, part)
+        box = follow(layer, "adapters")  # the layer's ModuleDict of adapters
+        adapter = follow(box, name)
+        if not isinstance(adapter, LoraAdapter):  # unreachable: adapters hold LoraAdapters
+            raise TypeError(f"{module}: adapter {name!r} is a {type(adapter).__name__}")
+        key_a, key_b = lora_keys(module)
+        slots[module] = SwapSlot(module, adapter, key_a, key_b)
+    return SwapPlan(name, root, record.modules, layers, slots, tuple(links.values()))
