@@ -583,7 +583,9 @@ class LoraModel(nn.Module):
         Raises:
             AdapterNameError: Unknown adapter.
             AdapterMismatchError: The new weights do not fit (modules, ranks, shapes, base).
+            MergedStateError: Adapters are merged into the base weights (unmerge first).
         """
+        self._refuse_if_merged("swap_adapter")  # the merged delta would no longer match
         record = self.adapter_record(name)
         if isinstance(source, AdapterFiles):
             files = source

@@ -153,6 +153,7 @@ def test_merged_state_refuses_swap_load_and_training(tmp_path: object) -> None:
         lambda: lm.load_adapter("nowhere", "c"),
         lambda: lm.delete_adapter("b"),
         lambda: lm.merge("b"),
+        lambda: lm.swap_adapter("b", {}),
     ):
         with pytest.raises(lk.MergedStateError, match="unmerge"):
             call()
@@ -162,6 +163,7 @@ def test_merged_state_refuses_swap_load_and_training(tmp_path: object) -> None:
     with pytest.raises(lk.MergedStateError, match="unmerge"):
         lm(input_ids=torch.ones(1, 4, dtype=torch.long))
     lm.eval()
+    assert lm.merged is not None  # every refused call left the merge in place
     lm.unmerge()
     lm.set_adapter("b")
     assert lm.unmerge() is None  # nothing merged: a no-op
