@@ -32,13 +32,15 @@ from torch import nn
 CASES = ("lora_kit", "peft", "full")
 
 
-def _base(kind: str) -> nn.Module:
+def _base(kind: str, num_labels: int = 2) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    config = BertConfig(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     return BertForSequenceClassification(config)
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import lora_kit as lk
+from benchmarks.bench_train import _base
 from lora_kit.train import (
     Dataset,
     Example,
@@ -40,16 +40,6 @@ from lora_kit.train import (
 )
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-
-
-def _model(kind: str) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    config = BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config)
 
 
 def _data(kind: str, n: int, seq: int) -> tuple[Dataset, Dataset]:
@@ -71,7 +61,7 @@ def _data(kind: str, n: int, seq: int) -> tuple[Dataset, Dataset]:
 
 def _inject(kind: str, device: str) -> lk.LoraModel:
     heads = ("classifier",) if kind == "bert" else ()
-    model = _model(kind).to(device)
+    model = _base(kind, num_labels=3).to(device)
     return lk.inject(model, lk.LoraConfig(r=8, alpha=16, modules_to_save=heads))
 
 

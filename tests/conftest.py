@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,3 +115,14 @@ def forward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(LoRALinear, "_fused_forward", counted)
     yield str(request.param)
     assert bool(calls) == fused  # the path under test really ran
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bert"])
+def saved(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    """``(kind, root)``: adapters a, b, c saved under ``root`` for a tiny GPT-2 or BERT."""
+    from tests.hotswap_helpers import save_adapters  # it imports this module
+
+    kind = str(request.param)
+    return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))

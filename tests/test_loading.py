@@ -18,14 +18,6 @@ import lora_kit as lk
 from lora_kit.resolve import resolve_adapter
 
 
-@pytest.fixture(scope="module", params=["gpt2", "bert"])
-def saved(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[str, Path]:
-    kind = str(request.param)
-    return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
-
-
 def test_fast_load_equals_strict_load(saved: tuple[str, Path]) -> None:
     kind, root = saved
     lm = lk.LoraModel(make_model(kind))

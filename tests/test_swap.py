@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotswap_helpers import input_ids, logits, make_model, save_adapters
+from hotswap_helpers import input_ids, logits, make_model
 from torch._dynamo.testing import CompileCounter
 
 import lora_kit as lk
 from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS
 from lora_kit.swap import PaddedAdapter
-
-
-@pytest.fixture(scope="module", params=["gpt2", "bert"])
-def saved(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[str, Path]:
-    kind = str(request.param)
-    return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
 
 
 @functools.cache  # references are never mutated; saves model builds

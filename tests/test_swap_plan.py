@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotswap_helpers import make_model, save_adapters
+from hotswap_helpers import make_model
 from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
@@ -24,14 +24,6 @@ from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lora_kit.peft_format import lora_keys
 from lora_kit.surgery import set_submodule
 from lora_kit.swap_plan import _PLANS, swap_plan
-
-
-@pytest.fixture(scope="module", params=["gpt2", "bert"])
-def saved(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[str, Path]:
-    kind = str(request.param)
-    return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
 
 
 def _assert_holds(lm: lk.LoraModel, name: str, root: Path) -> None:
