@@ -78,7 +78,8 @@ def _run(
     )  # fmt: skip
     result = train(lm, train_set, config, eval_data=eval_set, callbacks=[losses.append])
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in log if r.get("event") == "train"][2:]
+    rates = [r["tokens_per_s"] for r in log if r.get("event") == "train"]
+    rates = rates[2:] or rates  # the first steps warm up
     dtypes = {str(p.dtype) for p in lm.adapter_parameters("default")}
     return {
         "model": kind,
