@@ -16,8 +16,14 @@ $py -m benchmarks.cuda_train_check 2>&1 | tee "$out/train_check.txt"
 
 echo "== training step vs PEFT"
 for p in bf16 fp16 fp32; do
-  $py -m benchmarks.bench_train --device cuda --precision "$p" --steps 20 --warmup 3 \
+  $py -m benchmarks.bench_train --device cuda --precision "$p" --steps 30 --warmup 5 \
     --batch 8 --seq 256 2>&1 | tee -a "$out/bench_train.txt"
+done
+
+echo "== where a step's time goes: kernels, GPU busy time, both orders"
+for p in bf16 fp32; do
+  $py -m benchmarks.profile_step --precision "$p" --rounds 30 --steps 3 2>&1 \
+    | grep -E "wall|medians" | tee -a "$out/profile.txt"
 done
 
 echo "== lorakit train under torchrun on the GPU (nccl): ddp and fsdp"
