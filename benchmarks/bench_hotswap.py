@@ -153,7 +153,14 @@ def inputs(kind: str, rows: int, seq: int) -> dict[str, torch.Tensor]:
 # ---- benchmarks -------------------------------------------------------------------------------
 
 
-def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = False) -> None:
+def run(
+    kind: str,
+    repeats: int,
+    results: dict[str, Any],
+    only_mixed: bool = False,
+    only_forward: bool = False,
+    forward_shape: tuple[int, int] = (1, 32),
+) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from peft.utils.hotswap import hotswap_adapter
@@ -185,6 +192,9 @@ def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = Fal
         pm.load_adapter(str(paths[1]), adapter_name="fresh")
         pm.delete_adapter("fresh")
 
+    if only_forward:
+        _forward_overhead(kind, lm, pm, plain, paths, repeats, forward_shape, out)
+        return
     if not only_mixed:
         stats = interleaved(
             {"lora_kit load_adapter (+delete)": lk_load, "PEFT load_adapter (+delete)": peft_load},
@@ -374,7 +384,8 @@ def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = Fal
     out["set_adapter_us"]["peft_100"] = stats["PEFT set_adapter, 100 resident"]["median"] / 5 * 1e6
 
     # -- forward overhead with many resident adapters --------------------------------------------
-    x1 = inputs(kind, 1, 32)
+    x1 = inputs(kind, *forward_shape)
+    shape = f"{forward_shape[0]} x {forward_shape[1]} tokens"
     with torch.no_grad():
         lm.set_adapter("a0")
         pm.set_adapter("a0")
@@ -386,7 +397,7 @@ def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = Fal
             },
             repeats,
         )
-    show("unmerged single-adapter forward [1 x 32 tokens]", stats)
+    show(f"unmerged single-adapter forward [{shape}]", stats)
     base_t = stats["base model alone"]["median"]
     out["forward_overhead_100"] = {
         "lora_kit": stats["lora_kit a0 active, 100 resident"]["median"] / base_t - 1,
@@ -420,7 +431,7 @@ def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = Fal
             },
             repeats,
         )
-    show("unmerged single-adapter forward [1 x 32 tokens], 1000 resident", stats)
+    show(f"unmerged single-adapter forward [{shape}], 1000 resident", stats)
     out["forward_overhead_1000_lora_kit"] = (
         stats["lora_kit a0 active, 1000 resident"]["median"] / stats["base model alone"]["median"]
         - 1
@@ -428,11 +439,69 @@ def run(kind: str, repeats: int, results: dict[str, Any], only_mixed: bool = Fal
     print(f"  overhead over base: {out['forward_overhead_1000_lora_kit']:+.1%}")
 
 
+def _forward_overhead(
+    kind: str,
+    lm: lk.LoraModel,
+    pm: Any,
+    plain: nn.Module,
+    paths: list[Path],
+    repeats: int,
+    shape: tuple[int, int],
+    out: dict[str, Any],
+) -> None:
+    """Forward overhead over the bare base with 100 adapters resident on both sides.
+
+    Adds a paired figure: each round times base, lora_kit and PEFT back to back, each
+    library's extra time is taken within the round, and the ratio is of the median extra times
+    over all rounds (steadier than ratios of medians when the machine's speed drifts between
+    rounds).
+    """
+    for i in range(1, 100):
+        lm.load_adapter(paths[i % 8], f"a{i}")
+        pm.load_adapter(str(paths[i % 8]), adapter_name=f"a{i}")
+    lm.set_adapter("a0")
+    pm.set_adapter("a0")
+    x = inputs(kind, *shape)
+    cases = {"base": lambda: plain(**x), "lora_kit": lambda: lm(**x), "peft": lambda: pm(**x)}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            for name, fn in cases.items():
+                start = clock()
+                fn()
+                if i:
+                    times[name].append(clock() - start)
+    base = times["base"]
+    lk_extra = statistics.median(t - b for t, b in zip(times["lora_kit"], base, strict=True))
+    peft_extra = statistics.median(t - b for t, b in zip(times["peft"], base, strict=True))
+    result = {
+        "lora_kit": statistics.median(times["lora_kit"]) / statistics.median(base) - 1,
+        "peft": statistics.median(times["peft"]) / statistics.median(base) - 1,
+        "paired_lk_over_peft": lk_extra / peft_extra if peft_extra > 0 else float("nan"),
+    }
+    out["forward_overhead_100"] = result
+    print(
+        f"\n## unmerged single-adapter forward [{shape[0]} x {shape[1]} tokens], 100 resident, "
+        f"{repeats} rounds: base median {statistics.median(base) * 1e3:.1f} ms, overhead "
+        f"lora_kit {result['lora_kit']:+.1%}, PEFT {result['peft']:+.1%}; median extra per "
+        f"round lora_kit {lk_extra * 1e3:+.1f} ms, PEFT {peft_extra * 1e3:+.1f} ms, paired "
+        f"lk/peft {result['paired_lk_over_peft']:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only-mixed", action="store_true", help="Only the mixed-batch figures.")
+    parser.add_argument(
+        "--only-forward",
+        action="store_true",
+        help="Only the forward overhead with 100 resident, with per-round paired ratios.",
+    )
+    parser.add_argument(
+        "--forward-shape", default="1x32", help="ROWSxTOKENS for the forward-overhead input"
+    )
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -446,7 +515,8 @@ def main() -> None:
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for kind in args.models.split(","):
-        run(kind, args.repeats, results, args.only_mixed)
+        rows, seq = (int(v) for v in args.forward_shape.split("x"))
+        run(kind, args.repeats, results, args.only_mixed, args.only_forward, (rows, seq))
         gc.collect()
     print("\nJSON " + json.dumps(results))
 
