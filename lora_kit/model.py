@@ -174,13 +174,11 @@ class LoraModel(nn.Module):
         for module_name in record.modules:
             layer = self._layer(module_name)
             del layer.adapters[name]
-            if not len(layer.adapters):
-                unwrap_if_empty(self.model, module_name)
+            unwrap_if_empty(self.model, module_name, layer)
         for module_name in record.saved_modules:
             wrapper = self._saved(module_name)
             del wrapper.copies[name]
-            if not len(wrapper.copies):
-                unwrap_if_empty(self.model, module_name)
+            unwrap_if_empty(self.model, module_name, wrapper)
         del self._adapters[name]
         forget_plans(self, name)  # a remembered swap plan would keep the tensors alive
         default = self.router.default

@@ -54,9 +54,8 @@ def wrap_saved(root: nn.Module, name: str, router: Router) -> SavedModule:
     return wrapper
 
 
-def unwrap_if_empty(root: nn.Module, name: str) -> None:
-    """Put the original module back at ``name`` once no adapter uses its wrapper."""
-    module = root.get_submodule(name)
+def unwrap_if_empty(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put the original module back at ``name`` once no adapter uses its wrapper ``module``."""
     if isinstance(module, LoRALinear) and not len(module.adapters):
         set_submodule(root, name, module.base)
     elif isinstance(module, SavedModule) and not len(module.copies):

@@ -43,8 +43,6 @@ from .distributed import (
 from .logging import RunLogger
 from .precision import PrecisionPlan, resolve_precision
 
-LABELS_FILE = LABELS_NAME
-
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -438,7 +436,7 @@ def _label_files(data: Dataset) -> dict[str, str]:
         return {}
     id2label = {str(i): label for i, label in enumerate(data.labels)}
     label2id = {label: i for i, label in enumerate(data.labels)}
-    return {LABELS_FILE: json.dumps({"id2label": id2label, "label2id": label2id}, indent=2) + "\n"}
+    return {LABELS_NAME: json.dumps({"id2label": id2label, "label2id": label2id}, indent=2) + "\n"}
 
 
 # ---- checkpoints -------------------------------------------------------------------------
