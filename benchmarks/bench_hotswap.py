@@ -192,25 +192,28 @@ def run(
         pm.load_adapter(str(paths[1]), adapter_name="fresh")
         pm.delete_adapter("fresh")
 
+    def compare_loads(resident: int, rounds: int) -> tuple[float, dict[str, Stats]]:
+        """lora_kit vs PEFT ``load_adapter`` (+ delete): the speed-up and the timings."""
+        stats = interleaved(
+            {"lora_kit load_adapter (+delete)": lk_load, "PEFT load_adapter (+delete)": peft_load},
+            rounds,
+        )
+        show(f"load an adapter from disk into the live model, {resident} resident", stats)
+        speedup = (
+            stats["PEFT load_adapter (+delete)"]["median"]
+            / stats["lora_kit load_adapter (+delete)"]["median"]
+        )
+        print(f"  lora_kit is {speedup:.1f}x faster")
+        return speedup, stats
+
     if only_forward:
         _forward_overhead(kind, lm, pm, plain, paths, repeats, forward_shape, out)
         return
     if not only_mixed:
-        stats = interleaved(
-            {"lora_kit load_adapter (+delete)": lk_load, "PEFT load_adapter (+delete)": peft_load},
-            repeats * 4,
-        )
-        show("load an adapter from disk into the live model, 1 resident", stats)
-        out["load_speedup_1"] = (
-            stats["PEFT load_adapter (+delete)"]["median"]
-            / stats["lora_kit load_adapter (+delete)"]["median"]
-        )
+        out["load_speedup_1"], stats = compare_loads(1, repeats * 4)
         out["load_ms_1"] = {k: v["median"] * 1e3 for k, v in stats.items()}
-        print(f"  lora_kit is {out['load_speedup_1']:.1f}x faster")
 
-    for i, path in enumerate(paths[1:], start=1):
-        lm.load_adapter(path, f"a{i}")
-        pm.load_adapter(str(path), adapter_name=f"a{i}")
+    _load_resident(lm, pm, paths, range(1, 8))
 
     # -- mixed batch: 8 rows over 8 adapters vs 8 rows on one --------------------------------
     names = [f"a{i}" for i in range(8)]
@@ -261,16 +264,7 @@ def run(
         return
 
     # -- load from disk with 8 resident ---------------------------------------------------------
-    stats = interleaved(
-        {"lora_kit load_adapter (+delete)": lk_load, "PEFT load_adapter (+delete)": peft_load},
-        repeats * 2,
-    )
-    show("load an adapter from disk into the live model, 8 resident", stats)
-    out["load_speedup"] = (
-        stats["PEFT load_adapter (+delete)"]["median"]
-        / stats["lora_kit load_adapter (+delete)"]["median"]
-    )
-    print(f"  lora_kit is {out['load_speedup']:.1f}x faster")
+    out["load_speedup"], _ = compare_loads(8, repeats * 2)
 
     # -- in-place swap -------------------------------------------------------------------------
     lm.load_adapter(paths[0], "live", max_rank=8)
@@ -451,42 +445,46 @@ def _forward_overhead(
 ) -> None:
     """Forward overhead over the bare base with 100 adapters resident on both sides.
 
-    Adds a paired figure: each round times base, lora_kit and PEFT back to back, each
-    library's extra time is taken within the round, and the ratio is of the median extra times
-    over all rounds (steadier than ratios of medians when the machine's speed drifts between
-    rounds).
+    Adds a paired figure: each round times base, lora_kit and PEFT back to back (in a fresh
+    random order, `benchmarks.harness.interleaved`), each library's extra time is taken within
+    the round, and the ratio is of the median extra times over all rounds (steadier than ratios
+    of medians when the machine's speed drifts between rounds).
     """
-    for i in range(1, 100):
-        lm.load_adapter(paths[i % 8], f"a{i}")
-        pm.load_adapter(str(paths[i % 8]), adapter_name=f"a{i}")
+    from benchmarks.harness import interleaved as paired_rounds
+
+    _load_resident(lm, pm, paths, range(1, 100))
     lm.set_adapter("a0")
     pm.set_adapter("a0")
     x = inputs(kind, *shape)
     cases = {"base": lambda: plain(**x), "lora_kit": lambda: lm(**x), "peft": lambda: pm(**x)}
-    times: dict[str, list[float]] = {k: [] for k in cases}
     with torch.no_grad():
-        for i in range(repeats + 1):
-            for name, fn in cases.items():
-                start = clock()
-                fn()
-                if i:
-                    times[name].append(clock() - start)
-    base = times["base"]
-    lk_extra = statistics.median(t - b for t, b in zip(times["lora_kit"], base, strict=True))
-    peft_extra = statistics.median(t - b for t, b in zip(times["peft"], base, strict=True))
+        stats = paired_rounds(cases, repeats, warmup=1, clock=clock)
+    base = stats["base"].samples
+
+    def median_extra(case: str) -> float:
+        return statistics.median(t - b for t, b in zip(stats[case].samples, base, strict=True))
+
+    lk_extra, peft_extra = median_extra("lora_kit"), median_extra("peft")
     result = {
-        "lora_kit": statistics.median(times["lora_kit"]) / statistics.median(base) - 1,
-        "peft": statistics.median(times["peft"]) / statistics.median(base) - 1,
+        "lora_kit": stats["lora_kit"].median / stats["base"].median - 1,
+        "peft": stats["peft"].median / stats["base"].median - 1,
         "paired_lk_over_peft": lk_extra / peft_extra if peft_extra > 0 else float("nan"),
     }
     out["forward_overhead_100"] = result
     print(
         f"\n## unmerged single-adapter forward [{shape[0]} x {shape[1]} tokens], 100 resident, "
-        f"{repeats} rounds: base median {statistics.median(base) * 1e3:.1f} ms, overhead "
+        f"{repeats} rounds: base median {stats['base'].median * 1e3:.1f} ms, overhead "
         f"lora_kit {result['lora_kit']:+.1%}, PEFT {result['peft']:+.1%}; median extra per "
         f"round lora_kit {lk_extra * 1e3:+.1f} ms, PEFT {peft_extra * 1e3:+.1f} ms, paired "
         f"lk/peft {result['paired_lk_over_peft']:.2f}"
     )
+
+
+def _load_resident(lm: lk.LoraModel, pm: Any, paths: list[Path], numbers: range) -> None:
+    """Load adapters ``a{i}`` (from the library, cyclically) on both sides."""
+    for i in numbers:
+        lm.load_adapter(paths[i % len(paths)], f"a{i}")
+        pm.load_adapter(str(paths[i % len(paths)]), adapter_name=f"a{i}")
 
 
 def main() -> None:

@@ -18,25 +18,20 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_train import _base, _batch, _prepare, _step_fn
+from benchmarks.bench_train import _base, _batch, _prepare, _step_fn, _sync
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of this script
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def _profile(name: str, fn: Callable[[], None], steps: int) -> None:
     for _ in range(3):
         fn()
-    _sync()
+    _sync(DEVICE)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync()
+        _sync(DEVICE)
         wall = (time.perf_counter() - start) / steps
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     cuda_us = sum(e.device_time for e in kernels) / steps
@@ -52,10 +47,10 @@ def _timing(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(rounds + 3):
         for name, fn in fns.items():
-            _sync()
+            _sync(DEVICE)
             start = time.perf_counter()
             fn()
-            _sync()
+            _sync(DEVICE)
             if i >= 3:
                 times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
