@@ -1,6 +1,7 @@
 """Hot-swapping and multi-adapter inference: lora_kit vs PEFT, side by side in one process.
 
 Run: ``python -m benchmarks.bench_hotswap [--models gpt2,bert] [--repeats N] [--clock cpu]``
+(``--only-mixed``, ``--only-forward`` or ``--only-swap`` for one part).
 
 GPT-2 small and BERT-base are built from their default configs (random weights: timings do not
 depend on the values), on CPU with one thread, LoRA r=8 on every attention and MLP projection.
@@ -157,13 +158,11 @@ def run(
     kind: str,
     repeats: int,
     results: dict[str, Any],
-    only_mixed: bool = False,
-    only_forward: bool = False,
+    only: str | None = None,
     forward_shape: tuple[int, int] = (1, 32),
 ) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
-    from peft.utils.hotswap import hotswap_adapter
 
     out: dict[str, Any] = {}
     results[kind] = out
@@ -206,10 +205,13 @@ def run(
         print(f"  lora_kit is {speedup:.1f}x faster")
         return speedup, stats
 
-    if only_forward:
+    if only == "forward":
         _forward_overhead(kind, lm, pm, plain, paths, repeats, forward_shape, out)
         return
-    if not only_mixed:
+    if only == "swap":
+        _swap(kind, lm, pm, paths, repeats, out)
+        return
+    if only is None:
         out["load_speedup_1"], stats = compare_loads(1, repeats * 4)
         out["load_ms_1"] = {k: v["median"] * 1e3 for k, v in stats.items()}
 
@@ -260,51 +262,13 @@ def run(
         out["mixed"][f"seq{seq}"] = ratios
         print("  ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
 
-    if only_mixed:
+    if only == "mixed":
         return
 
     # -- load from disk with 8 resident ---------------------------------------------------------
     out["load_speedup"], _ = compare_loads(8, repeats * 2)
 
-    # -- in-place swap -------------------------------------------------------------------------
-    lm.load_adapter(paths[0], "live", max_rank=8)
-    flip = [0]
-
-    def lk_swap() -> None:
-        flip[0] ^= 1
-        lm.swap_adapter("live", paths[flip[0]])
-
-    pflip = [0]
-
-    def peft_swap() -> None:
-        pflip[0] ^= 1
-        hotswap_adapter(pm, str(paths[pflip[0]]), adapter_name="a0")
-
-    parsed = [lk.read_adapter(p) for p in paths[:2]]
-
-    def lk_swap_parsed() -> None:
-        flip[0] ^= 1
-        lm.swap_adapter("live", parsed[flip[0]])
-
-    swaps: dict[str, Callable[[], object]] = {
-        "lora_kit swap_adapter (from disk)": lk_swap,
-        "lora_kit swap_adapter (parsed AdapterFiles)": lk_swap_parsed,
-    }
-    if kind == "gpt2":  # PEFT's hotswap_adapter does not handle modules_to_save (BERT's head)
-        swaps["PEFT hotswap_adapter (from disk)"] = peft_swap
-    stats = interleaved(swaps, repeats * 4)
-    show("in-place swap from disk", stats)
-    out["swap_ms"] = stats["lora_kit swap_adapter (from disk)"]["median"] * 1e3
-    out["swap_parsed_ms"] = stats["lora_kit swap_adapter (parsed AdapterFiles)"]["median"] * 1e3
-    if "PEFT hotswap_adapter (from disk)" in stats:
-        out["swap_speedup"] = (
-            stats["PEFT hotswap_adapter (from disk)"]["median"]
-            / stats["lora_kit swap_adapter (from disk)"]["median"]
-        )
-        print(f"  lora_kit is {out['swap_speedup']:.1f}x faster")
-    else:
-        print("  PEFT: hotswap_adapter raises KeyError on modules_to_save keys (not comparable)")
-    lm.delete_adapter("live")
+    _swap(kind, lm, pm, paths, repeats, out)
 
     # -- set_adapter latency vs adapter count ---------------------------------------------------
     calls = 2000
@@ -480,6 +444,52 @@ def _forward_overhead(
     )
 
 
+def _swap(
+    kind: str, lm: lk.LoraModel, pm: Any, paths: list[Path], repeats: int, out: dict[str, Any]
+) -> None:
+    """In-place swap from disk: lora_kit ``swap_adapter`` vs PEFT ``hotswap_adapter``."""
+    from peft.utils.hotswap import hotswap_adapter
+
+    lm.load_adapter(paths[0], "live", max_rank=8)
+    flip = [0]
+
+    def lk_swap() -> None:
+        flip[0] ^= 1
+        lm.swap_adapter("live", paths[flip[0]])
+
+    pflip = [0]
+
+    def peft_swap() -> None:
+        pflip[0] ^= 1
+        hotswap_adapter(pm, str(paths[pflip[0]]), adapter_name="a0")
+
+    parsed = [lk.read_adapter(p) for p in paths[:2]]
+
+    def lk_swap_parsed() -> None:
+        flip[0] ^= 1
+        lm.swap_adapter("live", parsed[flip[0]])
+
+    swaps: dict[str, Callable[[], object]] = {
+        "lora_kit swap_adapter (from disk)": lk_swap,
+        "lora_kit swap_adapter (parsed AdapterFiles)": lk_swap_parsed,
+    }
+    if kind == "gpt2":  # PEFT's hotswap_adapter does not handle modules_to_save (BERT's head)
+        swaps["PEFT hotswap_adapter (from disk)"] = peft_swap
+    stats = interleaved(swaps, repeats * 4)
+    show("in-place swap from disk", stats)
+    out["swap_ms"] = stats["lora_kit swap_adapter (from disk)"]["median"] * 1e3
+    out["swap_parsed_ms"] = stats["lora_kit swap_adapter (parsed AdapterFiles)"]["median"] * 1e3
+    if "PEFT hotswap_adapter (from disk)" in stats:
+        out["swap_speedup"] = (
+            stats["PEFT hotswap_adapter (from disk)"]["median"]
+            / stats["lora_kit swap_adapter (from disk)"]["median"]
+        )
+        print(f"  lora_kit is {out['swap_speedup']:.1f}x faster")
+    else:
+        print("  PEFT: hotswap_adapter raises KeyError on modules_to_save keys (not comparable)")
+    lm.delete_adapter("live")
+
+
 def _load_resident(lm: lk.LoraModel, pm: Any, paths: list[Path], numbers: range) -> None:
     """Load adapters ``a{i}`` (from the library, cyclically) on both sides."""
     for i in numbers:
@@ -492,6 +502,9 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only-mixed", action="store_true", help="Only the mixed-batch figures.")
+    parser.add_argument(
+        "--only-swap", action="store_true", help="Only the in-place swap from disk."
+    )
     parser.add_argument(
         "--only-forward",
         action="store_true",
@@ -514,7 +527,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     for kind in args.models.split(","):
         rows, seq = (int(v) for v in args.forward_shape.split("x"))
-        run(kind, args.repeats, results, args.only_mixed, args.only_forward, (rows, seq))
+        only = next((n for n in ("mixed", "forward", "swap") if getattr(args, f"only_{n}")), None)
+        run(kind, args.repeats, results, only, (rows, seq))
         gc.collect()
     print("\nJSON " + json.dumps(results))
 
