@@ -1,7 +1,8 @@
 """Hot-swapping and multi-adapter inference: lora_kit vs PEFT, side by side in one process.
 
 Run: ``python -m benchmarks.bench_hotswap [--models gpt2,bert] [--repeats N] [--clock cpu]``
-(``--only-mixed``, ``--only-forward`` or ``--only-swap`` for one part).
+(``--only-mixed``, ``--only-forward`` or ``--only-swap`` for one part; ``--only-mixed --device
+cuda`` for the mixed-batch figures on a GPU).
 
 GPT-2 small and BERT-base are built from their default configs (random weights: timings do not
 depend on the values), on CPU with one thread, LoRA r=8 on every attention and MLP projection.
@@ -160,6 +161,7 @@ def run(
     results: dict[str, Any],
     only: str | None = None,
     forward_shape: tuple[int, int] = (1, 32),
+    device: str = "cpu",
 ) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -172,6 +174,7 @@ def run(
     print(f"\n# {kind}: adapter file {file_bytes / 1e6:.2f} MB (r=8, all projections)")
 
     plain, _, peft_targets, peft_extra = build(kind)
+    plain.to(device)
     lk_base = copy.deepcopy(plain)
     lm = lk.LoraModel(lk_base)
     lm.load_adapter(paths[0], "a0")
@@ -223,18 +226,17 @@ def run(
     lm.set_adapter("a0")
     pm.set_adapter("a0")
     for seq in (32, 1):  # a short prefill, and one decode-sized step (1 token per row)
-        x = inputs(kind, 8, seq)
+        x = {k: v.to(device) for k, v in inputs(kind, 8, seq).items()}
         with torch.no_grad():
+            cases: dict[str, Callable[[], object]] = {
+                "base model alone (no LoRA)": lambda x=x: plain(**x),
+                "lora_kit 8 rows, 1 adapter": lambda x=x: lm(**x),
+                "lora_kit 8 rows, 8 adapters": lambda x=x: lm(**x, adapter_names=names),
+                "PEFT 8 rows, 1 adapter": lambda x=x: pm(**x),
+                "PEFT 8 rows, 8 adapters (adapter_names)": lambda x=x: pm(**x, adapter_names=names),
+            }
             stats = interleaved(
-                {
-                    "base model alone (no LoRA)": lambda x=x: plain(**x),
-                    "lora_kit 8 rows, 1 adapter": lambda x=x: lm(**x),
-                    "lora_kit 8 rows, 8 adapters": lambda x=x: lm(**x, adapter_names=names),
-                    "PEFT 8 rows, 1 adapter": lambda x=x: pm(**x),
-                    "PEFT 8 rows, 8 adapters (adapter_names)": lambda x=x: pm(
-                        **x, adapter_names=names
-                    ),
-                },
+                {name: _synced(fn, device) for name, fn in cases.items()},
                 repeats * (4 if seq == 1 else 1),
             )
         show(f"mixed batch [8 rows x {seq} tokens]", stats)
@@ -490,6 +492,18 @@ def _swap(
     lm.delete_adapter("live")
 
 
+def _synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn``, then wait for the device to finish its work (so wall time covers it)."""
+    if device == "cpu":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def _load_resident(lm: lk.LoraModel, pm: Any, paths: list[Path], numbers: range) -> None:
     """Load adapters ``a{i}`` (from the library, cyclically) on both sides."""
     for i in numbers:
@@ -519,16 +533,23 @@ def main() -> None:
         default="wall",
         help="wall time, or this thread's CPU time (steadier on a shared machine)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="Run the mixed-batch figures (--only-mixed) on this device, e.g. cuda (wall clock)",
+    )
     args = parser.parse_args()
+    if args.device != "cpu" and not (args.only_mixed and args.clock == "wall"):
+        parser.error("--device other than cpu runs --only-mixed, with --clock wall")
     global clock
     clock = CLOCKS[args.clock]
-    print(f"clock: {args.clock}, torch {torch.__version__}, 1 thread")
+    print(f"clock: {args.clock}, torch {torch.__version__}, 1 thread, device {args.device}")
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for kind in args.models.split(","):
         rows, seq = (int(v) for v in args.forward_shape.split("x"))
         only = next((n for n in ("mixed", "forward", "swap") if getattr(args, f"only_{n}")), None)
-        run(kind, args.repeats, results, only, (rows, seq))
+        run(kind, args.repeats, results, only, (rows, seq), args.device)
         gc.collect()
     print("\nJSON " + json.dumps(results))
 
