@@ -412,11 +412,12 @@ def _forward_overhead(
     """Forward overhead over the bare base with 100 adapters resident on both sides.
 
     Adds a paired figure: each round times base, lora_kit and PEFT back to back (in a fresh
-    random order, `benchmarks.harness.interleaved`), each library's extra time is taken within
-    the round, and the ratio is of the median extra times over all rounds (steadier than ratios
-    of medians when the machine's speed drifts between rounds).
+    random order, `benchmarks.harness.interleaved`); each library's overhead is the median of
+    its per-round ratios to the base, and the paired lk/peft ratio of those comes with a 90%
+    bootstrap interval over the rounds (`benchmarks.harness.overhead_ratio_interval`).
     """
     from benchmarks.harness import interleaved as paired_rounds
+    from benchmarks.harness import overhead_ratio_interval
 
     _load_resident(lm, pm, paths, range(1, 100))
     lm.set_adapter("a0")
@@ -425,24 +426,19 @@ def _forward_overhead(
     cases = {"base": lambda: plain(**x), "lora_kit": lambda: lm(**x), "peft": lambda: pm(**x)}
     with torch.no_grad():
         stats = paired_rounds(cases, repeats, warmup=1, clock=clock)
-    base = stats["base"].samples
-
-    def median_extra(case: str) -> float:
-        return statistics.median(t - b for t, b in zip(stats[case].samples, base, strict=True))
-
-    lk_extra, peft_extra = median_extra("lora_kit"), median_extra("peft")
+    ratio, low, high = overhead_ratio_interval(stats["lora_kit"], stats["peft"], stats["base"])
     result = {
         "lora_kit": stats["lora_kit"].median / stats["base"].median - 1,
         "peft": stats["peft"].median / stats["base"].median - 1,
-        "paired_lk_over_peft": lk_extra / peft_extra if peft_extra > 0 else float("nan"),
+        "paired_lk_over_peft": ratio,
+        "paired_90ci": [low, high],
     }
     out["forward_overhead_100"] = result
     print(
         f"\n## unmerged single-adapter forward [{shape[0]} x {shape[1]} tokens], 100 resident, "
         f"{repeats} rounds: base median {stats['base'].median * 1e3:.1f} ms, overhead "
-        f"lora_kit {result['lora_kit']:+.1%}, PEFT {result['peft']:+.1%}; median extra per "
-        f"round lora_kit {lk_extra * 1e3:+.1f} ms, PEFT {peft_extra * 1e3:+.1f} ms, paired "
-        f"lk/peft {result['paired_lk_over_peft']:.2f}"
+        f"lora_kit {result['lora_kit']:+.1%}, PEFT {result['peft']:+.1%}; paired lk/peft "
+        f"{ratio:.2f} (90% CI {low:.2f}-{high:.2f})"
     )
 
 

@@ -30,7 +30,15 @@ from transformers.pytorch_utils import Conv1D
 import lora_kit as lk
 
 from .bench_overhead import LAYERS, R
-from .harness import CLOCKS, Stats, interleaved, paired_ratio, report, sharing_copy
+from .harness import (
+    CLOCKS,
+    Stats,
+    interleaved,
+    overhead_ratio_interval,
+    paired_ratio,
+    report,
+    sharing_copy,
+)
 
 
 def _repeat(fn: Callable[[], object], calls: int) -> Callable[[], None]:
@@ -93,6 +101,9 @@ def measure(
         "lk/peft med": _ratio(lk_x[0], peft_x[0]),
         "min": _ratio(lk_x[1], peft_x[1]),
         "paired": _ratio(lk_x[2], peft_x[2]),
+        "paired 90% CI": "{1:.2f}-{2:.2f}".format(
+            *overhead_ratio_interval(per_call["lora_kit"], per_call["peft"], base)
+        ),
     }
     for name in list(cases)[3:]:
         row[name] = f"{_us(per_call[name].median)}/{_us(per_call[name].min)}"

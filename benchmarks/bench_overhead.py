@@ -21,7 +21,15 @@ from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 
-from .harness import CLOCKS, Stats, interleaved, paired_ratio, report, sharing_copy
+from .harness import (
+    CLOCKS,
+    Stats,
+    interleaved,
+    overhead_ratio_interval,
+    paired_ratio,
+    report,
+    sharing_copy,
+)
 
 R = 8
 
@@ -60,6 +68,9 @@ def _row(case: str, base: str, flops: float, stats: dict[str, Stats]) -> dict[st
         "lk/peft overhead": ratio(0),
         "lk/peft (min)": ratio(1),
         "lk/peft (paired)": ratio(2),
+        "paired 90% CI": "{1:.2f}-{2:.2f}".format(
+            *overhead_ratio_interval(stats["lora_kit"], stats["peft"], stats["base"])
+        ),
     }
 
 

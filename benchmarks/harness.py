@@ -85,6 +85,33 @@ def paired_ratio(case: Stats, reference: Stats) -> float:
     return statistics.median(ratios)
 
 
+def overhead_ratio_interval(
+    ours: Stats, theirs: Stats, base: Stats, level: float = 0.9, resamples: int = 2000
+) -> tuple[float, float, float]:
+    """The paired overhead ratio and a bootstrap confidence interval for it.
+
+    The ratio is ``(paired_ratio(ours, base) - 1) / (paired_ratio(theirs, base) - 1)``: our
+    overhead over the base as a fraction of theirs, each from per-round ratios. Rounds are
+    resampled with replacement (``resamples`` times, fixed seed) and the interval is the
+    central ``level`` of the resampled ratios. An interval that lies below a target settles
+    it; one that straddles it says the machine's noise does.
+
+    Returns:
+        ``(ratio, low, high)``.
+    """
+    rounds = list(zip(ours.samples, theirs.samples, base.samples, strict=True))
+
+    def ratio(sample: Sequence[tuple[float, float, float]]) -> float:
+        mine = statistics.median(o / b for o, _, b in sample) - 1.0
+        other = statistics.median(t / b for _, t, b in sample) - 1.0
+        return mine / other if other > 0 else math.inf
+
+    draw = random.Random(0)
+    spread = sorted(ratio(draw.choices(rounds, k=len(rounds))) for _ in range(resamples))
+    tail = int(resamples * (1.0 - level) / 2)
+    return ratio(rounds), spread[tail], spread[resamples - 1 - tail]
+
+
 def sharing_copy(model: M) -> M:
     """A deep copy of ``model``'s modules that shares its parameter and buffer tensors.
 
