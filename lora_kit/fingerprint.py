@@ -73,7 +73,19 @@ def check_fingerprint(
         AdapterMismatchError: Naming the first difference (type, module, shape, orientation,
             or weights) and how to proceed.
     """
-    actual = fingerprint(model, layers)
+    compare_fingerprint(expected, fingerprint(model, layers), source)
+
+
+def compare_fingerprint(
+    expected: Mapping[str, Any], actual: Mapping[str, Any], source: str
+) -> None:
+    """Raise if the recorded fingerprint ``expected`` differs from ``actual`` (`fingerprint`).
+
+    Raises:
+        AdapterMismatchError: As `check_fingerprint`.
+    """
+    if expected == actual:  # one comparison in C for the usual case
+        return
     hint = "load it onto the base it was trained on, or pass check_base=False if you are sure"
     if expected.get("model_type") != actual["model_type"]:
         raise AdapterMismatchError(

@@ -176,6 +176,28 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
 def check_keys(
     expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
 ) -> None:
+    """Raise unless ``tensors`` holds exactly the ``expected`` keys, at the expected shapes.
+
+    Raises:
+        AdapterMismatchError: Naming the first missing key, else the first unexpected one,
+            else the first tensor of another shape.
+    """
+    if expected.keys() != tensors.keys():
+        _check_key_sets(expected, tensors, source)
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            module = key.removeprefix("base_model.model.")
+            raise AdapterMismatchError(
+                f"{source}: {module} has shape {list(got)} in the file, this model needs "
+                f"{list(shape)}; the adapter was trained on a base with other dimensions"
+            )
+
+
+def _check_key_sets(
+    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
+) -> None:
+    """Raise naming the first missing, else the first unexpected, key."""
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise AdapterMismatchError(
@@ -191,11 +213,3 @@ def check_keys(
             f"no targeted module of this model (expected keys like {example!r}); the adapter "
             f"was probably saved for a different model or module naming"
         )
-    for key, shape in expected.items():
-        got = tuple(tensors[key].shape)
-        if got != shape:
-            module = key.removeprefix("base_model.model.")
-            raise AdapterMismatchError(
-                f"{source}: {module} has shape {list(got)} in the file, this model needs "
-                f"{list(shape)}; the adapter was trained on a base with other dimensions"
-            )

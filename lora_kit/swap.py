@@ -232,9 +232,9 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     check_keys(expected, files.tensors, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
-        from .fingerprint import check_fingerprint
+        from .fingerprint import compare_fingerprint
 
-        check_fingerprint(fp, lm.model, {t: plan.layers[t] for t in targets}, source)
+        compare_fingerprint(fp, plan.fingerprint(targets), source)
     # Everything is validated: mutate from here on. The copies run as a few batched
     # (foreach) kernels instead of several small ops per layer.
     dst: list[Tensor] = []

@@ -7,17 +7,23 @@ with every parent -> child link it followed, and is reused only while each of th
 holds the same object (one dictionary look-up per link): a plan is never stale, whatever
 changed the model (adding, deleting or re-storing adapters, unwrapping, editing it by hand).
 Plans are also dropped where lora_kit itself removes or replaces adapter modules, so a deleted
-adapter's tensors are not kept alive by a plan.
+adapter's tensors are not kept alive by a plan. A plan also remembers the base fingerprint of
+each target set it was asked for, so a swap compares the file's recorded fingerprint with a
+stored one instead of rebuilding it.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .fingerprint import fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import lora_keys
 
@@ -64,12 +70,44 @@ class SwapPlan:
     layers: dict[str, LoRALinear]
     slots: dict[str, SwapSlot]
     links: tuple[Link, ...]
+    _fingerprints: dict[tuple[str, ...], dict[str, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def is_current(self, lm: LoraModel) -> bool:
         """Whether ``lm`` still wraps ``root`` and every link leads where it led."""
         if lm._modules.get("model") is not self.root:
             return False
-        return all(parent._modules.get(child) is found for parent, child, found in self.links)
+        # The links as three columns, checked by ``map`` in C rather than a Python loop: a
+        # hundred-odd look-ups on every swap.
+        dicts, names, found = self._columns
+        return all(map(operator.is_, map(dict.get, dicts, names), found))
+
+    @functools.cached_property
+    def _columns(self) -> tuple[list[dict[str, nn.Module | None]], list[str], list[nn.Module]]:
+        """`links` as (each parent's child dict, child names, children found).
+
+        ``nn.Module`` creates its child dict with the module and never replaces it, so holding
+        the dict is holding the parent.
+        """
+        return (
+            [parent._modules for parent, _, _ in self.links],
+            [child for _, child, _ in self.links],
+            [found for _, _, found in self.links],
+        )
+
+    def fingerprint(self, targets: Sequence[str]) -> dict[str, Any]:
+        """The base fingerprint (`lora_kit.fingerprint.fingerprint`) over ``targets``.
+
+        Remembered per target set: it depends only on the layers this plan holds (their base
+        weights are frozen and their digests cached) and the model's type.
+        """
+        key = tuple(targets)
+        found = self._fingerprints.get(key)
+        if found is None:
+            found = fingerprint(self.root, {t: self.layers[t] for t in key})
+            self._fingerprints[key] = found
+        return found
 
 
 # Keyed weakly by the LoraModel; a plan holds no reference to it (links start at ``lm.model``),

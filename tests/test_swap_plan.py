@@ -193,3 +193,30 @@ def test_rewrapped_model_is_noticed(saved: tuple[str, Path]) -> None:
     assert not plan.is_current(lm)
     lm.swap_adapter("live", root / "a")
     _assert_holds(lm, "live", root / "a")
+
+
+def test_remembered_fingerprint_still_refuses_another_base(
+    saved: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The plan keeps this base's fingerprint per target set; files are still checked against it."""
+    from hotswap_helpers import config_for, randomize
+
+    from tests.conftest import tiny_bert, tiny_gpt2
+
+    kind, root = saved
+    other = lk.LoraModel(tiny_gpt2(seed=1) if kind == "gpt2" else tiny_bert(seed=1))
+    other.add_adapter("a", config_for(kind, "a"))  # same targets and ranks, another base
+    randomize(other, "a", seed=3)
+    other.save_adapter(tmp_path / "other", "a")
+
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.swap_adapter("live", root / "b")  # attention only: one target set
+    lm.swap_adapter("live", root / "a")  # every projection: another
+    plan = swap_plan(lm, lm.adapter_record("live"))
+    assert len(plan._fingerprints) == 2
+    with pytest.raises(lk.AdapterMismatchError, match="targeted base weights differ"):
+        lm.swap_adapter("live", tmp_path / "other")
+    _assert_holds(lm, "live", root / "a")  # unchanged
+    lm.swap_adapter("live", tmp_path / "other", check_base=False)
+    _assert_holds(lm, "live", tmp_path / "other")
