@@ -541,10 +541,10 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     print(f"clock: {args.clock}, torch {torch.__version__}, 1 thread, device {args.device}")
     torch.set_num_threads(1)
+    rows, seq = (int(v) for v in args.forward_shape.split("x"))
+    only = next((n for n in ("mixed", "forward", "swap") if getattr(args, f"only_{n}")), None)
     results: dict[str, Any] = {}
     for kind in args.models.split(","):
-        rows, seq = (int(v) for v in args.forward_shape.split("x"))
-        only = next((n for n in ("mixed", "forward", "swap") if getattr(args, f"only_{n}")), None)
         run(kind, args.repeats, results, only, (rows, seq), args.device)
         gc.collect()
     print("\nJSON " + json.dumps(results))

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
+from .fingerprint import compare_fingerprint
 from .layers import LoraAdapter, down_t
 from .peft_format import head_key
 from .swap_plan import forget_plans, swap_plan
@@ -232,8 +233,6 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     check_keys(expected, files.tensors, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
-        from .fingerprint import compare_fingerprint
-
         compare_fingerprint(fp, plan.fingerprint(targets), source)
     # Everything is validated: mutate from here on. The copies run as a few batched
     # (foreach) kernels instead of several small ops per layer.

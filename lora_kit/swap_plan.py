@@ -14,7 +14,6 @@ stored one instead of rebuilding it.
 
 from __future__ import annotations
 
-import functools
 import operator
 import weakref
 from collections.abc import Sequence
@@ -30,8 +29,29 @@ from .peft_format import lora_keys
 if TYPE_CHECKING:
     from .model import AdapterRecord, LoraModel
 
-# parent module, child name, the child found there when the plan was made
-Link = tuple[nn.Module, str, nn.Module]
+
+@dataclass(frozen=True)
+class Links:
+    """Every parent -> child link a plan followed, each once, as three aligned columns.
+
+    A parent is held by its child dictionary (``nn.Module._modules``, created with the module
+    and never replaced), so `hold` checks every link with ``map`` in C instead of a Python
+    loop: a hundred-odd look-ups on every swap.
+
+    Attributes:
+        child_dicts: Each link's parent's child dictionary.
+        names: Each link's child name.
+        children: The child each link led to when the plan was made.
+    """
+
+    child_dicts: tuple[dict[str, nn.Module | None], ...]
+    names: tuple[str, ...]
+    children: tuple[nn.Module, ...]
+
+    def hold(self) -> bool:
+        """Whether every link still leads to the same child."""
+        found = map(dict.get, self.child_dicts, self.names)
+        return all(map(operator.is_, found, self.children))
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class SwapPlan:
         modules: The record's modules, in its order.
         layers: Module name -> its `LoRALinear`.
         slots: Module name -> `SwapSlot`, in the record's order.
-        links: Every parent -> child link followed, each once.
+        links: Every parent -> child link followed.
     """
 
     name: str
@@ -69,32 +89,14 @@ class SwapPlan:
     modules: tuple[str, ...]
     layers: dict[str, LoRALinear]
     slots: dict[str, SwapSlot]
-    links: tuple[Link, ...]
+    links: Links
     _fingerprints: dict[tuple[str, ...], dict[str, Any]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def is_current(self, lm: LoraModel) -> bool:
         """Whether ``lm`` still wraps ``root`` and every link leads where it led."""
-        if lm._modules.get("model") is not self.root:
-            return False
-        # The links as three columns, checked by ``map`` in C rather than a Python loop: a
-        # hundred-odd look-ups on every swap.
-        dicts, names, found = self._columns
-        return all(map(operator.is_, map(dict.get, dicts, names), found))
-
-    @functools.cached_property
-    def _columns(self) -> tuple[list[dict[str, nn.Module | None]], list[str], list[nn.Module]]:
-        """`links` as (each parent's child dict, child names, children found).
-
-        ``nn.Module`` creates its child dict with the module and never replaces it, so holding
-        the dict is holding the parent.
-        """
-        return (
-            [parent._modules for parent, _, _ in self.links],
-            [child for _, child, _ in self.links],
-            [found for _, _, found in self.links],
-        )
+        return lm._modules.get("model") is self.root and self.links.hold()
 
     def fingerprint(self, targets: Sequence[str]) -> dict[str, Any]:
         """The base fingerprint (`lora_kit.fingerprint.fingerprint`) over ``targets``.
@@ -145,13 +147,13 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
     name = record.name
     layers = {module: lm._layer(module) for module in record.modules}  # raises if edited
     slots: dict[str, SwapSlot] = {}
-    links: dict[tuple[int, str], Link] = {}
+    links: dict[tuple[int, str], tuple[dict[str, nn.Module | None], str, nn.Module]] = {}
 
     def follow(parent: nn.Module, child: str) -> nn.Module:
         found = parent._modules[child]
         if found is None:  # unreachable: _layer resolved this path
             raise KeyError(child)
-        links[(id(parent), child)] = (parent, child, found)
+        links[(id(parent), child)] = (parent._modules, child, found)
         return found
 
     root = lm.model
@@ -165,4 +167,5 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
             raise TypeError(f"{module}: adapter {name!r} is a {type(adapter).__name__}")
         key_a, key_b = lora_keys(module)
         slots[module] = SwapSlot(module, adapter, key_a, key_b)
-    return SwapPlan(name, root, record.modules, layers, slots, tuple(links.values()))
+    dicts, names, children = zip(*links.values(), strict=True) if links else ((), (), ())
+    return SwapPlan(name, root, record.modules, layers, slots, Links(dicts, names, children))

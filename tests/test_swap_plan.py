@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotswap_helpers import make_model
+from hotswap_helpers import config_for, make_model, randomize
 from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
@@ -24,6 +24,7 @@ from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lora_kit.peft_format import lora_keys
 from lora_kit.surgery import set_submodule
 from lora_kit.swap_plan import _PLANS, swap_plan
+from tests.conftest import tiny_bert, tiny_gpt2
 
 
 def _assert_holds(lm: lk.LoraModel, name: str, root: Path) -> None:
@@ -199,10 +200,6 @@ def test_remembered_fingerprint_still_refuses_another_base(
     saved: tuple[str, Path], tmp_path: Path
 ) -> None:
     """The plan keeps this base's fingerprint per target set; files are still checked against it."""
-    from hotswap_helpers import config_for, randomize
-
-    from tests.conftest import tiny_bert, tiny_gpt2
-
     kind, root = saved
     other = lk.LoraModel(tiny_gpt2(seed=1) if kind == "gpt2" else tiny_bert(seed=1))
     other.add_adapter("a", config_for(kind, "a"))  # same targets and ranks, another base
