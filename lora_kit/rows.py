@@ -51,18 +51,18 @@ class RowPlan:
         self.names: tuple[str | None, ...] = tuple(names)
         # Each name once, first-seen order: the slots of the stacked factors.
         self.distinct: tuple[str | None, ...] = tuple(dict.fromkeys(self.names))
+        self._members: dict[int, dict[str | None, list[int]]] = {}
         self._groups: dict[tuple[int, torch.device], tuple[Group, ...]] = {}
         self._slots: dict[tuple[int, torch.device], Tensor] = {}
         self._prepared: dict[nn.Module, Prepared] = {}
 
-    def groups(self, batch: int, device: torch.device) -> tuple[Group, ...]:
-        """Row groups for a batch of ``batch`` rows on ``device``.
+    def members(self, batch: int) -> dict[str | None, list[int]]:
+        """Each distinct name's rows in a batch of ``batch`` rows (first-seen order).
 
         Raises:
             AdapterNameError: ``batch`` is not a multiple of the number of names.
         """
-        key = (batch, device)
-        cached = self._groups.get(key)
+        cached = self._members.get(batch)
         if cached is not None:
             return cached
         n = len(self.names)
@@ -75,9 +75,22 @@ class RowPlan:
         rows: dict[str | None, list[int]] = {}
         for row in range(batch):
             rows.setdefault(self.names[row // expand], []).append(row)
+        self._members[batch] = rows
+        return rows
+
+    def groups(self, batch: int, device: torch.device) -> tuple[Group, ...]:
+        """Row groups for a batch of ``batch`` rows on ``device``: index tensors, made on first use.
+
+        Raises:
+            AdapterNameError: ``batch`` is not a multiple of the number of names.
+        """
+        key = (batch, device)
+        cached = self._groups.get(key)
+        if cached is not None:
+            return cached
         groups: list[Group] = []
-        for name, members in rows.items():
-            index = None if len(members) == batch else torch.tensor(members, device=device)
+        for name, rows in self.members(batch).items():
+            index = None if len(rows) == batch else torch.tensor(rows, device=device)
             groups.append((name, index))
         result = tuple(groups)
         self._groups[key] = result
@@ -112,10 +125,13 @@ class RowPlan:
         if found is not None and found.matches(x, grad):
             return found
         batch, device = x.shape[0], x.device
-        groups = self.groups(batch, device)  # raises on a batch that does not fit the names
+        members = self.members(batch)  # raises on a batch that does not fit the names
         stack = None
-        if len(groups) > 1 and _can_gather(layer, self.distinct, grad):
+        if len(members) > 1 and _can_gather(layer, self.distinct, grad):
             stack = stacked_factors(layer, self.distinct, x)
+        # The gathered path needs no per-adapter index tensors: its kernels are the same
+        # whatever the number of distinct adapters.
+        groups = self.groups(batch, device) if stack is None else ()
         slots = None if stack is None or self.runs() else self.slots(batch, device)
         found = Prepared(batch, x.dtype, device, grad, groups, stack, slots)
         self._prepared[layer] = found
@@ -130,7 +146,7 @@ class Prepared:
     """One layer's way of adding a call's rows (see the module docstring); built once per call.
 
     Attributes:
-        groups: The row groups (used without a stack).
+        groups: The row groups (used without a stack; empty with one).
         stack: The distinct adapters' stacked factors, or None to add group by group.
         slots: ``[batch]`` stack slot of each row, or None when the rows form equal runs.
     """

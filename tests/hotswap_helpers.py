@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_kit as lk
 from lora_kit.layers import LoraAdapter
@@ -78,3 +81,49 @@ def input_ids(rows: int, seq: int = 7, seed: int = 1) -> torch.Tensor:
 def logits(lm: lk.LoraModel, ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
     with torch.no_grad():
         return lm(input_ids=ids, **kwargs).logits  # type: ignore[no-any-return]
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the name of every ATen operator dispatched while it is active and ``on``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.on = True
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if self.on:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(fn: Callable[[], object], lora_layers_of: torch.nn.Module | None = None) -> list[str]:
+    """The ATen operators ``fn`` runs, in order: the kernels a call launches, whatever their
+    timing (a structural check that noise on a shared machine cannot blur).
+
+    With ``lora_layers_of``, only operators run inside that model's `LoRALinear` forwards count.
+    """
+    recorder = _OpRecorder()
+    handles = []
+    if lora_layers_of is not None:
+        recorder.on = False
+
+        def start(*_: object) -> None:
+            recorder.on = True
+
+        def stop(*_: object) -> None:
+            recorder.on = False
+
+        for module in lora_layers_of.modules():
+            if isinstance(module, lk.LoRALinear):
+                handles.append(module.register_forward_pre_hook(start))
+                handles.append(module.register_forward_hook(stop))
+    try:
+        with recorder:
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.ops

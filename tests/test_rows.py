@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotswap_helpers import config_for, input_ids, logits, model_with_adapters
+from hotswap_helpers import aten_ops, config_for, input_ids, logits, model_with_adapters
 
 import lora_kit as lk
 
@@ -174,3 +174,27 @@ def test_runs_and_gathered_rows_with_expansion(rows: list[str | None]) -> None:
     mixed = logits(lm, expanded, adapter_names=rows)
     alone = _alone(lm, expanded, [n for n in rows for _ in range(2)])
     torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_mixed_batch_kernels_do_not_grow_with_distinct_adapters(kind: str) -> None:
+    names = ("a", "b", "c", "d", "e", "f", "g")
+    lm = model_with_adapters(kind, names)
+    ids = input_ids(8)
+    two: list[str | None] = ["a", "b"] * 4
+    seven: list[str | None] = [*names, "a"]  # "a" twice: its rows are not one run either
+    for rows in (two, seven):
+        logits(lm, ids, adapter_names=rows)  # builds and caches the stacked factors
+
+    def layer_ops(rows: list[str | None]) -> list[str]:
+        return aten_ops(lambda: logits(lm, ids, adapter_names=rows), lora_layers_of=lm.model)
+
+    # The LoRA layers launch the same kernels for 2 or 7 distinct adapters over 8 rows: no
+    # loop over adapters or rows. (BERT's per-adapter classifier copies, outside the layers,
+    # do run once per distinct head.)
+    assert layer_ops(seven) == layer_ops(two)
+    assert "bmm" in layer_ops(two)  # the gathered path really ran
+    # Every row on one adapter: exactly the single-adapter batch's kernels, whole model.
+    with lm.using("a"):
+        single = aten_ops(lambda: logits(lm, ids))
+    assert aten_ops(lambda: logits(lm, ids, adapter_names=["a"] * 8)) == single
