@@ -11,7 +11,7 @@ input; each sample averages ``calls`` back-to-back calls (enough for ~2 ms), and
 medians and minima.
 
     python -m benchmarks.bench_layer [--tokens 1,128,512,1024,4096] [--repeats 25]
-        [--threads 1] [--clock cpu|wall] [--json]
+        [--threads 1] [--clock cpu|wall] [--layers Linear:3072->768,...] [--json]
 """
 
 from __future__ import annotations
@@ -123,21 +123,35 @@ def _ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}" if theirs > 0 else "n/a"
 
 
+def _layer_name(kind: str, n_in: int, n_out: int) -> str:
+    return f"{kind}:{n_in}->{n_out}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="1,128,512,1024,4096")
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    parser.add_argument(
+        "--layers",
+        default=",".join(_layer_name(*layer) for layer in LAYERS),
+        help="Comma-separated layers to measure, as KIND:IN->OUT (default: all four).",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts the calling thread only: use it with --threads 1")
+    known = {_layer_name(*layer): layer for layer in LAYERS}
+    unknown = [name for name in args.layers.split(",") if name not in known]
+    if unknown:
+        parser.error(f"unknown layer {unknown[0]!r}; choose from {', '.join(known)}")
+    layers = [known[name] for name in args.layers.split(",")]
     torch.set_num_threads(args.threads)
     rows = [
         measure(kind, n_in, n_out, int(tokens), args.repeats, CLOCKS[args.clock])
         for tokens in args.tokens.split(",")
-        for kind, n_in, n_out in LAYERS
+        for kind, n_in, n_out in layers
     ]
     title = (
         f"One layer, per call in µs (kernels: median/min), r={R}, fp32 CPU, {args.threads} "
