@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import AdapterNameError, LoraKitError
 
@@ -177,11 +178,31 @@ class Prepared:
 
 
 # Per layer: the last few stacks built, keyed by (names, device, dtype), each with a record of
-# the tensors it was built from (identity and version), so in-place changes (swap_adapter,
-# training) and reloads are noticed and the stack rebuilt.
+# the tensors it was built from (identity and version) and of the optimizer steps taken, so
+# in-place changes (swap_adapter, training) and reloads are noticed and the stack rebuilt.
 _STACK_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, tuple[_Seen, Stack]]]
 _STACK_CACHE = weakref.WeakKeyDictionary()
 _STACKS_PER_LAYER = 4
+
+
+# Optimizer steps taken in this process (counted once a stack exists): fused optimizers
+# (``fused=True``) update parameters in place without bumping their version counters.
+_optimizer_steps = 0
+_counting_steps = False
+
+
+def _count_step(optimizer: object, args: object, kwargs: object) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _steps_taken() -> int:
+    """Optimizer steps so far (from the first call on: starts counting them)."""
+    global _counting_steps
+    if not _counting_steps:
+        register_optimizer_step_post_hook(_count_step)
+        _counting_steps = True
+    return _optimizer_steps
 
 
 def clear_stacks(model: nn.Module) -> None:
@@ -195,10 +216,11 @@ class _Seen:
 
     Tensors are held by weak reference: a cached stack never keeps a deleted adapter's tensors
     alive, and a new tensor at a recycled address never passes for the old one. The state
-    (versions, data pointers, scaling) changes with any in-place update or swap.
+    (versions, data pointers, scaling) changes with any in-place update or swap; the optimizer
+    step count changes with any step, also one that bumps no version (a fused optimizer).
     """
 
-    __slots__ = ("refs", "state")
+    __slots__ = ("refs", "state", "steps")
 
     def __init__(self, adapters: list[LoraAdapter | None]) -> None:
         refs: list[tuple[weakref.ref[Tensor], ...] | None] = []
@@ -212,10 +234,11 @@ class _Seen:
             refs.append(tuple(weakref.ref(t) for t in tensors))
             state.append(observed)
         self.refs, self.state = tuple(refs), tuple(state)
+        self.steps = _steps_taken()
 
     def still(self, adapters: list[LoraAdapter | None]) -> bool:
         """Whether ``adapters`` hold the same tensors, unchanged since the stack was built."""
-        if len(adapters) != len(self.refs):
+        if len(adapters) != len(self.refs) or self.steps != _optimizer_steps:
             return False
         for adapter, refs, state in zip(adapters, self.refs, self.state, strict=True):
             if adapter is None or refs is None:
