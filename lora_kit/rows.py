@@ -373,7 +373,9 @@ def _add_gathered(out: Tensor, x: Tensor, stack: Stack, slots: Tensor | None) ->
     if x3.dtype != a_t.dtype:
         x3 = x3.to(a_t.dtype)
     h = torch.bmm(x3, a_t)  # [groups, rows * tokens, R], scaling folded into A
-    if out.dtype == h.dtype and out.is_contiguous():
+    # Under autocast h comes back in the autocast dtype while b_t keeps the stack's: the
+    # in-place baddbmm_ would refuse the mix, the out-of-place bmm lets autocast cast.
+    if out.dtype == h.dtype == b_t.dtype and out.is_contiguous():
         out.view(groups, -1, out.shape[-1]).baddbmm_(h, b_t)  # out += h @ B^T, per group
         return out
     return out.add_(torch.bmm(h, b_t).view(out.shape).to(out.dtype))

@@ -216,3 +216,20 @@ def test_cached_stacks_follow_a_fused_optimizer_step(kind: str) -> None:
     torch.testing.assert_close(after, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
     # "b" really changed, by 10x the tolerance (BERT's logits without a head copy are ~1e-2).
     assert (after[1] - before[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_mixed_batch_under_autocast(kind: str) -> None:
+    """Under autocast the batched GEMMs return bf16 while the stacked B stays fp32.
+
+    Tolerance: both sides compute in bf16 under autocast (8 mantissa bits, relative step
+    ~4e-3) with different rounding points, through two blocks; logits are O(1). A wrong or
+    missing adapter moves them by > 0.1 (checked).
+    """
+    lm = model_with_adapters(kind)
+    ids = input_ids(len(ROWS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = logits(lm, ids, adapter_names=ROWS)
+        alone = _alone(lm, ids, ROWS)
+    torch.testing.assert_close(mixed.float(), alone.float(), atol=3e-2, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 0.1
