@@ -67,6 +67,9 @@ def cached_heads(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
     return found
 
 
+# Adapter tensors outlive the call: never inference tensors, even when loaded inside
+# torch.inference_mode (they would have no version counter and refuse later in-place swaps).
+@torch.inference_mode(False)
 def load_files(
     lm: LoraModel,
     files: AdapterFiles,

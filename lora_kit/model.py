@@ -124,6 +124,7 @@ class LoraModel(nn.Module):
         self._require(name)
         return self._adapters[name]
 
+    @torch.inference_mode(False)  # long-lived tensors (see loading.load_files)
     def add_adapter(
         self, name: str, config: LoraConfig, *, adapter_dtype: torch.dtype = torch.float32
     ) -> None:

@@ -147,6 +147,7 @@ def check_max_rank(ranks: Mapping[str, int], max_rank: int, source: str) -> None
             )
 
 
+@torch.inference_mode(False)  # long-lived tensors (see loading.load_files)
 def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
     """Re-store adapter ``name`` as `PaddedAdapter`s of rank ``max_rank`` (new tensors, once).
 

@@ -141,3 +141,16 @@ def test_errors(root: Path, tmp_path: Path) -> None:
     assert lm.cache.resident == () and lm.active == lk.Selection()
     lm.cache.unregister("gone")
     assert "gone" not in lm.cache.registered
+
+
+def test_reload_inside_inference_mode(root: Path) -> None:
+    """A transparent (re)load inside a torch.inference_mode request keeps serving mixed batches."""
+    lm = _registered(root, budget=1)
+    ids = input_ids(3)
+    refs = _reference(root, ids)
+    names: list[str | None] = ["a", "b", "c"]
+    for _ in range(2):  # the second round reloads what the first evicted
+        with torch.inference_mode():
+            got = lm(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            torch.testing.assert_close(got[row], refs[name][row], atol=1e-5, rtol=1e-5)

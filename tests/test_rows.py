@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotswap_helpers import aten_ops, config_for, input_ids, logits, model_with_adapters
+from hotswap_helpers import (
+    aten_ops,
+    config_for,
+    input_ids,
+    logits,
+    make_model,
+    model_with_adapters,
+)
 
 import lora_kit as lk
 
@@ -233,3 +240,26 @@ def test_mixed_batch_under_autocast(kind: str) -> None:
         alone = _alone(lm, ids, ROWS)
     torch.testing.assert_close(mixed.float(), alone.float(), atol=3e-2, rtol=0)
     assert (alone[0] - alone[1]).abs().max() > 0.1
+
+
+def test_adapters_loaded_under_inference_mode(saved: tuple[str, Path]) -> None:
+    """Adapters loaded or added inside torch.inference_mode serve mixed batches and swaps.
+
+    Tensors made there are inference tensors: no version counter (which the stack cache reads)
+    and no in-place update outside inference mode; loading must not keep such tensors.
+    """
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    with torch.inference_mode():
+        lm.load_adapter(root / "a", "a", max_rank=8)
+        lm.load_adapter(root / "b", "b")
+        lm.add_adapter("c", config_for(kind, "c"))
+    ids = input_ids(4)
+    names: list[str | None] = ["a", "b", "c", None]
+    with torch.inference_mode():
+        mixed = lm(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(mixed, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
+    lm.swap_adapter("a", root / "c")  # in place, outside inference mode
+    torch.testing.assert_close(
+        logits(lm, ids, adapter_names=names), _alone(lm, ids, names), atol=1e-5, rtol=1e-5
+    )
