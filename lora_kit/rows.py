@@ -19,6 +19,7 @@ rows; a batch whose rows all use one adapter takes exactly the single-adapter pa
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -183,6 +184,8 @@ class Prepared:
 _STACK_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, tuple[_Seen, Stack]]]
 _STACK_CACHE = weakref.WeakKeyDictionary()
 _STACKS_PER_LAYER = 4
+# Guards the per-layer LRU orders: concurrent calls (threads) look up, reorder and evict entries.
+_STACK_LOCK = threading.Lock()
 
 
 # Optimizer steps taken in this process (counted once a stack exists): fused optimizers
@@ -283,12 +286,15 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
         cast("LoraAdapter | None", modules.get(n)) if n is not None else None for n in names
     ]
     key: Hashable = (names, x.device, x.dtype)
-    per_layer = _STACK_CACHE.get(layer)
-    if per_layer is None:
-        per_layer = _STACK_CACHE.setdefault(layer, OrderedDict())
-    hit = per_layer.get(key)
-    if hit is not None and hit[0].still(adapters):
-        per_layer.move_to_end(key)
+    with _STACK_LOCK:
+        per_layer = _STACK_CACHE.get(layer)
+        if per_layer is None:
+            per_layer = _STACK_CACHE.setdefault(layer, OrderedDict())
+        hit = per_layer.get(key)
+    if hit is not None and hit[0].still(adapters):  # validated outside the lock
+        with _STACK_LOCK:
+            if key in per_layer:  # another thread may have evicted it meanwhile
+                per_layer.move_to_end(key)
         return hit[1]
     seen = _Seen(adapters)
     present = [a for a in adapters if a is not None]
@@ -308,10 +314,11 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
                 )
                 b_t[i, : adapter.r].copy_(adapter.lora_B.t())
     stack = (a_stack.transpose(1, 2), b_t)
-    per_layer[key] = (seen, stack)
-    per_layer.move_to_end(key)
-    while len(per_layer) > _STACKS_PER_LAYER:
-        per_layer.popitem(last=False)
+    with _STACK_LOCK:
+        per_layer[key] = (seen, stack)
+        per_layer.move_to_end(key)
+        while len(per_layer) > _STACKS_PER_LAYER:
+            per_layer.popitem(last=False)
     return stack
 
 

@@ -15,6 +15,8 @@ import torch
 from hotswap_helpers import input_ids, logits, model_with_adapters
 
 import lora_kit as lk
+from lora_kit import rows
+from lora_kit.layers import LoraAdapter
 
 NAMES: list[str | None] = ["a", "b", "c", None]
 
@@ -123,3 +125,45 @@ def test_weighted_selection_equals_merged_weights(kind: str) -> None:
     with torch.no_grad():
         want = reference(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_stack_cache_entry_evicted_by_another_thread(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread validating a cached stack while another thread evicts it from the per-layer LRU.
+
+    The interleaving is forced (the reader pauses inside the validation) because the GIL makes
+    it rare; mixed batches with many distinct name combinations hit it in serving.
+    """
+    lm = model_with_adapters(kind)
+    layer = next(m for m in lm.model.modules() if isinstance(m, lk.LoRALinear))
+    x = torch.zeros(1, layer.in_features)
+    combos = [("a", "b"), ("b", "a"), ("a", None), ("b", None), (None, "a")]
+    for names in combos[:4]:  # fills the layer's cache; ("a", "b") is least recently used
+        rows.stacked_factors(layer, names, x)
+    paused, resume = threading.Event(), threading.Event()
+    validate = rows._Seen.still
+
+    def slow_still(self: rows._Seen, adapters: list[LoraAdapter | None]) -> bool:
+        if threading.current_thread().name == "reader":
+            paused.set()
+            resume.wait(10)
+        return validate(self, adapters)
+
+    monkeypatch.setattr(rows._Seen, "still", slow_still)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            rows.stacked_factors(layer, combos[0], x)
+        except BaseException as error:  # reported by the assertion below
+            errors.append(error)
+
+    reader = threading.Thread(target=read, name="reader")
+    reader.start()
+    assert paused.wait(10)
+    rows.stacked_factors(layer, combos[4], x)  # a fifth combination evicts ("a", "b")
+    resume.set()
+    reader.join()
+    assert errors == []
