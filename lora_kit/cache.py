@@ -5,7 +5,8 @@ registering thousands of adapters costs a few hundred bytes each. When a selecti
 registered adapter that is not resident (``set_adapter``, ``using``, ``adapter_names``), it is
 loaded from its source; once more than ``max_resident`` adapters (or ``max_bytes`` of adapter
 tensors) are resident, the least recently used ones are evicted (deleted from the model) and will
-be reloaded transparently next time.
+be reloaded transparently next time. While adapters are merged into the base weights nothing is
+evicted (deleting is refused then); the budget applies again from the first use after unmerge.
 
 Thread-safety: loading and eviction happen under one lock, and every adapter a running call
 uses is *pinned* for the duration of the call (the model-wide default for as long as it is the
@@ -197,6 +198,8 @@ class AdapterCache:
         return self.max_bytes is not None and sum(self._resident.values()) > self.max_bytes
 
     def _evict(self) -> None:
+        if self._lm._merge_state is not None:
+            return  # adapters cannot be deleted while merged: evicted after unmerge
         while self._over_budget():
             idle = next((n for n in self._resident if not self._pins[n]), None)
             if idle is None:
@@ -205,7 +208,7 @@ class AdapterCache:
             self.evictions += 1
 
     def _drop(self, name: str) -> None:
-        del self._resident[name]
-        if name in self._lm._adapters:
+        if name in self._lm._adapters:  # first: if it raises, the records are unchanged
             self._lm.delete_adapter(name)
+        del self._resident[name]
         clear_stacks(self._lm.model)  # mixed-batch stacks may hold copies of its factors

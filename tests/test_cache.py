@@ -154,3 +154,24 @@ def test_reload_inside_inference_mode(root: Path) -> None:
             got = lm(input_ids=ids, adapter_names=names).logits
         for row, name in enumerate(names):
             torch.testing.assert_close(got[row], refs[name][row], atol=1e-5, rtol=1e-5)
+
+
+def test_eviction_while_merged_keeps_the_cache_consistent(root: Path) -> None:
+    """Adapters cannot be deleted while merged: eviction waits, nothing is half-forgotten."""
+    lm = _registered(root, budget=2)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    for name in ("a", "b"):
+        with lm.using(name):
+            pass
+    lm.merge("a")
+    lm.set_cache_budget(max_resident=1)  # over budget, but nothing can be evicted now
+    assert lm.cache.resident == ("a", "b") and set(lm.adapters) == {"a", "b"}
+    with pytest.raises(lk.MergedStateError):
+        lm.cache.unregister("b")
+    assert lm.cache.resident == ("a", "b") and "b" in lm.cache.registered
+    lm.unmerge()
+    for name in ("b", "a"):
+        with lm.using(name):
+            assert torch.equal(logits(lm, ids), refs[name])
+    assert lm.cache.resident == ("a",) and set(lm.adapters) == {"a"}  # budget enforced again
