@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -137,6 +137,15 @@ class AdapterCache:
             if name in self._resident:
                 self._drop(name)
             del self._registered[name]
+
+    def is_registered(self, name: str) -> bool:
+        """Whether ``name`` is a registered adapter."""
+        return name in self._registered
+
+    def set_source(self, name: str, source: str) -> None:
+        """(Re)load registered adapter ``name`` from ``source`` from now on (after a swap)."""
+        with self._lock:
+            self._registered[name] = replace(self._registered[name], source=source)
 
     def acquire(self, names: Iterable[str]) -> tuple[str, ...]:
         """Make the registered ones among ``names`` resident and pin them; returns those pinned.

@@ -579,21 +579,35 @@ class LoraModel(nn.Module):
                 PEFT-keyed state dict (keeps ``name``'s config, ranks and scaling).
             check_base: Verify the base fingerprint recorded in the files (if present).
 
+        A registered adapter (:meth:`register_adapter`) is reloaded from ``source`` from then on
+        when the cache evicts it, so it must come from files, not a state dict.
+
         Raises:
-            AdapterNameError: Unknown adapter.
+            AdapterNameError: Unknown adapter, or a state dict for a registered adapter.
             AdapterMismatchError: The new weights do not fit (modules, ranks, shapes, base).
             MergedStateError: Adapters are merged into the base weights (unmerge first).
         """
         self._refuse_if_merged("swap_adapter")  # the merged delta would no longer match
         record = self.adapter_record(name)
+        cache = self._adapter_cache()
+        registered = cache is not None and cache.is_registered(name)
         if isinstance(source, AdapterFiles):
-            files = source
+            files, origin = source, str(source.path)
         elif isinstance(source, Mapping):
+            if registered:
+                raise AdapterNameError(
+                    f"adapter {name!r} is registered with the adapter cache, which reloads it "
+                    f"from its source after an eviction, and a state dict cannot be reloaded: "
+                    f"save it as an adapter directory and swap from that"
+                )
             files = AdapterFiles(Path(f"<state dict for {name}>"), record.config, {}, dict(source))
+            origin = str(files.path)
         else:
-            files = read_adapter(resolve_adapter(source))
+            files, origin = read_adapter(resolve_adapter(source)), os.fspath(source)
         swap_in(self, name, files, check_base=check_base)
         self._adapters[name] = replace(record, config=files.config, source=str(files.path))
+        if cache is not None and registered:  # reload what it holds now, not what it held
+            cache.set_source(name, origin)
 
     @property
     def cache(self) -> AdapterCache:

@@ -175,3 +175,23 @@ def test_eviction_while_merged_keeps_the_cache_consistent(root: Path) -> None:
         with lm.using(name):
             assert torch.equal(logits(lm, ids), refs[name])
     assert lm.cache.resident == ("a",) and set(lm.adapters) == {"a"}  # budget enforced again
+
+
+def test_swapped_registered_adapter_survives_eviction(root: Path) -> None:
+    """An in-place swap into a registered adapter is what it reloads after an eviction."""
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.set_cache_budget(max_resident=1)
+    lm.register_adapter("live", root / "a", max_rank=8)
+    lm.register_adapter("other", root / "b")
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    with lm.using("live"):
+        lm.swap_adapter("live", root / "c")
+        assert torch.allclose(logits(lm, ids), refs["c"], atol=1e-5)
+        with pytest.raises(lk.AdapterNameError, match="state dict"):  # cannot be reloaded
+            lm.swap_adapter("live", {})
+    with lm.using("other"):  # evicts "live"
+        pass
+    assert "live" not in lm.adapters
+    with lm.using("live"):  # reloaded: still the swapped-in adapter, not the registered one
+        assert torch.allclose(logits(lm, ids), refs["c"], atol=1e-5)
