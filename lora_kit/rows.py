@@ -19,6 +19,7 @@ rows; a batch whose rows all use one adapter takes exactly the single-adapter pa
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -299,7 +300,10 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
     seen = _Seen(adapters)
     present = [a for a in adapters if a is not None]
     rank = max((a.r for a in present), default=0)
-    dtype = present[0].lora_A.dtype if present else x.dtype
+    # The widest adapter dtype: an fp32 adapter is never rounded for sharing a batch with a
+    # bf16 one.
+    dtypes = [a.lora_A.dtype for a in present]
+    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else x.dtype
     n, device = len(names), x.device
     a_stack = torch.zeros((n, rank, layer.in_features), dtype=dtype, device=device)  # [n, R, in]
     b_t = torch.zeros((n, rank, layer.out_features), dtype=dtype, device=device)  # [n, R, out]
