@@ -11,7 +11,8 @@ evicted (deleting is refused then); the budget applies again from the first use 
 Thread-safety: loading and eviction happen under one lock, and every adapter a running call
 uses is *pinned* for the duration of the call (the model-wide default for as long as it is the
 default), so an adapter is never evicted while a call is using it. Adapters added with
-``add_adapter``/``load_adapter`` directly are not managed by the cache and never evicted.
+``add_adapter``/``load_adapter`` directly are not managed by the cache and never evicted; a
+registered name cannot be taken that way (the cache could no longer load it).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class AdapterCache:
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
         self._pins: Counter[str] = Counter()
         self._default: tuple[str, ...] = ()
+        self._loading: tuple[int, str] | None = None  # (thread, name) of the load in progress
         self.loads = 0
         self.evictions = 0
         self.max_resident: int | None = None
@@ -188,15 +190,27 @@ class AdapterCache:
             previous, self._default = self._default, pinned
             self.release(previous)
 
+    def refuses_name(self, name: str) -> bool:
+        """Whether ``name`` is registered and this thread is not the cache loading it.
+
+        Loading a registered adapter directly (``load_adapter``/``add_adapter``) would leave the
+        cache unable to load it on its next selection.
+        """
+        return name in self._registered and self._loading != (threading.get_ident(), name)
+
     def _load(self, name: str) -> None:
         reg = self._registered[name]
-        self._lm.load_adapter(
-            reg.source,
-            name,
-            check_base=reg.check_base,
-            adapter_dtype=reg.adapter_dtype,
-            max_rank=reg.max_rank,
-        )
+        self._loading = (threading.get_ident(), name)
+        try:
+            self._lm.load_adapter(
+                reg.source,
+                name,
+                check_base=reg.check_base,
+                adapter_dtype=reg.adapter_dtype,
+                max_rank=reg.max_rank,
+            )
+        finally:
+            self._loading = None
         size = sum(p.numel() * p.element_size() for p in self._lm.adapter_parameters(name))
         self._resident[name] = size
         self.loads += 1

@@ -460,6 +460,12 @@ class LoraModel(nn.Module):
                 f"an adapter named {name!r} already exists; pick another name or "
                 f"delete_adapter({name!r}) first"
             )
+        cache = self._adapter_cache()
+        if cache is not None and cache.refuses_name(name):
+            raise AdapterNameError(
+                f"adapter {name!r} is registered with the adapter cache, which loads it when "
+                f"it is selected; select it instead, or unregister it first"
+            )
 
     def _sole_name(self, name: str | None) -> str:
         if name is not None:

@@ -195,3 +195,20 @@ def test_swapped_registered_adapter_survives_eviction(root: Path) -> None:
     assert "live" not in lm.adapters
     with lm.using("live"):  # reloaded: still the swapped-in adapter, not the registered one
         assert torch.allclose(logits(lm, ids), refs["c"], atol=1e-5)
+
+
+def test_a_registered_name_cannot_be_loaded_directly(root: Path) -> None:
+    """Loading or adding under a registered name is refused, so the cache can still load it."""
+    lm = _registered(root, budget=1)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    with pytest.raises(lk.AdapterNameError, match="registered with the adapter cache"):
+        lm.load_adapter(root / "b", "a")  # "a" is registered, not resident
+    with pytest.raises(lk.AdapterNameError, match="registered with the adapter cache"):
+        lm.add_adapter("a", lk.LoraConfig(r=2))
+    assert "a" not in lm.adapters
+    with lm.using("a"):  # the cache loads it from its own source
+        assert torch.equal(logits(lm, ids), refs["a"])
+    lm.cache.unregister("a")
+    lm.load_adapter(root / "b", "a")  # once unregistered the name is free again
+    assert "a" in lm.adapters
