@@ -279,3 +279,19 @@ def test_fp32_rows_keep_fp32_beside_a_bf16_adapter(saved: tuple[str, Path]) -> N
     names: list[str | None] = ["low", "a", "b"]
     mixed = logits(lm, ids, adapter_names=names)
     torch.testing.assert_close(mixed[1:], _alone(lm, ids[1:], names[1:]), atol=1e-5, rtol=1e-5)
+
+
+def test_clear_stacks_after_a_data_write() -> None:
+    """Writes through ``.data`` bump no version counter; ``clear_stacks`` is the documented fix."""
+    from lora_kit.rows import clear_stacks
+
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(3)
+    names: list[str | None] = ["a", "b", None]
+    logits(lm, ids, adapter_names=names)  # caches the stacks
+    for p in lm.adapter_parameters("b"):
+        p.data.mul_(3.0)
+    clear_stacks(lm.model)
+    torch.testing.assert_close(
+        logits(lm, ids, adapter_names=names), _alone(lm, ids, names), atol=1e-5, rtol=1e-5
+    )
