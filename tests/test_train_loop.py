@@ -282,3 +282,25 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     assert result.steps == 2
     again = _adapter(result.adapter_path)
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_training_an_adapter_that_is_not_active_is_refused(kind: str, tmp_path: Path) -> None:
+    # With another adapter (or none) active, the forward never touches adapter "default":
+    # every step was a silent no-op and the "trained" adapter was the untouched init.
+    lm, train_set, _ = _setup(kind, tmp_path)
+    lm.add_adapter("other", lk.LoraConfig(r=4, targets=f"{kind}-all"))
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    for selection in ("other", None):
+        lm.set_adapter(selection)
+        with pytest.raises(ConfigError, match=r"'default' is not the active adapter.*set_adapter"):
+            train(lm, train_set, _cfg(tmp_path, steps=1))
+    assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    lm.set_adapter("default")
+    lm.merge("default")
+    with pytest.raises(ConfigError, match=r"merged into the base weights.*unmerge"):
+        train(lm, train_set, _cfg(tmp_path, steps=1))
+    lm.unmerge()
+    train(lm, train_set, _cfg(tmp_path, steps=1))
+    assert any(not torch.equal(p, before[n]) for n, p in lm.named_parameters())

@@ -102,11 +102,13 @@ def train(
 
     Raises:
         DataError: Empty training data.
-        ConfigError: Bad precision for the device, or a resume with a different config.
+        ConfigError: Bad precision for the device, a resume with a different config, or
+            adapter ``config.adapter_name`` is not the (single, unmerged) active adapter.
         TrainingDivergedError: ``config.max_bad_steps`` NaN/inf steps in a row.
     """
     lm = unwrap(model)
     name = config.adapter_name
+    _check_active(lm, name)
     ctx = ctx or _context(lm)
     plan = resolve_precision(config.precision, ctx.device)
     log = logger or RunLogger(config.out, enabled=ctx.is_main)
@@ -414,6 +416,23 @@ def _enable_gradient_checkpointing(lm: LoraModel) -> None:
             f"drop --gradient-checkpointing"
         )
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _check_active(lm: LoraModel, name: str) -> None:
+    """Refuse to train an adapter the forward pass does not use (every step would be a no-op)."""
+    lm.adapter_record(name)  # AdapterNameError for an unknown name
+    merged = lm.merged
+    if merged is not None:
+        raise ConfigError(
+            f"adapters {list(merged.names)} are merged into the base weights; call lm.unmerge() "
+            f"before training {name!r}"
+        )
+    if lm.active_adapter != name:
+        active = list(lm.active.names) or "none, the base model alone"
+        raise ConfigError(
+            f"adapter {name!r} is not the active adapter (active: {active}), so training "
+            f"would not update it; call lm.set_adapter({name!r}) first"
+        )
 
 
 def _check_labels(lm: LoraModel, data: Dataset) -> None:
