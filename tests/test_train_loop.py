@@ -304,3 +304,19 @@ def test_training_an_adapter_that_is_not_active_is_refused(kind: str, tmp_path: 
     lm.unmerge()
     train(lm, train_set, _cfg(tmp_path, steps=1))
     assert any(not torch.equal(p, before[n]) for n, p in lm.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_training_restores_eval_mode(kind: str, tmp_path: Path) -> None:
+    # train() switched the model to train mode and left it there: after training, a model
+    # the caller had in eval mode ran its predictions with dropout on (different each call).
+    lm, train_set, eval_set = _setup(kind, tmp_path, dropout=0.5)
+    lm.eval()
+    train(lm, train_set, _cfg(tmp_path, steps=1, eval_every=1), eval_data=eval_set)
+    assert not any(m.training for m in lm.modules())
+    batch = train_set.collate([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(**batch).logits, lm(**batch).logits, rtol=0, atol=0)
+    lm.train()
+    train(lm, train_set, _cfg(tmp_path / "again", steps=1))
+    assert all(m.training for m in lm.modules())

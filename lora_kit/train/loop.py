@@ -85,6 +85,8 @@ def train(
 ) -> TrainResult:
     """Train adapter ``config.adapter_name`` of ``model`` (and its ``modules_to_save``) only.
 
+    The model's modules are returned to the train/eval modes they were in.
+
     Args:
         model: A `LoraModel`, or one a user wrapped in DDP, FSDP1 (``use_orig_params=True``)
             or sharded with FSDP2; with ``config.strategy`` ddp/fsdp an unwrapped model is
@@ -163,6 +165,7 @@ def train(
 
     extra = _label_files(train_data)
     log.start(total, initial=step)
+    modes = [(module, module.training) for module in model.modules()]  # restored at the end
     model.train()
     metrics: dict[str, float] = {}
     last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
@@ -209,6 +212,7 @@ def train(
             )
             if bad_run >= config.max_bad_steps:
                 log.close()
+                _restore_modes(modes)
                 raise TrainingDivergedError(
                     f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
                     f"gradient (last at step {step}). The last good checkpoint is {where}. "
@@ -240,7 +244,14 @@ def train(
     barrier(ctx)
     log.log({"event": "end", "step": step, **metrics})
     log.close()
+    _restore_modes(modes)
     return TrainResult(Path(config.out), step, metrics, last_checkpoint)
+
+
+def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+    """Put every module back in the train/eval mode the caller left it in."""
+    for module, training in modes:
+        module.training = training
 
 
 # ---- one optimizer step ------------------------------------------------------------------
