@@ -320,3 +320,28 @@ def test_training_restores_eval_mode(kind: str, tmp_path: Path) -> None:
     lm.train()
     train(lm, train_set, _cfg(tmp_path / "again", steps=1))
     assert all(m.training for m in lm.modules())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"r": 8}, r"rank 4 -> 8"),
+        ({"alpha": 64.0}, r"scaling 4\.0 -> 16\.0"),
+        ({"dropout": 0.3}, "dropout 0.0 -> 0.3"),
+    ],
+)
+def test_resume_refuses_different_lora_settings(
+    kind: str, change: dict[str, float], match: str, tmp_path: Path
+) -> None:
+    # A different rank failed with a bare RuntimeError from copy_; a different alpha or
+    # dropout was accepted silently, so the resumed run trained a different function.
+    lm, train_set, _ = _setup(kind, tmp_path)
+    train(lm, train_set, _cfg(tmp_path, steps=2))
+    heads = ("classifier",) if kind == "bert" else ()
+    settings: dict[str, object] = {"r": 4, "targets": f"{kind}-all", "modules_to_save": heads}
+    settings.update(change)
+    model = tiny_gpt2() if kind == "gpt2" else tiny_bert()
+    lm = lk.inject(model, lk.LoraConfig(**settings))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=match):
+        train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)

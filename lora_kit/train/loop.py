@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 from transformers import get_scheduler
 
-from ..adapter_io import LABELS_NAME
+from ..adapter_io import LABELS_NAME, AdapterFiles
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..layers import LoRALinear
 from ..model import LoraModel
@@ -127,7 +127,7 @@ def train(
                 "strategy='fsdp' (lora_kit shards it after loading the checkpoint) instead of "
                 "one you wrapped in FSDP yourself"
             )
-        _load_adapter_tensors(lm, name, checkpoint.adapter.tensors)
+        _load_adapter_tensors(lm, name, checkpoint.adapter)
     else:
         _seed(config.seed)
     if config.gradient_checkpointing:
@@ -482,11 +482,37 @@ def _check_resume(config: TrainConfig, state: dict[str, Any]) -> None:
         )
 
 
-def _load_adapter_tensors(lm: LoraModel, name: str, tensors: dict[str, Tensor]) -> None:
-    """Copy a checkpoint's adapter tensors into adapter ``name`` (strict, before wrapping)."""
+def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> None:
+    """Copy a checkpoint's adapter tensors into adapter ``name`` (strict, before wrapping).
+
+    Raises:
+        ConfigError: The checkpoint's targets, ranks, scalings or dropout differ from the
+            adapter's (the resumed run would train something else).
+    """
     from ..peft_format import head_key, lora_keys
 
     record = lm.adapter_record(name)
+    before_cfg, now_cfg = files.config, record.config
+    changed = [
+        f"{m}: {what} {before} -> {after}"
+        for m in record.modules
+        for what, before, after in (
+            ("rank", before_cfg.rank_for(m), now_cfg.rank_for(m)),
+            ("scaling", before_cfg.scaling_for(m), now_cfg.scaling_for(m)),
+        )
+        if before != after
+    ]
+    if before_cfg.dropout != now_cfg.dropout:
+        changed.insert(0, f"dropout {before_cfg.dropout} -> {now_cfg.dropout}")
+    if changed:
+        raise ConfigError(
+            "the checkpoint's adapter was trained with other LoRA settings (checkpoint -> "
+            "now): "
+            + "; ".join(changed[:4])
+            + ("; ..." if len(changed) > 4 else "")
+            + ". Resume with the original --rank/--alpha/--dropout or start a new --out"
+        )
+    tensors = files.tensors
     targets: dict[str, Tensor] = {}
     for module_name in record.modules:
         layer = lm.model.get_submodule(module_name)
@@ -501,10 +527,12 @@ def _load_adapter_tensors(lm: LoraModel, name: str, tensors: dict[str, Tensor]) 
             raise ConfigError(f"{module_name!r} is no longer a saved module; was it edited?")
         for key, value in saved.copies[name].state_dict(keep_vars=True).items():
             targets[head_key(module_name, key)] = value
-    if set(targets) != set(tensors):
+    if set(targets) != set(tensors) or any(
+        tensors[key].shape != param.shape for key, param in targets.items()
+    ):
         raise ConfigError(
-            "the checkpoint's adapter does not match this model's adapter (different targets "
-            "or rank); resume with the same model and LoRA settings"
+            "the checkpoint's adapter does not match this model's adapter (different targets, "
+            "rank or model size); resume with the same model and LoRA settings"
         )
     with torch.no_grad():
         for key, param in targets.items():
