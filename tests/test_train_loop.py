@@ -345,3 +345,31 @@ def test_resume_refuses_different_lora_settings(
     lm = lk.inject(model, lk.LoraConfig(**settings))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=match):
         train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+
+
+def test_unreadable_or_foreign_trainer_state_is_a_checkpoint_error(tmp_path: Path) -> None:
+    # Garbage bytes raised a bare KeyError, a pickled class outside the weights-only allow
+    # list an UnpicklingError (whose message suggests weights_only=False), and a state
+    # missing keys a KeyError deep inside train().
+    import fractions
+
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    train(lm, train_set, _cfg(tmp_path, steps=1))
+    state_file = tmp_path / "out" / "checkpoint" / "trainer_state.pt"
+    raw = state_file.read_bytes()
+    cases: list[tuple[bytes | dict[str, object], str]] = [
+        (b"not a checkpoint at all", "unreadable trainer state"),
+        (raw[: len(raw) // 2], "unreadable trainer state"),
+        ({"step": 1, "x": fractions.Fraction(1, 3)}, "unreadable trainer state"),
+        ({"step": 1}, r"not a lora_kit trainer state \(missing .*'optimizer'"),
+    ]
+    for content, match in cases:
+        if isinstance(content, bytes):
+            state_file.write_bytes(content)
+        else:
+            torch.save(content, state_file)
+        with pytest.raises(CheckpointError, match=match):
+            read_checkpoint(tmp_path / "out")
+        lm, train_set, _ = _setup("gpt2", tmp_path)
+        with pytest.raises(CheckpointError, match=match):
+            train(lm, train_set, _cfg(tmp_path, steps=1), resume=True)

@@ -29,6 +29,18 @@ from ..model import LoraModel
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+STATE_KEYS = (
+    "step",
+    "epoch",
+    "window",
+    "bad_run",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "config",
+)
+"""What the trainer writes into ``trainer_state.pt`` and needs back to resume."""
 
 
 class CheckpointError(LoraKitError):
@@ -121,10 +133,18 @@ def read_checkpoint(out: str | os.PathLike[str]) -> Checkpoint:
         )
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{state_file}: unreadable trainer state ({exc})") from exc
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{state_file}: not a lora_kit trainer state")
+    except Exception as exc:  # torch raises many types for truncated/garbage/foreign files
+        raise CheckpointError(
+            f"{state_file}: unreadable trainer state ({type(exc).__name__}); it is truncated, "
+            f"corrupt or holds more than tensors, numbers and strings (it is never unpickled). "
+            f"Delete {str(path)!r} to start fresh"
+        ) from exc
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{state_file}: not a lora_kit trainer state (missing {missing}); delete "
+            f"{str(path)!r} to start fresh"
+        )
     return Checkpoint(path, read_adapter(path / ADAPTER_DIR), state)
 
 
