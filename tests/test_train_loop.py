@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from train_helpers import encode, tiny_bert, tiny_gpt2, write_cls, write_text
 
 import lora_kit as lk
-from lora_kit.errors import ConfigError, TrainingDivergedError
+from lora_kit.errors import ConfigError, DataError, TrainingDivergedError
 from lora_kit.train import (
     CheckpointError,
     StepInfo,
@@ -373,3 +373,25 @@ def test_unreadable_or_foreign_trainer_state_is_a_checkpoint_error(tmp_path: Pat
         lm, train_set, _ = _setup("gpt2", tmp_path)
         with pytest.raises(CheckpointError, match=match):
             train(lm, train_set, _cfg(tmp_path, steps=1), resume=True)
+
+
+def test_eval_data_with_other_labels_or_task_is_refused(tmp_path: Path) -> None:
+    # An eval set loaded on its own gets ids from its own label list: without class "c0"
+    # its "c1" became id 0, which the model learnt as "c0", and the metrics were silently
+    # wrong. A causal-LM eval set for a classifier failed inside cross_entropy.
+    import json
+
+    lm, train_set, _ = _setup("bert", tmp_path)
+    rows = [{"text": f"w{10 + i} w{20 + i}", "label": f"c{1 + i % 2}"} for i in range(4)]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = load_classification(path, encode, max_length=12)
+    assert other.labels == ("c1", "c2")
+    with pytest.raises(DataError, match=r"labels \['c1', 'c2'\].*\['c0', 'c1', 'c2'\]"):
+        train(lm, train_set, _cfg(tmp_path, steps=1), eval_data=other)
+    text = load_causal_lm(write_text(tmp_path / "a.txt"), encode, max_length=16, eos_id=0)
+    with pytest.raises(DataError, match="eval data is causal-lm but the training data is seq-cls"):
+        train(lm, train_set, _cfg(tmp_path, steps=1), eval_data=text)
+    same = load_classification(path, encode, max_length=12, labels=train_set.labels)
+    result = train(lm, train_set, _cfg(tmp_path, steps=1), eval_data=same)
+    assert set(result.metrics) == {"eval_loss", "eval_accuracy", "eval_macro_f1"}

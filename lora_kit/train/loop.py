@@ -103,7 +103,7 @@ def train(
         The adapter path, step count and final eval metrics.
 
     Raises:
-        DataError: Empty training data.
+        DataError: Empty training data, or eval data of another task or label list.
         ConfigError: Bad precision for the device, a resume with a different config, or
             adapter ``config.adapter_name`` is not the (single, unmerged) active adapter.
         TrainingDivergedError: ``config.max_bad_steps`` NaN/inf steps in a row.
@@ -116,6 +116,8 @@ def train(
     log = logger or RunLogger(config.out, enabled=ctx.is_main)
     if len(train_data) == 0:
         raise DataError("the training data set is empty")
+    if eval_data is not None:
+        _check_eval_data(train_data, eval_data)
     _check_labels(lm, train_data)
 
     checkpoint = read_checkpoint(config.out) if resume else None
@@ -443,6 +445,21 @@ def _check_active(lm: LoraModel, name: str) -> None:
         raise ConfigError(
             f"adapter {name!r} is not the active adapter (active: {active}), so training "
             f"would not update it; call lm.set_adapter({name!r}) first"
+        )
+
+
+def _check_eval_data(train_data: Dataset, eval_data: Dataset) -> None:
+    """Refuse an eval set whose task or label ids mean something else than the training set's."""
+    if eval_data.task != train_data.task:
+        raise DataError(
+            f"the eval data is {eval_data.task} but the training data is {train_data.task}; "
+            f"load both with the same loader"
+        )
+    if eval_data.labels != train_data.labels:
+        raise DataError(
+            f"the eval data's labels {list(eval_data.labels)} differ from the training data's "
+            f"{list(train_data.labels)}, so label ids would name different classes; load it "
+            f"with load_classification(..., labels=train_data.labels)"
         )
 
 
