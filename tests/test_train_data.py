@@ -94,3 +94,23 @@ def test_empty_folder_and_classification_errors(tmp_path: Path) -> None:
     txt.write_text("w1")
     with pytest.raises(DataError, match=r"needs a \.jsonl or \.csv"):
         load_classification(txt, encode, max_length=8)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".txt"])
+def test_utf8_bom_is_not_part_of_the_data(suffix: str, tmp_path: Path) -> None:
+    # Spreadsheet exports start with a UTF-8 byte-order mark: the csv's first column was
+    # named '\ufefftext' ("no field 'text'"), the jsonl's first line was "not valid JSON",
+    # and a .txt's first word became '\ufeffw1' (an unknown token).
+    path = tmp_path / f"d{suffix}"
+    content = {
+        ".csv": "text,label\nw1 w2,a\nw3,b\n",
+        ".jsonl": '{"text": "w1 w2", "label": "a"}\n{"text": "w3", "label": "b"}\n',
+        ".txt": "w1 w2\nw3",
+    }[suffix]
+    path.write_bytes(content.encode("utf-8-sig"))
+    texts = read_texts(path)
+    assert texts[0].startswith("w1 w2")
+    if suffix != ".txt":
+        data = load_classification(path, encode, max_length=8)
+        assert data.labels == ("a", "b")
+        assert data.examples[0].input_ids == (11, 12)

@@ -25,6 +25,7 @@ TaskName = Literal["causal-lm", "seq-cls"]
 Encoder = Callable[[Sequence[str]], list[list[int]]]
 TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = (".jsonl", ".csv")
+ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (spreadsheet exports) is dropped
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,9 @@ def _read_rows(
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise DataError(f"folder {str(path)!r} has no .txt files")
-        rows: list[tuple[str, str | None]] = [(p.read_text(encoding="utf-8"), None) for p in files]
+        rows: list[tuple[str, str | None]] = [(p.read_text(encoding=ENCODING), None) for p in files]
     elif path.suffix in TEXT_SUFFIXES:
-        rows = [(path.read_text(encoding="utf-8"), None)]
+        rows = [(path.read_text(encoding=ENCODING), None)]
     elif path.suffix in TABLE_SUFFIXES:
         rows = list(_table_rows(path, text_field or "text", label_field))
     else:
@@ -230,7 +231,7 @@ def _table_rows(
     if path.suffix == ".jsonl":
         records = _jsonl_records(path)
     else:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding=ENCODING) as handle:
             records = iter(list(enumerate(csv.DictReader(handle), start=2)))
     for line, record in records:
         for name in (text_field, label_field):
@@ -246,7 +247,7 @@ def _table_rows(
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding=ENCODING) as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
