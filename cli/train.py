@@ -123,7 +123,7 @@ def train_command(
 
         config = TrainConfig(
             lr=lr,
-            epochs=epochs or 1,
+            epochs=epochs if epochs is not None else 1,
             steps=steps,
             batch_size=batch_size,
             grad_accum=grad_accum,

@@ -72,6 +72,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--lr", "-1"])
     assert result.exit_code == 2
     assert "lr must be a positive number" in result.output
+    # --epochs 0 was replaced by the default (1 epoch) and trained instead of being refused.
+    result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--epochs", "0"])
+    assert result.exit_code == 2
+    assert "epochs must be a positive integer, got 0" in result.output
 
 
 def test_failures_exit_1_with_what_was_tried(tmp_path: Path) -> None:
