@@ -114,3 +114,43 @@ def test_utf8_bom_is_not_part_of_the_data(suffix: str, tmp_path: Path) -> None:
         data = load_classification(path, encode, max_length=8)
         assert data.labels == ("a", "b")
         assert data.examples[0].input_ids == (11, 12)
+
+
+def _bert_like_tokenizer():  # type: ignore[no-untyped-def]
+    """The test tokenizer with BERT's template: ``[CLS] text [SEP]`` (ids 2 and 3)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    inner = tokenizer().backend_tokenizer
+    inner.add_special_tokens(["[CLS]", "[SEP]"])
+    inner.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=inner, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )  # fmt: skip
+
+
+def test_truncation_keeps_the_closing_special_token_as_the_tokenizer_does(tmp_path: Path) -> None:
+    # Texts were cut with ids[:max_length], dropping BERT's closing [SEP]: the classifier
+    # trained on inputs unlike those of inference (tokenizer(..., truncation=True)).
+    from lora_kit.train.config import TrainConfig
+    from lora_kit.train.data import special_suffix
+    from lora_kit.train.job import TrainJob, _load_data
+
+    tok = _bert_like_tokenizer()
+    assert tok(["w1"])["input_ids"] == [[2, 11, 3]]
+    assert special_suffix(tok) == 1
+    assert special_suffix(tokenizer()) == 0
+    path = tmp_path / "c.jsonl"
+    texts = ["w1 w2 w3 w4 w5", "w6"]
+    path.write_text(
+        "".join(json.dumps({"text": t, "label": i}) + "\n" for i, t in enumerate(texts))
+    )
+    expected = tok(texts, truncation=True, max_length=4)["input_ids"]
+    assert expected == [[2, 11, 12, 3], [2, 16, 3]]
+    job = TrainJob(model="unused", data=path, config=TrainConfig(max_length=4))
+    with pytest.warns(UserWarning, match="1 of 2 texts"):
+        data = _load_data(job, "seq-cls", tok, 4)
+    assert [list(e.input_ids) for e in data.examples] == expected

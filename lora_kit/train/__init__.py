@@ -15,7 +15,15 @@ Quick start::
 
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .config import TrainConfig
-from .data import Dataset, Example, hf_encoder, load_causal_lm, load_classification, read_texts
+from .data import (
+    Dataset,
+    Example,
+    hf_encoder,
+    load_causal_lm,
+    load_classification,
+    read_texts,
+    special_suffix,
+)
 from .distributed import DistContext, full_params, init_distributed, unwrap, wrap
 from .logging import RunLogger
 from .loop import StepInfo, TrainResult, evaluate, macro_f1, train
@@ -42,6 +50,7 @@ __all__ = [
     "read_checkpoint",
     "read_texts",
     "resolve_precision",
+    "special_suffix",
     "train",
     "unwrap",
     "wrap",

@@ -96,6 +96,21 @@ def hf_encoder(tokenizer: Any) -> Encoder:
     return encode
 
 
+def special_suffix(tokenizer: Any) -> int:
+    """How many special tokens a Hugging Face tokenizer appends after a text (BERT's [SEP]: 1).
+
+    Truncation keeps these, as ``tokenizer(..., truncation=True)`` does; see
+    :func:`load_classification`'s ``keep_last``.
+    """
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
 def read_texts(path: str | Path, text_field: str | None = None) -> list[str]:
     """Texts from a ``.txt`` file, a folder of them, or a ``.jsonl``/``.csv`` column.
 
@@ -148,12 +163,16 @@ def load_classification(
     label_field: str = "label",
     pad_id: int = 0,
     labels: Sequence[str] | None = None,
+    keep_last: int = 0,
 ) -> Dataset:
     """Tokenise a ``.jsonl``/``.csv`` of texts and labels; labels become ids.
 
     Args:
         labels: A fixed label list (id order); by default the sorted distinct labels
             (numerically when all are integers).
+        keep_last: Tokens at the end of each encoding that truncation keeps: the closing
+            special tokens of the encoder (:func:`special_suffix`), so a long text ends as it
+            would at inference, e.g. with BERT's ``[SEP]``.
 
     Raises:
         DataError: Missing file/field, empty data, one class only, or a label not in ``labels``.
@@ -184,11 +203,20 @@ def load_classification(
             f"were truncated (raise --max-length up to the model's limit to keep more)",
             stacklevel=2,
         )
+    keep = min(max(keep_last, 0), max_length - 1)
     examples = tuple(
-        Example(tuple(ids[:max_length]), index[name])
+        Example(_truncate(ids, max_length, keep), index[name])
         for ids, name in zip(encoded, names, strict=True)
     )
     return Dataset("seq-cls", examples, classes, pad_id)
+
+
+def _truncate(ids: Sequence[int], max_length: int, keep_last: int) -> tuple[int, ...]:
+    """The first ``max_length`` ids, but with the last ``keep_last`` ids of the text kept."""
+    if len(ids) <= max_length:
+        return tuple(ids)
+    tail = list(ids[len(ids) - keep_last :]) if keep_last else []
+    return tuple(list(ids[: max_length - keep_last]) + tail)
 
 
 def _sorted_labels(names: Sequence[str]) -> tuple[str, ...]:

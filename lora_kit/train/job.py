@@ -19,7 +19,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..model import inject
 from .config import TrainConfig
-from .data import Dataset, hf_encoder, load_causal_lm, load_classification
+from .data import Dataset, hf_encoder, load_causal_lm, load_classification, special_suffix
 from .distributed import init_distributed
 from .logging import RunLogger
 from .loop import train
@@ -192,4 +192,5 @@ def _load_data(job: TrainJob, task: str, tokenizer: Any, max_length: int) -> Dat
         text_field=job.text_field,
         label_field=job.label_field,
         pad_id=pad,
+        keep_last=special_suffix(tokenizer),
     )
