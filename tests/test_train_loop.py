@@ -395,3 +395,40 @@ def test_eval_data_with_other_labels_or_task_is_refused(tmp_path: Path) -> None:
     same = load_classification(path, encode, max_length=12, labels=train_set.labels)
     result = train(lm, train_set, _cfg(tmp_path, steps=1), eval_data=same)
     assert set(result.metrics) == {"eval_loss", "eval_accuracy", "eval_macro_f1"}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_failed_or_interrupted_checkpoint_swap_keeps_the_previous_checkpoint(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The old checkpoint is renamed aside before the new one is renamed in: a failure (or a
+    # kill) between the two renames left no <out>/checkpoint, so --resume found nothing.
+    import os
+
+    from lora_kit.train import checkpoint as ckpt
+
+    lm, train_set, _ = _setup(kind, tmp_path)
+    train(lm, train_set, _cfg(tmp_path, steps=1))
+    before = read_checkpoint(tmp_path / "out").state["step"]
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def failing_replace(src: object, dst: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the new checkpoint moving into place
+            raise OSError("disk full")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_checkpoint(tmp_path / "out", lm, "default", {"step": 99})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert read_checkpoint(tmp_path / "out").state["step"] == before
+    # A kill between the renames: only the renamed-aside copy is left; resume still finds it.
+    real_replace(tmp_path / "out" / "checkpoint", tmp_path / "out" / ".checkpoint.old-123")
+    assert read_checkpoint(tmp_path / "out").state["step"] == before
+    lm, train_set, _ = _setup(kind, tmp_path)
+    assert train(lm, train_set, _cfg(tmp_path, steps=1), resume=True).steps == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == [
+        "checkpoint"
+    ]

@@ -102,30 +102,46 @@ def write_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     target = root / CHECKPOINT_DIR
     tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.", suffix=".tmp", dir=root))
+    old = root / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
     try:
         adapter_dir = lm.save_adapter(tmp / ADAPTER_DIR, adapter_name)
         for file_name, text in (extra_files or {}).items():
             (adapter_dir / file_name).write_text(text)
         torch.save(state, tmp / STATE_FILE)
-        old = root / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)  # left by a killed process of the same pid
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)  # the previous checkpoint back in place
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _recover_set_aside(root: Path) -> None:
+    """Move back a checkpoint that a save killed between its two renames left set aside."""
+    target = root / CHECKPOINT_DIR
+    if target.exists():
+        return
+    aside = [p for p in root.glob(f".{CHECKPOINT_DIR}.old-*") if (p / STATE_FILE).is_file()]
+    if aside:
+        os.replace(max(aside, key=lambda p: p.stat().st_mtime), target)
 
 
 def read_checkpoint(out: str | os.PathLike[str]) -> Checkpoint:
     """Read ``<out>/checkpoint`` (weights-only; no pickle).
+
+    A checkpoint that a save killed between its two renames left set aside is moved back first.
 
     Raises:
         CheckpointError: No checkpoint there, or it is incomplete/unreadable.
     """
     path = Path(out) / CHECKPOINT_DIR
     state_file = path / STATE_FILE
+    _recover_set_aside(Path(out))
     if not state_file.is_file():
         raise CheckpointError(
             f"no checkpoint to resume in {str(path)!r} (expected {STATE_FILE}); run without "
