@@ -149,3 +149,22 @@ def test_real_subprocess_json(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["steps"] == 2
     assert torch.isfinite(torch.tensor(summary["metrics"]["eval_loss"]))
+
+
+def test_same_seed_gives_the_same_classifier(tmp_path: Path) -> None:
+    # The saved base has 2 labels and the data 3: the rebuilt head was initialised from
+    # whatever state the global RNG was in, not from --seed, so two runs differed.
+    from safetensors.torch import load_file
+
+    base, data = _base("bert", tmp_path), write_cls(tmp_path / "reviews.jsonl")
+    adapters = []
+    for run in ("a", "b"):
+        torch.rand(7)  # other RNG use in the process before the run
+        args = ["train", "--model", str(base), "--data", str(data), "--steps", "2"]
+        result = runner.invoke(app, [*args, "--max-length", "12", "--out", str(tmp_path / run)])
+        assert result.exit_code == 0, result.output
+        adapters.append(load_file(str(tmp_path / run / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any("classifier" in key for key in adapters[0])
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]), key

@@ -122,6 +122,7 @@ def run_job(job: TrainJob) -> dict[str, Any] | None:
             "label2id": {label: i for i, label in enumerate(data.labels)},
             "ignore_mismatched_sizes": True,
         }
+    torch.manual_seed(config.seed)  # a head rebuilt for the data's labels is initialised here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "newly initialized head" is expected here
         base = load_base(folder, model_class=model_class, dtype=torch.float32, extra=extra)
