@@ -432,3 +432,20 @@ def test_failed_or_interrupted_checkpoint_swap_keeps_the_previous_checkpoint(
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == [
         "checkpoint"
     ]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_resume_refuses_different_training_data(kind: str, tmp_path: Path) -> None:
+    # Only the settings were compared: a resume on edited data (here one example fewer)
+    # continued silently with another data order and epoch length.
+    lm, train_set, _ = _setup(kind, tmp_path)
+    train(lm, train_set, _cfg(tmp_path, steps=2))
+    smaller = type(train_set)(
+        train_set.task, train_set.examples[:-1], train_set.labels, train_set.pad_id
+    )
+    lm, _, _ = _setup(kind, tmp_path)
+    n = len(train_set)
+    with pytest.raises(ConfigError, match=rf"training data differs.*{n} examples.*now {n - 1}"):
+        train(lm, smaller, _cfg(tmp_path, steps=2), resume=True)
+    lm, train_set, _ = _setup(kind, tmp_path)
+    assert train(lm, train_set, _cfg(tmp_path, steps=2), resume=True).steps == 2

@@ -5,6 +5,7 @@ Read top to bottom, :func:`train` is the whole algorithm; helpers below it do on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -120,9 +121,10 @@ def train(
         _check_eval_data(train_data, eval_data)
     _check_labels(lm, train_data)
 
+    data_id = _data_id(train_data)
     checkpoint = read_checkpoint(config.out) if resume else None
     if checkpoint is not None:
-        _check_resume(config, checkpoint.state)
+        _check_resume(config, checkpoint.state, data_id)
         if is_fsdp1(model) or is_fsdp2(model):
             raise ConfigError(
                 "resume=True needs the unsharded model: pass the LoraModel with "
@@ -225,7 +227,17 @@ def train(
             metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
         if config.save_every and step % config.save_every == 0 and step < total and not bad:
             last_checkpoint = _save_checkpoint(
-                model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
+                model,
+                lm,
+                config,
+                optimizer,
+                scheduler,
+                scaler,
+                step,
+                bad_run,
+                position,
+                extra,
+                data_id,
             )
         info = StepInfo(step, total, loss, lr, bad)
         for callback in callbacks:
@@ -238,7 +250,7 @@ def train(
     ):
         metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
     last_checkpoint = _save_checkpoint(
-        model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra
+        model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra, data_id
     )
     with full_params(model):
         if ctx.is_main:
@@ -489,9 +501,23 @@ def _label_files(data: Dataset) -> dict[str, str]:
 # ---- checkpoints -------------------------------------------------------------------------
 
 
-def _check_resume(config: TrainConfig, state: dict[str, Any]) -> None:
+def _data_id(data: Dataset) -> dict[str, Any]:
+    """The training set's size and content hash, to refuse a resume on other data."""
+    digest = hashlib.sha256(f"{data.task}|{data.labels!r}|{data.pad_id}".encode())
+    for example in data.examples:
+        digest.update(f"{example.label}:{','.join(map(str, example.input_ids))};".encode())
+    return {"examples": len(data), "sha256": digest.hexdigest()}
+
+
+def _check_resume(config: TrainConfig, state: dict[str, Any], data_id: dict[str, Any]) -> None:
     saved = TrainConfig.from_json(state["config"])
     changed = config.resume_mismatch(saved)
+    before = state.get("data")  # absent from checkpoints written before it was recorded
+    if before is not None and before != data_id:
+        changed.append(
+            f"the training data differs (checkpoint {before['examples']} examples, now "
+            f"{data_id['examples']}; or their tokens or labels)"
+        )
     if changed:
         raise ConfigError(
             "cannot --resume with different settings (the data order or schedule would "
@@ -594,6 +620,7 @@ def _save_checkpoint(
     bad_run: int,
     position: dict[str, int],
     extra: dict[str, str],
+    data_id: dict[str, Any],
 ) -> Path:
     """Gather (collective) and write the checkpoint on rank 0."""
     optimizer_state = _optimizer_state(model, optimizer)
@@ -606,6 +633,7 @@ def _save_checkpoint(
         "scaler": scaler.state_dict(),
         "rng": rng_state(),
         "config": config.to_json(),
+        "data": data_id,
     }
     path = Path(config.out) / "checkpoint"
     import torch.distributed as dist
