@@ -449,3 +449,34 @@ def test_resume_refuses_different_training_data(kind: str, tmp_path: Path) -> No
         train(lm, smaller, _cfg(tmp_path, steps=2), resume=True)
     lm, train_set, _ = _setup(kind, tmp_path)
     assert train(lm, train_set, _cfg(tmp_path, steps=2), resume=True).steps == 2
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_resumed_run_logs_each_step_once_like_an_uninterrupted_one(
+    kind: str, tmp_path: Path
+) -> None:
+    # metrics.jsonl was only appended to: steps run after the last checkpoint of a killed run
+    # were logged twice after --resume, and a fresh run into a used --out followed the old
+    # run's records.
+    import json
+
+    def records(out: Path) -> list[tuple[str, int, float | None]]:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [(r["event"], r["step"], r.get("loss")) for r in map(json.loads, lines)]
+
+    cfg = {"steps": 6, "batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 3}
+    lm, train_set, eval_set = _setup(kind, tmp_path, dropout=0.1)
+    train(lm, train_set, _cfg(tmp_path / "a", **cfg), eval_data=eval_set)
+    lm, train_set, eval_set = _setup(kind, tmp_path, dropout=0.1)
+    with pytest.raises(_StopError):
+        train(
+            lm, train_set, _cfg(tmp_path / "b", **cfg), eval_data=eval_set, callbacks=[_stop_at(5)]
+        )
+    lm, train_set, eval_set = _setup(kind, tmp_path, dropout=0.1)
+    train(lm, train_set, _cfg(tmp_path / "b", **cfg), eval_data=eval_set, resume=True)
+    straight = records(tmp_path / "a" / "out")
+    assert [(e, s) for e, s, _ in straight if e == "train"] == [("train", s) for s in range(1, 7)]
+    assert records(tmp_path / "b" / "out") == straight  # losses bit-identical too
+    lm, train_set, eval_set = _setup(kind, tmp_path, dropout=0.1)
+    train(lm, train_set, _cfg(tmp_path / "a", **cfg), eval_data=eval_set)  # fresh, same --out
+    assert records(tmp_path / "a" / "out") == straight

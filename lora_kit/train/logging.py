@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -54,6 +56,23 @@ class RunLogger:
                 total=total_steps, initial=initial, file=self.stream, unit="step", leave=True
             )
 
+    def rewind(self, step: int) -> None:
+        """Drop the ``metrics.jsonl`` records of steps after ``step`` (atomically rewritten).
+
+        A fresh run rewinds to 0 (an earlier run's records in the same directory go); a
+        resumed one to its checkpoint's step, so steps a killed run did after it are not
+        logged twice.
+        """
+        if not self.enabled or self.path is None or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` to ``metrics.jsonl`` (and TensorBoard); update the bar on steps."""
         if not self.enabled:
@@ -92,6 +111,15 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _step_of(line: str) -> float:
+    """The ``step`` of one JSONL record (a line that is not one sorts after every step)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 def _tensorboard(folder: Path) -> Any:

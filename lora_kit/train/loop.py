@@ -168,6 +168,7 @@ def train(
         log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
 
     extra = _label_files(train_data)
+    log.rewind(step)  # records of steps this run will (re)do go
     log.start(total, initial=step)
     modes = [(module, module.training) for module in model.modules()]  # restored at the end
     model.train()
