@@ -88,6 +88,13 @@ def test_failures_exit_1_with_what_was_tried(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "tried" in result.output
+    # A failed run left its (empty) output directory behind, by default under ./adapters/.
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["train", "--model", str(base), "--data", str(tmp_path / "no"), "--out", str(out)]
+    )
+    assert result.exit_code == 1
+    assert not out.exists()
 
 
 def _fake_job(monkeypatch: pytest.MonkeyPatch, module: str) -> list[dict[str, object]]:

@@ -43,9 +43,7 @@ class RunLogger:
         self.show_progress = enabled and show and not quiet
         self._bar: Any = None
         self._tb: Any = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tb = _tensorboard(self.path.parent / "tensorboard")
+        self._tb_opened = False  # the directory and TensorBoard come with the first record
 
     def start(self, total_steps: int, initial: int = 0) -> None:
         """Open the progress bar at ``initial`` of ``total_steps``."""
@@ -78,6 +76,10 @@ class RunLogger:
         if not self.enabled:
             return
         if self.path is not None:
+            if not self._tb_opened:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._tb = _tensorboard(self.path.parent / "tensorboard")
+                self._tb_opened = True
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
         step = record.get("step")
