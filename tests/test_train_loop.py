@@ -480,3 +480,18 @@ def test_resumed_run_logs_each_step_once_like_an_uninterrupted_one(
     lm, train_set, eval_set = _setup(kind, tmp_path, dropout=0.1)
     train(lm, train_set, _cfg(tmp_path / "a", **cfg), eval_data=eval_set)  # fresh, same --out
     assert records(tmp_path / "a" / "out") == straight
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_resume_refuses_another_base_model(kind: str, tmp_path: Path) -> None:
+    # The checkpoint's adapter records its base's fingerprint, but resume copied its tensors
+    # without checking it: training went on, silently, on top of another base.
+    from lora_kit.errors import AdapterMismatchError
+
+    lm, train_set, _ = _setup(kind, tmp_path)
+    train(lm, train_set, _cfg(tmp_path, steps=2))
+    other = tiny_gpt2(seed=5) if kind == "gpt2" else tiny_bert(seed=5)  # same shapes
+    heads = ("classifier",) if kind == "bert" else ()
+    lm = lk.inject(other, lk.LoraConfig(r=4, targets=f"{kind}-all", modules_to_save=heads))
+    with pytest.raises(AdapterMismatchError, match="weights"):
+        train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)

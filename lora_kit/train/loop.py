@@ -108,6 +108,7 @@ def train(
         ConfigError: Bad precision for the device, a resume with a different config, or
             adapter ``config.adapter_name`` is not the (single, unmerged) active adapter.
         TrainingDivergedError: ``config.max_bad_steps`` NaN/inf steps in a row.
+        AdapterMismatchError: A resume onto another base model than the checkpoint's.
     """
     lm = unwrap(model)
     name = config.adapter_name
@@ -532,7 +533,9 @@ def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> None
     Raises:
         ConfigError: The checkpoint's targets, ranks, scalings or dropout differ from the
             adapter's (the resumed run would train something else).
+        AdapterMismatchError: The checkpoint was trained on another base model.
     """
+    from ..fingerprint import check_fingerprint
     from ..peft_format import head_key, lora_keys
 
     record = lm.adapter_record(name)
@@ -578,6 +581,10 @@ def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> None
             "the checkpoint's adapter does not match this model's adapter (different targets, "
             "rank or model size); resume with the same model and LoRA settings"
         )
+    base = files.metadata.get("base_fingerprint")
+    if isinstance(base, dict):  # AdapterMismatchError when resumed onto another base
+        layers = {m: lm.model.get_submodule(m) for m in record.modules}
+        check_fingerprint(base, lm.model, layers, str(files.path))
     with torch.no_grad():
         for key, param in targets.items():
             param.copy_(tensors[key])
