@@ -120,6 +120,7 @@ def train_command(
         _usage("give --epochs or --steps, not both")
     try:
         from lora_kit.train import TrainConfig
+        from lora_kit.train.config import check_out_dir
 
         config = TrainConfig(
             lr=lr,
@@ -141,6 +142,7 @@ def train_command(
             gradient_checkpointing=gradient_checkpointing,
             strategy=strategy,  # type: ignore[arg-type]
         )
+        check_out_dir(config.out)
         if task not in ("auto", "causal-lm", "seq-cls"):
             raise ConfigError(f"--task must be auto, causal-lm or seq-cls, got {task!r}")
     except ConfigError as exc:

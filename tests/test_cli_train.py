@@ -72,6 +72,13 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--lr", "-1"])
     assert result.exit_code == 2
     assert "lr must be a positive number" in result.output
+    # An --out that is a file failed with a FileExistsError traceback after loading everything.
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(
+        app, ["train", "--model", "x", "--data", "y", "--out", str(tmp_path / "afile")]
+    )
+    assert result.exit_code == 2
+    assert "is a file, not a directory" in result.output
     # --epochs 0 was replaced by the default (1 epoch) and trained instead of being refused.
     result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--epochs", "0"])
     assert result.exit_code == 2

@@ -495,3 +495,10 @@ def test_resume_refuses_another_base_model(kind: str, tmp_path: Path) -> None:
     lm = lk.inject(other, lk.LoraConfig(r=4, targets=f"{kind}-all", modules_to_save=heads))
     with pytest.raises(AdapterMismatchError, match="weights"):
         train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+
+
+def test_out_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        train(lm, train_set, _cfg(tmp_path, steps=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..config import is_finite_number, json_object, reject_unknown_fields
@@ -165,6 +166,19 @@ class TrainConfig:
             for name in RESUME_FIELDS
             if getattr(saved, name) != getattr(self, name)
         ]
+
+
+def check_out_dir(out: str) -> None:
+    """Refuse an output path that exists and is not a directory (before any work is done).
+
+    Raises:
+        ConfigError: ``out`` is a file.
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"--out {out!r} is a file, not a directory; pass a new or existing directory"
+        )
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -28,7 +28,7 @@ from ..layers import LoRALinear
 from ..model import LoraModel
 from ..saved_modules import SavedModule
 from .checkpoint import publish_adapter, read_checkpoint, rng_state, set_rng_state, write_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_out_dir
 from .data import Dataset
 from .distributed import (
     DistContext,
@@ -113,6 +113,7 @@ def train(
     lm = unwrap(model)
     name = config.adapter_name
     _check_active(lm, name)
+    check_out_dir(config.out)
     ctx = ctx or _context(lm)
     plan = resolve_precision(config.precision, ctx.device)
     log = logger or RunLogger(config.out, enabled=ctx.is_main)
