@@ -257,6 +257,9 @@ class LoRALinear(nn.Module):
         self.merged: Selection | None = None
         # The bit-exact pre-merge weight tensor, kept for unmerge() (None if nothing to restore).
         self.unmerged_weight: Tensor | None = None
+        # Take the wrapped module's train/eval mode: a wrapper put into an eval-mode model must
+        # not run its adapters' dropout (nor refuse a merged forward as "training").
+        self.train(base.training)
 
     @property
     def weight(self) -> Tensor:
@@ -267,7 +270,11 @@ class LoRALinear(nn.Module):
         return weight
 
     def add(self, name: str, adapter: LoraAdapter) -> None:
-        """Attach ``adapter`` under ``name`` (the caller checked the name is free)."""
+        """Attach ``adapter`` under ``name`` (the caller checked the name is free).
+
+        The adapter takes this layer's train/eval mode (a new module starts in train mode).
+        """
+        adapter.train(self.training)
         self.adapters[name] = adapter
 
     def forward(self, x: Tensor) -> Tensor:

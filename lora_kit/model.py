@@ -107,6 +107,7 @@ class LoraModel(nn.Module):
         self.router = Router()
         self._adapters: dict[str, AdapterRecord] = {}
         self._merge_state: Any = None  # set while adapters are merged (see merge.py)
+        self.training = model.training  # the handle reports the model's train/eval mode
 
     # ---- adapters ----------------------------------------------------------------------
 

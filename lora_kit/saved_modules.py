@@ -28,10 +28,12 @@ class SavedModule(nn.Module):
         self.original = original
         self.copies = nn.ModuleDict()
         self.router = router
+        # The original's train/eval mode (flags only: its own children keep theirs).
+        self.training = self.copies.training = original.training
 
     def add(self, name: str) -> nn.Module:
         """Create (and return) ``name``'s trainable copy of the original."""
-        clone = copy.deepcopy(self.original)
+        clone = copy.deepcopy(self.original)  # keeps the original's train/eval modes
         clone.requires_grad_(True)
         self.copies[name] = clone
         return clone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,42 @@ def test_forward_kernels_do_not_grow_with_resident_adapters(
     # The same kernels with 3 or 43 adapters resident: nothing runs per resident adapter.
     assert aten_ops(forward) == few
     assert few.count("mm") + few.count("addmm") > 0
+
+
+@pytest.mark.parametrize("how", ["inject", "add_adapter", "load_adapter", "from_pretrained"])
+def test_new_adapters_take_the_models_eval_mode(arch: Arch, how: str, tmp_path: Path) -> None:
+    """Adapters put into an eval-mode model run without dropout (a fresh module starts in
+    train mode: they used to drop activations at inference, and a merged forward outside
+    no_grad raised 'cannot train while merged')."""
+    config = lk.LoraConfig(
+        r=4,
+        dropout=0.5,
+        targets=arch.attn_preset,
+        modules_to_save=(arch.head,) if arch.head else (),
+    )
+    donor = lk.inject(arch.build(0), config)
+    randomize(donor)
+    path = donor.save_adapter(tmp_path / "a")
+    model = arch.build(0)  # eval mode, as transformers' from_pretrained returns it
+    if how == "inject":
+        lm = lk.inject(model, config)
+        randomize(lm)
+    elif how == "add_adapter":
+        lm = lk.inject(model, lk.LoraConfig(r=2, targets=arch.all_preset), name="other")
+        lm.add_adapter("default", config)
+        randomize(lm)
+    elif how == "load_adapter":
+        lm = lk.inject(model, lk.LoraConfig(r=2, targets=arch.all_preset), name="other")
+        lm.load_adapter(path, "default")
+    else:
+        lm = lk.LoraModel.from_pretrained(model, path)
+    lm.set_adapter("default")
+    assert not lm.training
+    assert [n for n, m in lm.named_modules() if m.training] == []
+    inputs = arch.inputs()
+    assert torch.equal(logits(lm, inputs), logits(lm, inputs))  # no dropout
+    lm.merge("default")
+    lm(**inputs)  # grad enabled, eval mode: no "cannot train while merged"
+    lm.unmerge()
+    lm.train()
+    assert all(m.training for m in lm.modules())
