@@ -35,7 +35,14 @@ from .saved_modules import SavedModule
 from .surgery import submodule, unwrap_if_empty, wrap_lora, wrap_saved
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .swap_plan import forget_plans
-from .targets import find_saved_modules, find_targets, resolve_spec
+from .targets import (
+    find_saved_modules,
+    find_targets,
+    inside_any,
+    iter_layers,
+    resolve_spec,
+    spec_matches,
+)
 
 if TYPE_CHECKING:
     from .merge import MergeReport
@@ -420,7 +427,12 @@ class LoraModel(nn.Module):
         # reads the same way; otherwise keep the user's suffix list or regex.
         if record.config.layers is not None or record.config.exclude is not None:
             return record.modules
-        return resolve_spec(record.config, self.model)
+        spec = resolve_spec(record.config, self.model)
+        if isinstance(spec, str) and _regex_matches_others(self.model, spec, record):
+            # PEFT wraps every module a regex matches and raises on a container or a dropout
+            # that lora_kit passes over: name exactly the modules that carry the adapter.
+            return record.modules
+        return spec
 
     def _selection(self, selection: AdapterSelection) -> Selection:
         if selection is None:
@@ -744,6 +756,16 @@ def _refuse_injected(model: nn.Module) -> None:
             f"this {type(model).__name__} already has lora_kit layers; add adapters through "
             f"the LoraModel handle that injected them (lm.add_adapter / lm.load_adapter)"
         )
+
+
+def _regex_matches_others(model: nn.Module, spec: str, record: AdapterRecord) -> bool:
+    """Whether PEFT, reading ``spec`` as ``target_modules``, would match modules other than
+    ``record.modules`` (it skips only modules inside ``modules_to_save``)."""
+    adapted, saved = set(record.modules), record.config.modules_to_save
+    return any(
+        name and name not in adapted and spec_matches(spec, name) and not inside_any(name, saved)
+        for name, _ in iter_layers(model)
+    )
 
 
 def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:

@@ -163,7 +163,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.exclude is not None and spec_matches(config.exclude, name):
             continue
-        if _inside_any(name, config.modules_to_save):
+        if inside_any(name, config.modules_to_save):
             continue  # a head trained whole never also gets an adapter (PEFT's rule too)
         if wanted_layers is not None and layer_index(name) not in wanted_layers:
             continue
@@ -200,7 +200,7 @@ def find_saved_modules(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]
     return found
 
 
-def _inside_any(name: str, suffixes: tuple[str, ...]) -> bool:
+def inside_any(name: str, suffixes: tuple[str, ...]) -> bool:
     """Whether ``name`` is, or lies inside, a module matched by one of ``suffixes``."""
     parts = name.split(".")
     prefixes = {

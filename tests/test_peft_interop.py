@@ -88,3 +88,21 @@ def test_peft_adapter_loads_in_lora_kit(
     torch.testing.assert_close(logits(lm, inputs), expected, **TOL)
     with lm.disabled():
         assert not torch.allclose(logits(lm, inputs), expected, atol=1e-3)
+
+
+# Regexes that also match modules lora_kit passes over (the attention container, dropouts,
+# the MLP container): PEFT wraps whatever a regex matches and used to raise on these files.
+SWEEPING_REGEX = {"gpt2": r".*\.0\.(attn|mlp).*", "bert": r".*layer\.0\.attention\.self.*"}
+
+
+def test_sweeping_regex_adapter_loads_in_peft(arch: Arch, tmp_path: Path) -> None:
+    base = arch.build(0)
+    config = lk.LoraConfig(r=4, alpha=8, targets=SWEEPING_REGEX[arch.name])
+    lm = lk.inject(copy.deepcopy(base), config)
+    randomize(lm)
+    path = lm.save_adapter(tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    inputs = arch.inputs()
+    torch.testing.assert_close(logits(peft_model, inputs), logits(lm, inputs), **TOL)
+    reloaded = lk.LoraModel.from_pretrained(copy.deepcopy(base), path)
+    assert torch.equal(logits(reloaded, inputs), logits(lm, inputs))
