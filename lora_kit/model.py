@@ -417,9 +417,13 @@ class LoraModel(nn.Module):
     def _peft_task_type(self, record: AdapterRecord) -> str | None:
         # PEFT's SEQ_CLS/TOKEN_CLS loaders insist on finding the head's weights in the file;
         # without a saved head, the generic task-less form loads the same adapter everywhere.
+        # Those loaders also add every "classifier"/"score" module to modules_to_save, so the
+        # head must be among the adapter's saved modules (not just some other module).
         task = task_type_for(type(self.model).__name__)
-        if task in ("SEQ_CLS", "TOKEN_CLS") and not record.saved_modules:
-            return None
+        if task in ("SEQ_CLS", "TOKEN_CLS"):
+            peft_heads = find_saved_modules(self.model, ("classifier", "score"))
+            if not record.saved_modules or not set(peft_heads) <= set(record.saved_modules):
+                return None
         return task
 
     def _peft_targets(self, record: AdapterRecord) -> str | tuple[str, ...]:

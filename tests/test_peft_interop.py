@@ -106,3 +106,21 @@ def test_sweeping_regex_adapter_loads_in_peft(arch: Arch, tmp_path: Path) -> Non
     torch.testing.assert_close(logits(peft_model, inputs), logits(lm, inputs), **TOL)
     reloaded = lk.LoraModel.from_pretrained(copy.deepcopy(base), path)
     assert torch.equal(logits(reloaded, inputs), logits(lm, inputs))
+
+
+@pytest.mark.parametrize("saved", [("pooler",), ("pooler", "classifier")])
+def test_classifier_model_saving_other_modules_loads_in_peft(
+    saved: tuple[str, ...], tmp_path: Path
+) -> None:
+    """BERT only: the task type is what differs for a sequence classifier. PEFT's SEQ_CLS
+    loader adds the classifier to modules_to_save and raised KeyError on a file that saved
+    only the pooler; such an adapter is written task-less."""
+    base = BERT.build(0)
+    lm = lk.inject(
+        copy.deepcopy(base), lk.LoraConfig(r=4, targets="bert-qv", modules_to_save=saved)
+    )
+    randomize(lm)
+    path = lm.save_adapter(tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    inputs = BERT.inputs()
+    torch.testing.assert_close(logits(peft_model, inputs), logits(lm, inputs), **TOL)
