@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles
 from .config import LoraConfig
-from .errors import AdapterMismatchError
+from .errors import AdapterMismatchError, ConfigError
 from .fingerprint import check_fingerprint, describe
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys
@@ -41,6 +41,23 @@ Expected = tuple[tuple[str, ...], tuple[str, ...], Mapping[str, tuple[int, ...]]
 _EXPECTED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Expected]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+# dtypes adapter factors can be held in (trainable, and supported by the CPU/GPU GEMMs).
+ADAPTER_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+)
+
+
+def check_adapter_dtype(dtype: object) -> None:
+    """Raise `ConfigError` unless ``dtype`` is one of `ADAPTER_DTYPES`."""
+    if dtype not in ADAPTER_DTYPES:
+        raise ConfigError(
+            f"adapter_dtype must be one of {[str(d) for d in ADAPTER_DTYPES]}, got {dtype!r}"
+        )
 
 
 def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
@@ -81,11 +98,13 @@ def load_files(
     """Add the adapter in ``files`` to ``lm`` as ``name`` (validated first; not activated).
 
     Raises:
+        ConfigError: ``adapter_dtype`` is not a floating dtype adapters can use.
         AdapterNameError: ``name`` is invalid or taken.
         AdapterMismatchError: Keys, shapes or base fingerprint do not fit the model.
     """
     from .model import AdapterRecord
 
+    check_adapter_dtype(adapter_dtype)
     lm._check_new_name(name)
     config, source, model = files.config, str(files.path), lm.model
     targets, heads, expected = expected_tensors(model, config)

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .fingerprint import fingerprint
 from .layers import LoraAdapter, LoRALinear
-from .loading import cached_targets, load_files
+from .loading import cached_targets, check_adapter_dtype, load_files
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
 from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
@@ -143,11 +143,13 @@ class LoraModel(nn.Module):
 
         Raises:
             AdapterNameError: ``name`` is invalid or taken.
+            ConfigError: ``config`` is not a `LoraConfig`, or ``adapter_dtype`` not a float dtype.
             NoTargetsError: Nothing matched (the message lists the modules that exist).
             UnsupportedModuleError: A matched module is not Linear/Conv1D.
         """
         self._refuse_if_merged("add_adapter")
         self._check_new_name(name)
+        check_adapter_dtype(adapter_dtype)
         if not isinstance(config, LoraConfig):
             raise ConfigError(f"config must be a lora_kit.LoraConfig, got {type(config).__name__}")
         targets = find_targets(self.model, config)
@@ -679,7 +681,9 @@ class LoraModel(nn.Module):
 
         Raises:
             AdapterNameError: The name is invalid or taken.
+            ConfigError: ``adapter_dtype`` is not a floating dtype adapters can use.
         """
+        check_adapter_dtype(adapter_dtype)
         self.cache.register(
             Registration(name, os.fspath(source), max_rank, check_base, adapter_dtype)
         )

@@ -223,3 +223,48 @@ def test_save_needs_a_name_when_ambiguous(tmp_path: Path) -> None:
     lm.add_adapter("b", lk.LoraConfig(r=2))
     with pytest.raises(lk.AdapterNameError, match="say which one"):
         lm.save_adapter(tmp_path / "x")
+
+
+def _structure(model: torch.nn.Module) -> list[tuple[str, str, bool]]:
+    """Module tree and trainability, to compare after a failed operation."""
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    return [
+        (n, type(m).__name__, grads.get(n + ".weight", False)) for n, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"], ids=str)
+@pytest.mark.parametrize("how", ["inject", "add_adapter", "load_adapter", "from_pretrained"])
+def test_non_float_adapter_dtype_is_a_config_error_and_changes_nothing(
+    arch: Arch, tmp_path: Path, how: str, dtype: object
+) -> None:
+    """It was a RuntimeError from nn.Parameter after the first layers were already wrapped."""
+    _, path = _saved(arch, tmp_path)
+    model = arch.build(0)
+    lm = (
+        lk.inject(model, lk.LoraConfig(r=2, targets=arch.attn_preset))
+        if how
+        in (
+            "add_adapter",
+            "load_adapter",
+        )
+        else None
+    )
+    before, tree = state_copy(model), _structure(model)
+    config = lk.LoraConfig(r=4, targets=arch.all_preset)
+    with pytest.raises(lk.ConfigError, match="adapter_dtype"):
+        if how == "inject":
+            lk.inject(model, config, adapter_dtype=dtype)  # type: ignore[arg-type]
+        elif how == "from_pretrained":
+            lk.LoraModel.from_pretrained(model, path, adapter_dtype=dtype)  # type: ignore[arg-type]
+        elif how == "add_adapter":
+            assert lm is not None
+            lm.add_adapter("x", config, adapter_dtype=dtype)  # type: ignore[arg-type]
+        else:
+            assert lm is not None
+            lm.load_adapter(path, "x", adapter_dtype=dtype)  # type: ignore[arg-type]
+    assert _structure(model) == tree
+    after = state_copy(model)
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    if lm is not None:
+        assert set(lm.adapters) == {"default"}
