@@ -73,8 +73,13 @@ class LoraConfig:
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"LoraConfig.{name} must map module-name patterns to values, got {value!r}"
+                )
+            object.__setattr__(self, name, dict(value))
         self._validate()
 
     def _validate(self) -> None:
@@ -91,7 +96,8 @@ class LoraConfig:
         _check_spec("targets", self.targets)
         _check_spec("exclude", self.exclude)
         if self.layers is not None and (
-            not self.layers
+            not isinstance(self.layers, tuple)
+            or not self.layers
             or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers)
         ):
             raise ConfigError(
@@ -110,10 +116,12 @@ class LoraConfig:
                 raise ConfigError(
                     f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {alpha!r}"
                 )
-        if any(not isinstance(m, str) or not m for m in self.modules_to_save):
+        if not isinstance(self.modules_to_save, tuple) or any(
+            not isinstance(m, str) or not m for m in self.modules_to_save
+        ):
             raise ConfigError(
-                f"LoraConfig.modules_to_save must be a list of module-name suffixes, "
-                f"got {self.modules_to_save!r}"
+                f"LoraConfig.modules_to_save must be a list of module-name suffixes "
+                f"(e.g. ['classifier']), got {self.modules_to_save!r}"
             )
 
     # ---- per-module values -------------------------------------------------------------

@@ -191,7 +191,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     layers = data.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    modules_to_save = list(data.get("modules_to_save") or [])
+    modules_to_save = data.get("modules_to_save") or ()  # a list; a string is refused
     try:
         return LoraConfig(
             r=data.get("r", 8),
@@ -204,7 +204,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)),
             init="gaussian" if init == "gaussian" else "zero_b",
-            modules_to_save=tuple(modules_to_save),
+            modules_to_save=modules_to_save,
         )
     except ConfigError as exc:
         raise AdapterFormatError(f"{source}: invalid adapter_config.json: {exc}") from exc

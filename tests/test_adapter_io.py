@@ -119,6 +119,16 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         r"shape \[4, 31\].*needs \[\d+, 32\]",
     ),
     "wrong rank in config": (_edit_config("rank_pattern", {}), lk.AdapterMismatchError, "shape"),
+    "rank_pattern not a mapping": (
+        _edit_config("rank_pattern", ["c_fc"]),
+        lk.AdapterFormatError,
+        "rank_pattern",
+    ),
+    "modules_to_save a string": (
+        _edit_config("modules_to_save", "classifier"),
+        lk.AdapterFormatError,
+        "modules_to_save",
+    ),
 }
 
 

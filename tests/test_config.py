@@ -44,6 +44,12 @@ def test_json_round_trip_keeps_every_field() -> None:
         ({"rank_pattern": {"q": 0}}, "rank_pattern"),
         ({"alpha_pattern": {"q": -1.0}}, "alpha_pattern"),
         ({"use_rslora": "yes"}, "use_rslora"),
+        # These used to pass (a string is a sequence of one-letter suffixes: no head was saved)
+        # or raise an untyped TypeError/ValueError.
+        ({"modules_to_save": "classifier"}, "modules_to_save"),
+        ({"layers": 3}, "layers"),
+        ({"rank_pattern": ["abc"]}, "rank_pattern"),
+        ({"alpha_pattern": None}, "alpha_pattern"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
