@@ -221,7 +221,11 @@ def _replace_dir(new: Path, target: Path) -> None:
             )
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # put the old adapter back where it was
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -215,6 +215,31 @@ def test_interrupted_save_keeps_the_old_adapter(
     assert (path / WEIGHTS_NAME).read_bytes() != old[WEIGHTS_NAME]
 
 
+def test_save_failing_as_it_moves_into_place_keeps_the_old_adapter(
+    arch: Arch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old directory is moved aside first; when moving the new one in failed, the path
+    used to be left empty (the old adapter under a hidden '.old-<pid>' name)."""
+    import os
+
+    lm, path = _saved(arch, tmp_path)
+    (path / "README.md").write_text("notes")
+    old = {p.name: p.read_bytes() for p in path.iterdir()}
+    real_replace = os.replace
+
+    def failing_replace(src: Path, dst: Path) -> None:
+        if Path(src).name.endswith(".tmp"):  # the new directory moving into place
+            raise OSError("simulated failure")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("lora_kit.adapter_io.os.replace", failing_replace)
+    randomize(lm, seed=5)
+    with pytest.raises(OSError, match="simulated"):
+        lm.save_adapter(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_refuses_to_overwrite_a_non_adapter_directory(tmp_path: Path) -> None:
     from tests.conftest import GPT2
 
