@@ -28,7 +28,7 @@ from .fingerprint import check_fingerprint, describe
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import head_key, lora_keys
 from .saved_modules import SavedModule
-from .surgery import submodule, wrap_lora, wrap_saved
+from .surgery import refuse_adapted_heads, submodule, wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets
 
 if TYPE_CHECKING:
@@ -98,7 +98,8 @@ def load_files(
     """Add the adapter in ``files`` to ``lm`` as ``name`` (validated first; not activated).
 
     Raises:
-        ConfigError: ``adapter_dtype`` is not a floating dtype adapters can use.
+        ConfigError: ``adapter_dtype`` is not a floating dtype adapters can use, or a
+            ``modules_to_save`` module carries another adapter's LoRA layers.
         AdapterNameError: ``name`` is invalid or taken.
         AdapterMismatchError: Keys, shapes or base fingerprint do not fit the model.
     """
@@ -108,6 +109,7 @@ def load_files(
     lm._check_new_name(name)
     config, source, model = files.config, str(files.path), lm.model
     targets, heads, expected = expected_tensors(model, config)
+    refuse_adapted_heads(model, heads, source)
     check_keys(expected, files.tensors, source)
     modules = {target: submodule(model, target) for target in targets}  # resolved once
     fp = files.metadata.get("base_fingerprint")

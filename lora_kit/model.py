@@ -32,7 +32,7 @@ from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
 from .rows import RowPlan
 from .saved_modules import SavedModule
-from .surgery import submodule, unwrap_if_empty, wrap_lora, wrap_saved
+from .surgery import refuse_adapted_heads, submodule, unwrap_if_empty, wrap_lora, wrap_saved
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .swap_plan import forget_plans
 from .targets import (
@@ -143,7 +143,8 @@ class LoraModel(nn.Module):
 
         Raises:
             AdapterNameError: ``name`` is invalid or taken.
-            ConfigError: ``config`` is not a `LoraConfig`, or ``adapter_dtype`` not a float dtype.
+            ConfigError: ``config`` is not a `LoraConfig`, ``adapter_dtype`` not a float dtype,
+                or a ``modules_to_save`` module carries another adapter's LoRA layers.
             NoTargetsError: Nothing matched (the message lists the modules that exist).
             UnsupportedModuleError: A matched module is not Linear/Conv1D.
         """
@@ -154,6 +155,7 @@ class LoraModel(nn.Module):
             raise ConfigError(f"config must be a lora_kit.LoraConfig, got {type(config).__name__}")
         targets = find_targets(self.model, config)
         heads = find_saved_modules(self.model, config.modules_to_save)
+        refuse_adapted_heads(self.model, heads, f"add_adapter({name!r})")
         # Everything is validated: mutate from here on.
         if not self._adapters:
             self.model.requires_grad_(False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import ConfigError
 from .layers import LoRALinear
 from .routing import Router
 from .saved_modules import SavedModule
@@ -52,6 +53,25 @@ def wrap_saved(root: nn.Module, name: str, router: Router) -> SavedModule:
     wrapper = SavedModule(module, router)
     set_submodule(root, name, wrapper)
     return wrapper
+
+
+def refuse_adapted_heads(root: nn.Module, heads: tuple[str, ...] | list[str], where: str) -> None:
+    """Raise if a ``modules_to_save`` module already carries another adapter's LoRA layers.
+
+    A module trained whole cannot also hold a low-rank update (PEFT's rule too): wrapping the
+    `LoRALinear` would copy those adapters into the head and break deleting or saving them.
+
+    Raises:
+        ConfigError: Naming the module and the adapters on it.
+    """
+    for head in heads:
+        module = submodule(root, head)
+        if isinstance(module, LoRALinear):
+            raise ConfigError(
+                f"{where}: modules_to_save {head!r} carries LoRA adapters "
+                f"{sorted(module.adapters)}; a module trained whole cannot also be adapted. "
+                f"Delete those adapters first, or leave {head!r} out of modules_to_save"
+            )
 
 
 def unwrap_if_empty(root: nn.Module, name: str, module: nn.Module) -> None:

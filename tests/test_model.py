@@ -220,3 +220,31 @@ def test_new_adapters_take_the_models_eval_mode(arch: Arch, how: str, tmp_path: 
     lm.unmerge()
     lm.train()
     assert all(m.training for m in lm.modules())
+
+
+HEADS = {"gpt2": "lm_head", "bert": "classifier"}
+
+
+@pytest.mark.parametrize("how", ["add_adapter", "load_adapter"])
+def test_modules_to_save_on_an_adapted_module_is_refused(
+    arch: Arch, how: str, tmp_path: Path
+) -> None:
+    """It used to wrap the LoRALinear whole (copying adapter 'a' into the head), after which
+    delete_adapter('a') and save_adapter('a') raised 'is not a LoRA layer'."""
+    head = HEADS[arch.name]
+    config = lk.LoraConfig(r=2, targets=arch.attn_preset, modules_to_save=(head,))
+    path = lk.inject(arch.build(0), config).save_adapter(tmp_path / "b")
+    lm = lk.inject(
+        arch.build(0), lk.LoraConfig(r=2, targets=(*lk.presets()[arch.attn_preset], head)), name="a"
+    )
+    randomize(lm)
+    before, tree = state_copy(lm), [(n, type(m)) for n, m in lm.named_modules()]
+    with pytest.raises(lk.ConfigError, match=f"modules_to_save '{head}' carries LoRA"):
+        if how == "add_adapter":
+            lm.add_adapter("b", config)
+        else:
+            lm.load_adapter(path, "b")
+    assert [(n, type(m)) for n, m in lm.named_modules()] == tree
+    assert all(torch.equal(v, before[k]) for k, v in state_copy(lm).items())
+    lm.save_adapter(tmp_path / "a", "a")
+    lm.delete_adapter("a")
