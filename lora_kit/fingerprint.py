@@ -26,15 +26,39 @@ HASH_DTYPE = torch.bfloat16
 def weight_digest(layer: nn.Module) -> str:
     """SHA-256 of a projection's base weight as bf16 bytes.
 
-    Cached on a `LoRALinear` (its base is frozen), computed afresh for a bare Linear/Conv1D.
+    While adapters are merged, the weight hashed is the pre-merge one (kept for ``unmerge``).
+    Cached on a `LoRALinear` for as long as its weight tensor is the same, unmodified one
+    (`digest_key`): a base reloaded in place (``load_state_dict``, ``copy_``) is hashed again.
+    Computed afresh for a bare Linear/Conv1D.
     """
-    if isinstance(layer, LoRALinear) and layer._base_digest is not None:
-        return layer._base_digest
-    weight = _weight(layer).detach().to(device="cpu", dtype=HASH_DTYPE).contiguous()
-    digest = hashlib.sha256(weight.view(torch.int16).numpy().tobytes()).hexdigest()
-    if isinstance(layer, LoRALinear):
-        layer._base_digest = digest
+    if not isinstance(layer, LoRALinear):
+        return _digest(_weight(layer))
+    key = digest_key(layer)
+    cached = layer._base_digest
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    digest = _digest(_base_weight(layer))
+    layer._base_digest = None if key is None else (key, digest)
     return digest
+
+
+def digest_key(layer: LoRALinear) -> tuple[Any, ...] | None:
+    """What identifies the content of ``layer``'s base weight without reading it: the tensor's
+    memory, in-place version counter, dtype and shape (None for an inference tensor, which has
+    no version counter). Writes through ``.data`` bypass the version counter and go unseen."""
+    weight = _base_weight(layer)
+    if weight.is_inference():
+        return None
+    return (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+
+
+def _base_weight(layer: LoRALinear) -> Tensor:
+    return layer.unmerged_weight if layer.unmerged_weight is not None else layer.weight
+
+
+def _digest(weight: Tensor) -> str:
+    raw = weight.detach().to(device="cpu", dtype=HASH_DTYPE).contiguous()
+    return hashlib.sha256(raw.view(torch.int16).numpy().tobytes()).hexdigest()
 
 
 def describe(layer: nn.Module) -> list[Any]:

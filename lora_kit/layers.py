@@ -8,7 +8,7 @@ Both ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight stored 
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -251,7 +251,8 @@ class LoRALinear(nn.Module):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.router = router
-        self._base_digest: str | None = None  # fingerprint cache (see fingerprint.py)
+        # fingerprint cache: (digest_key, digest), see fingerprint.weight_digest
+        self._base_digest: tuple[tuple[Any, ...], str] | None = None
         # ---- merged state (managed by merge.py only) ----
         # While `merged` is set, base.weight already holds those adapters: forward adds nothing.
         self.merged: Selection | None = None

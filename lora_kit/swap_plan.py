@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .fingerprint import fingerprint
+from .fingerprint import digest_key, fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import lora_keys
 
@@ -90,7 +90,7 @@ class SwapPlan:
     layers: dict[str, LoRALinear]
     slots: dict[str, SwapSlot]
     links: Links
-    _fingerprints: dict[tuple[str, ...], dict[str, Any]] = field(
+    _fingerprints: dict[tuple[str, ...], tuple[tuple[Any, ...], dict[str, Any]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -101,15 +101,17 @@ class SwapPlan:
     def fingerprint(self, targets: Sequence[str]) -> dict[str, Any]:
         """The base fingerprint (`lora_kit.fingerprint.fingerprint`) over ``targets``.
 
-        Remembered per target set: it depends only on the layers this plan holds (their base
-        weights are frozen and their digests cached) and the model's type.
+        Remembered per target set: it depends only on the layers this plan holds and the
+        model's type, for as long as their base weights are the same, unmodified tensors
+        (`lora_kit.fingerprint.digest_key`).
         """
         key = tuple(targets)
+        versions = tuple(digest_key(self.layers[t]) for t in key)
         found = self._fingerprints.get(key)
-        if found is None:
-            found = fingerprint(self.root, {t: self.layers[t] for t in key})
+        if found is None or found[0] != versions or None in versions:
+            found = (versions, fingerprint(self.root, {t: self.layers[t] for t in key}))
             self._fingerprints[key] = found
-        return found
+        return found[1]
 
 
 # Keyed weakly by the LoraModel; a plan holds no reference to it (links start at ``lm.model``),

@@ -155,6 +155,34 @@ def test_wrong_base_is_refused_unless_unchecked(arch: Arch, tmp_path: Path) -> N
     lk.LoraModel.from_pretrained(other, path, check_base=False)  # the user's explicit choice
 
 
+def _reload_base(lm: lk.LoraModel, base: torch.nn.Module) -> None:
+    """Copy ``base``'s weights into ``lm``'s base modules in place (adapters untouched)."""
+    weights = {f"model.{k}": v for k, v in base.state_dict().items()}
+    state = {k: weights.get(k.replace(".base.", "."), v) for k, v in lm.state_dict().items()}
+    lm.load_state_dict(state)
+
+
+def test_base_reloaded_in_place_is_fingerprinted_afresh(arch: Arch, tmp_path: Path) -> None:
+    """The digest cached on each layer used to outlive a base reload: the adapter saved
+    afterwards recorded the old base (refused on its own base, accepted on the old one), and
+    loads and swaps checked files against the old base too."""
+    lm, first = _saved(arch, tmp_path)  # caches the digests of the seed-0 base
+    new_base = arch.build(seed=7)
+    _reload_base(lm, new_base)
+    path = lm.save_adapter(tmp_path / "after")
+    lk.LoraModel.from_pretrained(copy.deepcopy(new_base), path)  # its own base: accepted
+    with pytest.raises(lk.AdapterMismatchError, match="base weights differ"):
+        lk.LoraModel.from_pretrained(arch.build(0), path)
+    with pytest.raises(lk.AdapterMismatchError, match="base weights differ"):
+        lm.load_adapter(first, "old")  # saved on the seed-0 base, no longer this one
+    lm.make_swappable("default", 4)
+    lm.swap_adapter("default", path)  # the swap plan remembers a fingerprint
+    _reload_base(lm, arch.build(0))
+    with pytest.raises(lk.AdapterMismatchError, match="base weights differ"):
+        lm.swap_adapter("default", path)
+    lm.swap_adapter("default", first)
+
+
 def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
     from tests.conftest import BERT, GPT2
 
