@@ -166,6 +166,7 @@ def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = T
             delta = weighted_delta(terms, fan_in_fan_out=layer.fan_in_fan_out)
             out, change[name] = merge_update(layer.weight, delta, name)
         new[name] = out
+    _refuse_tied(lm.model, [(name, layer) for name, layer in layers if name in new])
     kept = 0
     by_name = dict(layers)
     for name in new:  # cache the base fingerprint first: save_adapter() while merged stays right
@@ -187,6 +188,33 @@ def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = T
     report = MergeReport(sel.weights, change, heads, kept)
     lm._merge_state = _MergeState(report, previous)
     return report
+
+
+def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> None:
+    """Raise if a projection to merge into shares its weight with another parameter.
+
+    A tied weight (GPT-2's ``lm_head`` is the token embedding) would change in both places:
+    merging into the head would also rewrite the input embeddings.
+
+    Raises:
+        ConfigError: Naming the projection and the parameters its weight is tied to.
+    """
+    if not layers:
+        return
+    owners: dict[tuple[torch.device, int], list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        if param.device.type != "meta":
+            owners.setdefault((param.device, param.untyped_storage().data_ptr()), []).append(pname)
+    for name, layer in layers:
+        weight = layer.weight
+        key = (weight.device, weight.untyped_storage().data_ptr())
+        tied = [n for n in owners.get(key, []) if n != f"{name}.base.weight"]
+        if tied:
+            raise ConfigError(
+                f"cannot merge into {name!r}: its weight is tied to {tied}, which would change "
+                f"too (nothing was changed). Run the adapter unmerged, or untie the weights "
+                f"(give {name} its own copy) before merging"
+            )
 
 
 def unmerge(lm: LoraModel) -> MergeReport | None:

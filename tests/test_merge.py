@@ -188,3 +188,42 @@ def test_save_adapter_while_merged_keeps_the_base_fingerprint(tmp_path: Path) ->
     fresh.save_adapter(tmp_path / "during", "a")
     fp = [read_adapter(tmp_path / d).metadata["base_fingerprint"] for d in ("before", "during")]
     assert fp[0] == fp[1]
+
+
+def _tied_model(kind: str) -> tuple[torch.nn.Module, str]:
+    """A tiny model whose output projection is tied to the token embeddings."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tests.conftest import tiny_gpt2
+
+    if kind == "gpt2":
+        return tiny_gpt2(0), "lm_head"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    return BertForMaskedLM(config).eval(), "decoder"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_merge_into_a_tied_weight_is_refused(kind: str) -> None:
+    """Merging into GPT-2's lm_head (BERT-MLM's decoder) rewrote the shared token embedding
+    too: merged logits were off by ~19 from the unmerged ones."""
+    model, head = _tied_model(kind)
+    lm = lk.inject(model, lk.LoraConfig(r=4, targets=(head,)))
+    randomize(lm, "default", 0)
+    inputs = {
+        "input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    }
+    with torch.no_grad():
+        before = lm(**inputs).logits
+    weights = {k: v.clone() for k, v in lm.state_dict().items()}
+    with pytest.raises(lk.ConfigError, match="tied to"):
+        lm.merge("default")
+    with pytest.raises(lk.ConfigError, match="tied to"):
+        lm.merge_and_unload("default")
+    assert lm.merged is None and lm.active_adapter == "default"
+    assert all(torch.equal(v, weights[k]) for k, v in lm.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(lm(**inputs).logits, before)
