@@ -95,7 +95,40 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:
         raise AdapterFormatError(f"{config_path}: expected a JSON object")
     config = from_peft_dict(peft_config, str(config_path))
     tensors, raw_meta = _read_safetensors(weights_path)
-    return AdapterFiles(root, config, peft_config, tensors, _decode_metadata(raw_meta))
+    metadata = _decode_metadata(raw_meta)
+    _check_fingerprint_metadata(metadata, weights_path)
+    return AdapterFiles(root, config, peft_config, tensors, metadata)
+
+
+def _check_fingerprint_metadata(metadata: Mapping[str, Any], path: Path) -> None:
+    """Raise unless a recorded base fingerprint has the shape `fingerprint` writes.
+
+    Raises:
+        AdapterFormatError: ``lora_kit.base_fingerprint`` is present but malformed (it would
+            otherwise be skipped silently, or fail comparing with an untyped error).
+    """
+    if "base_fingerprint" not in metadata:
+        return
+    fp = metadata["base_fingerprint"]
+    modules = fp.get("modules") if isinstance(fp, dict) else None
+    well_formed = (
+        isinstance(fp, dict)
+        and isinstance(fp.get("model_type"), str | None)
+        and isinstance(fp.get("weights_sha256"), str)
+        and isinstance(modules, dict)
+        and all(
+            isinstance(v, list)
+            and len(v) == 3
+            and all(type(n) is int for n in v[:2])
+            and isinstance(v[2], str)
+            for v in modules.values()
+        )
+    )
+    if not well_formed:
+        raise AdapterFormatError(
+            f"{path}: header metadata {META_PREFIX}base_fingerprint is malformed ({fp!r:.120}); "
+            f"the file was edited or corrupted: re-save the adapter"
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
@@ -72,6 +73,16 @@ def _edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable
     return edit
 
 
+def _edit_fingerprint(value: str) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as handle:
+            metadata = dict(handle.metadata())
+        metadata["lora_kit.base_fingerprint"] = value
+        save_file(load_file(path / WEIGHTS_NAME), path / WEIGHTS_NAME, metadata=metadata)
+
+    return edit
+
+
 def _truncate(path: Path) -> None:
     data = (path / WEIGHTS_NAME).read_bytes()
     (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
@@ -119,6 +130,17 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         r"shape \[4, 31\].*needs \[\d+, 32\]",
     ),
     "wrong rank in config": (_edit_config("rank_pattern", {}), lk.AdapterMismatchError, "shape"),
+    # A malformed recorded fingerprint raised TypeError, or (not an object) skipped the check.
+    "fingerprint modules a list": (
+        _edit_fingerprint('{"model_type": "gpt2", "modules": [1, 2], "weights_sha256": "x"}'),
+        lk.AdapterFormatError,
+        "base_fingerprint is malformed",
+    ),
+    "fingerprint not an object": (
+        _edit_fingerprint('"gpt2"'),
+        lk.AdapterFormatError,
+        "base_fingerprint is malformed",
+    ),
     "rank_pattern not a mapping": (
         _edit_config("rank_pattern", ["c_fc"]),
         lk.AdapterFormatError,
