@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from .fingerprint import digest_key, fingerprint
+from .fingerprint import fingerprint
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import lora_keys
 
@@ -72,6 +72,28 @@ class SwapSlot:
 
 
 @dataclass(frozen=True)
+class Remembered:
+    """A base fingerprint with the state of the base weights it was computed from.
+
+    Attributes:
+        weights: Each targeted layer's base weight, weakly held (a replaced weight is told
+            apart from a new tensor at a recycled address; a plan keeps no weight alive).
+        state: Each weight's in-place version counter and data pointer then.
+        fingerprint: The fingerprint.
+    """
+
+    weights: tuple[weakref.ref[Tensor], ...]
+    state: tuple[tuple[int, int], ...]
+    fingerprint: dict[str, Any]
+
+    def still(self, weights: Sequence[Tensor | None], state: tuple[tuple[int, int], ...]) -> bool:
+        """Whether ``weights`` are the same tensors, unmodified since then."""
+        return state == self.state and all(
+            map(operator.is_, (ref() for ref in self.weights), weights)
+        )
+
+
+@dataclass(frozen=True)
 class SwapPlan:
     """What resolving adapter ``name``'s modules found (see the module docstring).
 
@@ -82,6 +104,7 @@ class SwapPlan:
         layers: Module name -> its `LoRALinear`.
         slots: Module name -> `SwapSlot`, in the record's order.
         links: Every parent -> child link followed.
+        weight_dicts: Module name -> its base module's parameter dictionary.
     """
 
     name: str
@@ -90,7 +113,8 @@ class SwapPlan:
     layers: dict[str, LoRALinear]
     slots: dict[str, SwapSlot]
     links: Links
-    _fingerprints: dict[tuple[str, ...], tuple[tuple[Any, ...], dict[str, Any]]] = field(
+    weight_dicts: dict[str, dict[str, nn.Parameter | None]]
+    _fingerprints: dict[tuple[str, ...], Remembered] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -101,17 +125,35 @@ class SwapPlan:
     def fingerprint(self, targets: Sequence[str]) -> dict[str, Any]:
         """The base fingerprint (`lora_kit.fingerprint.fingerprint`) over ``targets``.
 
-        Remembered per target set: it depends only on the layers this plan holds and the
-        model's type, for as long as their base weights are the same, unmodified tensors
-        (`lora_kit.fingerprint.digest_key`).
+        Remembered per target set while the targeted base weights are the same tensors with
+        the same version counters and data pointers (so a base reloaded in place, e.g. by
+        ``load_state_dict``, is hashed again; writes through ``.data`` are not seen). The
+        check is a few microseconds per layer less than `fingerprint.digest_key`'s, which
+        matters on every swap. Swaps are refused while adapters are merged, so the weight
+        here is always the unmerged one.
         """
         key = tuple(targets)
-        versions = tuple(digest_key(self.layers[t]) for t in key)
+        weights: list[Tensor | None] = [self.weight_dicts[t].get("weight") for t in key]
+        state = _weight_state(weights)
         found = self._fingerprints.get(key)
-        if found is None or found[0] != versions or None in versions:
-            found = (versions, fingerprint(self.root, {t: self.layers[t] for t in key}))
-            self._fingerprints[key] = found
-        return found[1]
+        if found is not None and state is not None and found.still(weights, state):
+            return found.fingerprint
+        computed = fingerprint(self.root, {t: self.layers[t] for t in key})
+        if state is not None:
+            refs: tuple[weakref.ref[Tensor], ...] = tuple(
+                weakref.ref(w) for w in weights if w is not None
+            )
+            self._fingerprints[key] = Remembered(refs, state, computed)
+        return computed
+
+
+def _weight_state(weights: Sequence[Tensor | None]) -> tuple[tuple[int, int], ...] | None:
+    """Each weight's ``(version, data_ptr)``; None when one is missing or cannot be tracked
+    (an inference tensor has no version counter)."""
+    try:
+        return tuple((w._version, w.data_ptr()) for w in weights)  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None
 
 
 # Keyed weakly by the LoraModel; a plan holds no reference to it (links start at ``lm.model``),
@@ -150,6 +192,7 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
     layers = {module: lm._layer(module) for module in record.modules}  # raises if edited
     slots: dict[str, SwapSlot] = {}
     links: dict[tuple[int, str], tuple[dict[str, nn.Module | None], str, nn.Module]] = {}
+    weight_dicts: dict[str, dict[str, nn.Parameter | None]] = {}
 
     def follow(parent: nn.Module, child: str) -> nn.Module:
         found = parent._modules[child]
@@ -163,6 +206,7 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
         node = root
         for part in module.split("."):
             node = follow(node, part)
+        weight_dicts[module] = follow(layer, "base")._parameters  # its projection's weights
         box = follow(layer, "adapters")  # the layer's ModuleDict of adapters
         adapter = follow(box, name)
         if not isinstance(adapter, LoraAdapter):  # unreachable: adapters hold LoraAdapters
@@ -170,4 +214,5 @@ def _resolve(lm: LoraModel, record: AdapterRecord) -> SwapPlan:
         key_a, key_b = lora_keys(module)
         slots[module] = SwapSlot(module, adapter, key_a, key_b)
     dicts, names, children = zip(*links.values(), strict=True) if links else ((), (), ())
-    return SwapPlan(name, root, record.modules, layers, slots, Links(dicts, names, children))
+    links_found = Links(dicts, names, children)
+    return SwapPlan(name, root, record.modules, layers, slots, links_found, weight_dicts)

@@ -217,3 +217,33 @@ def test_remembered_fingerprint_still_refuses_another_base(
     _assert_holds(lm, "live", root / "a")  # unchanged
     lm.swap_adapter("live", tmp_path / "other", check_base=False)
     _assert_holds(lm, "live", tmp_path / "other")
+
+
+@pytest.mark.parametrize("how", ["replaced parameter", "replaced base module"])
+def test_remembered_fingerprint_follows_a_replaced_base_weight(
+    saved: tuple[str, Path], tmp_path: Path, how: str
+) -> None:
+    """A base weight swapped for another tensor (``load_state_dict(assign=True)``, a new
+    projection module) is hashed again: the remembered fingerprint is not reused."""
+    kind, root = saved
+    other = lk.LoraModel(tiny_gpt2(seed=1) if kind == "gpt2" else tiny_bert(seed=1))
+    other.add_adapter("a", config_for(kind, "a"))
+    randomize(other, "a", seed=3)
+    other.save_adapter(tmp_path / "other", "a")  # saved on the seed-1 base
+
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.swap_adapter("live", root / "a")  # the plan remembers the seed-0 fingerprint
+    donor = lk.LoraModel(tiny_gpt2(seed=1) if kind == "gpt2" else tiny_bert(seed=1))
+    donor.add_adapter("live", config_for(kind, "a"))
+    for module in lm.adapter_record("live").modules:
+        layer, source = lm._layer(module), donor._layer(module)
+        if how == "replaced parameter":
+            state = {"weight": source.base.weight.detach().clone()}
+            layer.base.load_state_dict(state, strict=False, assign=True)
+        else:
+            layer.base = copy.deepcopy(source.base)
+    lm.swap_adapter("live", tmp_path / "other")  # now the seed-1 base: accepted
+    _assert_holds(lm, "live", tmp_path / "other")
+    with pytest.raises(lk.AdapterMismatchError, match="targeted base weights differ"):
+        lm.swap_adapter("live", root / "a")  # saved on the seed-0 base
