@@ -406,11 +406,19 @@ class LoraModel(nn.Module):
     ) -> LoraModel:
         """Inject and load a saved adapter in one call, and activate it.
 
+        Args:
+            model: The base transformers model (not yet injected).
+            path: The adapter directory, a name in the adapter library or a Hub repo id, as
+                for :meth:`load_adapter`.
+            name: Name to give the adapter.
+            check_base: Verify the base fingerprint recorded by lora_kit (if present).
+            adapter_dtype: dtype of the adapter tensors in memory.
+
         Raises:
             The errors of :meth:`load_adapter`; ``model`` is unchanged when one is raised.
         """
         _refuse_injected(model)
-        files = read_adapter(path)
+        files = read_adapter(resolve_adapter(path))
         lm = cls(model)
         load_files(lm, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
         lm.set_adapter(name)

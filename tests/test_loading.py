@@ -57,6 +57,8 @@ def test_resolve_library_by_name(
     assert resolve_adapter("b") == root / "b"
     lm = lk.LoraModel(make_model(kind))
     assert lm.load_adapter("b") == "b"
+    # from_pretrained resolves names the same way (it took only directories before)
+    assert lk.LoraModel.from_pretrained(make_model(kind), "c").active_adapter == "default"
     monkeypatch.delenv("LORA_KIT_ADAPTERS")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters").symlink_to(root)
