@@ -386,7 +386,13 @@ class LoraModel(nn.Module):
         """
         self._refuse_if_merged("load_adapter")
         files = read_adapter(resolve_adapter(path))
-        name = name if name is not None else files.path.resolve().name
+        if name is None:
+            name = files.path.resolve().name
+            if not _NAME_RE.match(name):
+                raise AdapterNameError(
+                    f"the adapter's directory name {name!r} is not a valid adapter name (use "
+                    f"letters, digits, '_' and '-'); pass name=... to load_adapter"
+                )
         if max_rank is not None:  # validate before loading anything
             check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
         load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)

@@ -7,6 +7,7 @@ uses it): same modules, same tensors, bit-identical outputs.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -164,3 +165,15 @@ def test_adapter_from_factors_checks_their_shapes() -> None:
     assert adapter.lora_B.data_ptr() == b.data_ptr() and adapter.scaling == 0.5
     with pytest.raises(lk.AdapterMismatchError, match=r"need \[2, 5\] and \[3, 2\]"):
         lk.LoraAdapter(5, 3, r=2, scaling=0.5, factors=(b, a))
+
+
+def test_default_name_from_a_directory_that_is_not_a_valid_name(
+    saved: tuple[str, Path], tmp_path: Path
+) -> None:
+    kind, root = saved
+    shutil.copytree(root / "a", tmp_path / "a.v1")
+    lm = lk.LoraModel(make_model(kind))
+    with pytest.raises(lk.AdapterNameError, match=r"directory name 'a\.v1'.*pass name="):
+        lm.load_adapter(tmp_path / "a.v1")
+    assert lm.adapters == {}
+    assert lm.load_adapter(tmp_path / "a.v1", "a_v1") == "a_v1"
