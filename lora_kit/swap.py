@@ -242,6 +242,8 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     zero: list[Tensor] = []
     scales: list[Tensor] = []
     values: list[Tensor] = []
+    new_ranks: list[tuple[PaddedAdapter, int]] = []  # set once the tensors are written
+    new_scalings: list[tuple[LoraAdapter, float]] = []  # the same, for plain adapters
     tensors = files.tensors
     with torch.no_grad():
         for module, slot in slots.items():
@@ -250,7 +252,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             if module not in wanted:
                 zero.extend((a, b))
                 if isinstance(adapter, PaddedAdapter):
-                    _set_rank(adapter, 0)
+                    new_ranks.append((adapter, 0))
                 continue
             tensor_a, tensor_b = tensors[slot.key_a], tensors[slot.key_b]
             rank = tensor_a.shape[0]
@@ -263,18 +265,22 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
                 tensor_a, tensor_b = tensor_a.to(a.dtype), tensor_b.to(b.dtype)
             src.extend((tensor_a, tensor_b))
             if isinstance(adapter, PaddedAdapter):
-                _set_rank(adapter, rank)
+                new_ranks.append((adapter, rank))
                 scale = _tensor(adapter, "scale")
                 scales.append(scale)
                 values.append(_scalar(config.scaling_for(module), scale))
             else:
-                adapter.scaling = config.scaling_for(module)
+                new_scalings.append((adapter, config.scaling_for(module)))
         if dst:
             torch._foreach_copy_(dst, src)
         if zero:
             torch._foreach_zero_(zero)
         if scales:
             torch._foreach_copy_(scales, values)
+        for padded, rank in new_ranks:
+            _set_rank(padded, rank)
+        for plain, scaling in new_scalings:
+            plain.scaling = scaling
         for head in record.saved_modules:
             wrapper = lm._saved(head)
             if head in heads:

@@ -206,3 +206,23 @@ def _by_module(lm: lk.LoraModel, name: str) -> dict[str, lk.LoraAdapter]:
         for n, m in lm.model.named_modules()
         if isinstance(m, lk.LoRALinear) and name in m.adapters
     }
+
+
+def test_a_failed_copy_leaves_ranks_and_scalings_as_they_were(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks and scalings are set only after the batched copies have written the tensors."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)  # every projection, rank 4
+    padded = [lm._layer(m).adapter("live") for m in lm.adapter_record("live").modules]
+    before = [(p.rank, p.scaling) for p in padded if isinstance(p, PaddedAdapter)]
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", broken)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        lm.swap_adapter("live", root / "c")  # a subset at rank 2: would zero and re-rank
+    assert [(p.rank, p.scaling) for p in padded if isinstance(p, PaddedAdapter)] == before
+    assert len(before) == len(padded)
