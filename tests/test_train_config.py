@@ -44,3 +44,9 @@ def test_resume_mismatch_lists_changed_fields() -> None:
     a = TrainConfig(lr=1e-3, batch_size=4)
     b = a.replace(batch_size=8, out="elsewhere", save_every=3)
     assert b.resume_mismatch(a) == ["batch_size: checkpoint 4, now 8"]
+    # Clipping and precision change every later update, so they are refused too.
+    c = a.replace(clip_norm=0.5, precision="bf16", gradient_checkpointing=True)
+    assert c.resume_mismatch(a) == [
+        "clip_norm: checkpoint 1.0, now 0.5",
+        "precision: checkpoint 'auto', now 'bf16'",
+    ]

@@ -35,6 +35,8 @@ RESUME_FIELDS: tuple[str, ...] = (
     "weight_decay",
     "seed",
     "eval_fraction",
+    "clip_norm",  # clipping changes every update after it first applies
+    "precision",  # so does the arithmetic of every step
 )
 
 
