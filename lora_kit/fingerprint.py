@@ -9,7 +9,10 @@ loaded in fp32 or bf16 matches; an fp16 copy rounds differently and does not (lo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import operator
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -27,29 +30,63 @@ def weight_digest(layer: nn.Module) -> str:
     """SHA-256 of a projection's base weight as bf16 bytes.
 
     While adapters are merged, the weight hashed is the pre-merge one (kept for ``unmerge``).
-    Cached on a `LoRALinear` for as long as its weight tensor is the same, unmodified one
-    (`digest_key`): a base reloaded in place (``load_state_dict``, ``copy_``) is hashed again.
+    Cached on a `LoRALinear` for as long as its weight is the same, unmodified tensor
+    (`WeightsSeen`): a base reloaded in place (``load_state_dict``, ``copy_``) is hashed again.
     Computed afresh for a bare Linear/Conv1D.
     """
     if not isinstance(layer, LoRALinear):
         return _digest(_weight(layer))
-    key = digest_key(layer)
+    weights = (_base_weight(layer),)
+    state = tensor_states(weights)
     cached = layer._base_digest
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    digest = _digest(_base_weight(layer))
-    layer._base_digest = None if key is None else (key, digest)
+    if cached is not None and state is not None and cached.still(weights, state):
+        return cast(str, cached.value)
+    digest = _digest(weights[0])
+    layer._base_digest = None if state is None else WeightsSeen.of(weights, state, digest)
     return digest
 
 
-def digest_key(layer: LoRALinear) -> tuple[Any, ...] | None:
-    """What identifies the content of ``layer``'s base weight without reading it: the tensor's
-    memory, in-place version counter, dtype and shape (None for an inference tensor, which has
-    no version counter). Writes through ``.data`` bypass the version counter and go unseen."""
-    weight = _base_weight(layer)
-    if weight.is_inference():
+def tensor_states(tensors: Sequence[Tensor | None]) -> tuple[tuple[int, int], ...] | None:
+    """Each tensor's ``(in-place version counter, data pointer)``: both change when its content
+    is rewritten, except through ``.data``, which goes unseen. None when one is missing or is
+    an inference tensor (no version counter)."""
+    try:
+        return tuple((t._version, t.data_ptr()) for t in tensors)  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
         return None
-    return (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+
+
+@dataclass(frozen=True)
+class WeightsSeen:
+    """A value computed from some weights, with what identified them then.
+
+    The one rule for "these base weights are unchanged", used by the per-layer digest cache and
+    the swap plan's remembered fingerprints: the same tensor objects (weakly held, so a new
+    tensor at a recycled address never passes for the old one, and nothing is kept alive) with
+    the same `tensor_states`.
+
+    Attributes:
+        weights: The tensors, weakly held.
+        state: Their `tensor_states` then.
+        value: What was computed from them (a digest, a fingerprint).
+    """
+
+    weights: tuple[weakref.ref[Tensor], ...]
+    state: tuple[tuple[int, int], ...]
+    value: Any
+
+    @classmethod
+    def of(
+        cls, weights: Sequence[Tensor | None], state: tuple[tuple[int, int], ...], value: Any
+    ) -> WeightsSeen:
+        """Remember ``value`` for ``weights`` (all present: ``state`` is not None)."""
+        return cls(tuple(weakref.ref(w) for w in weights if w is not None), state, value)
+
+    def still(self, weights: Sequence[Tensor | None], state: tuple[tuple[int, int], ...]) -> bool:
+        """Whether ``weights`` (with their current ``state``) are the same, unmodified tensors."""
+        return state == self.state and all(
+            map(operator.is_, (ref() for ref in self.weights), weights)
+        )
 
 
 def _base_weight(layer: LoRALinear) -> Tensor:

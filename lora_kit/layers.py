@@ -8,7 +8,7 @@ Both ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight stored 
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from .config import InitMethod
 from .errors import AdapterMismatchError, MergedStateError, UnsupportedModuleError
 from .routing import Router, Selection
 from .rows import add_rows
+
+if TYPE_CHECKING:
+    from .fingerprint import WeightsSeen
 
 # Rows up to which ``A @ x^T`` beats ``x @ A^T`` (see `down_t`).
 TRANSPOSED_DOWN_MAX_ROWS = 1024
@@ -251,8 +254,8 @@ class LoRALinear(nn.Module):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.router = router
-        # fingerprint cache: (digest_key, digest), see fingerprint.weight_digest
-        self._base_digest: tuple[tuple[Any, ...], str] | None = None
+        # fingerprint cache: the base weight's digest, see fingerprint.weight_digest
+        self._base_digest: WeightsSeen | None = None
         # ---- merged state (managed by merge.py only) ----
         # While `merged` is set, base.weight already holds those adapters: forward adds nothing.
         self.merged: Selection | None = None

@@ -18,11 +18,11 @@ import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
-from .fingerprint import fingerprint
+from .fingerprint import WeightsSeen, fingerprint, tensor_states
 from .layers import LoraAdapter, LoRALinear
 from .peft_format import lora_keys
 
@@ -72,28 +72,6 @@ class SwapSlot:
 
 
 @dataclass(frozen=True)
-class Remembered:
-    """A base fingerprint with the state of the base weights it was computed from.
-
-    Attributes:
-        weights: Each targeted layer's base weight, weakly held (a replaced weight is told
-            apart from a new tensor at a recycled address; a plan keeps no weight alive).
-        state: Each weight's in-place version counter and data pointer then.
-        fingerprint: The fingerprint.
-    """
-
-    weights: tuple[weakref.ref[Tensor], ...]
-    state: tuple[tuple[int, int], ...]
-    fingerprint: dict[str, Any]
-
-    def still(self, weights: Sequence[Tensor | None], state: tuple[tuple[int, int], ...]) -> bool:
-        """Whether ``weights`` are the same tensors, unmodified since then."""
-        return state == self.state and all(
-            map(operator.is_, (ref() for ref in self.weights), weights)
-        )
-
-
-@dataclass(frozen=True)
 class SwapPlan:
     """What resolving adapter ``name``'s modules found (see the module docstring).
 
@@ -114,7 +92,7 @@ class SwapPlan:
     slots: dict[str, SwapSlot]
     links: Links
     weight_dicts: dict[str, dict[str, nn.Parameter | None]]
-    _fingerprints: dict[tuple[str, ...], Remembered] = field(
+    _fingerprints: dict[tuple[str, ...], WeightsSeen] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -125,35 +103,23 @@ class SwapPlan:
     def fingerprint(self, targets: Sequence[str]) -> dict[str, Any]:
         """The base fingerprint (`lora_kit.fingerprint.fingerprint`) over ``targets``.
 
-        Remembered per target set while the targeted base weights are the same tensors with
-        the same version counters and data pointers (so a base reloaded in place, e.g. by
-        ``load_state_dict``, is hashed again; writes through ``.data`` are not seen). The
-        check is a few microseconds per layer less than `fingerprint.digest_key`'s, which
-        matters on every swap. Swaps are refused while adapters are merged, so the weight
-        here is always the unmerged one.
+        Remembered per target set while the targeted base weights are unchanged (the rule of
+        `lora_kit.fingerprint.WeightsSeen`, as for the per-layer digests), checked on weights
+        read from the parameter dictionaries this plan resolved once, which is a few
+        microseconds per layer less than going through each layer's digest cache on every
+        swap. Swaps are refused while adapters are merged, so the weight here is always the
+        unmerged one.
         """
         key = tuple(targets)
         weights: list[Tensor | None] = [self.weight_dicts[t].get("weight") for t in key]
-        state = _weight_state(weights)
+        state = tensor_states(weights)
         found = self._fingerprints.get(key)
         if found is not None and state is not None and found.still(weights, state):
-            return found.fingerprint
+            return cast(dict[str, Any], found.value)
         computed = fingerprint(self.root, {t: self.layers[t] for t in key})
         if state is not None:
-            refs: tuple[weakref.ref[Tensor], ...] = tuple(
-                weakref.ref(w) for w in weights if w is not None
-            )
-            self._fingerprints[key] = Remembered(refs, state, computed)
+            self._fingerprints[key] = WeightsSeen.of(weights, state, computed)
         return computed
-
-
-def _weight_state(weights: Sequence[Tensor | None]) -> tuple[tuple[int, int], ...] | None:
-    """Each weight's ``(version, data_ptr)``; None when one is missing or cannot be tracked
-    (an inference tensor has no version counter)."""
-    try:
-        return tuple((w._version, w.data_ptr()) for w in weights)  # type: ignore[union-attr]
-    except (AttributeError, RuntimeError):
-        return None
 
 
 # Keyed weakly by the LoraModel; a plan holds no reference to it (links start at ``lm.model``),
