@@ -323,6 +323,29 @@ def test_training_restores_eval_mode(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_training_puts_modes_and_checkpointing_back_on_error(kind: str, tmp_path: Path) -> None:
+    # gradient_checkpointing=True used to stay switched on after train() returned (every later
+    # training or inference forward of the caller's model recomputed activations), and an
+    # exception inside the loop left every module in train mode.
+    lm, train_set, _ = _setup(kind, tmp_path, dropout=0.5)
+    lm.eval()
+
+    def boom(info: StepInfo) -> None:
+        raise RuntimeError("stop")
+
+    cfg = _cfg(tmp_path, steps=2, gradient_checkpointing=True)
+    with pytest.raises(RuntimeError, match="stop"):
+        train(lm, train_set, cfg, callbacks=[boom])
+    assert not any(m.training for m in lm.modules())
+    assert not lm.model.is_gradient_checkpointing
+    train(lm, train_set, _cfg(tmp_path / "again", steps=1, gradient_checkpointing=True))
+    assert not lm.model.is_gradient_checkpointing
+    lm.model.gradient_checkpointing_enable()  # the caller's own choice stays as it was
+    train(lm, train_set, _cfg(tmp_path / "third", steps=1, gradient_checkpointing=True))
+    assert lm.model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
 @pytest.mark.parametrize(
     ("change", "match"),
     [

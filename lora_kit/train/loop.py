@@ -136,133 +136,143 @@ def train(
         _load_adapter_tensors(lm, name, checkpoint.adapter)
     else:
         _seed(config.seed)
-    if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(lm)
-    if model is lm and config.strategy != "none":
-        model = wrap(lm, config.strategy, ctx)
+    # Modes and gradient checkpointing are the caller's: put back on every way out.
+    modes = [(module, module.training) for module in lm.modules()]
+    switched_checkpointing = False
+    try:
+        if config.gradient_checkpointing and not getattr(
+            lm.model, "is_gradient_checkpointing", False
+        ):
+            _enable_gradient_checkpointing(lm)
+            switched_checkpointing = True
+        if model is lm and config.strategy != "none":
+            model = wrap(lm, config.strategy, ctx)
 
-    params = lm.adapter_parameters(name)  # after wrapping: FSDP2 replaces them with DTensors
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = _optimizer(params, config)
-    # The sampler only needs len(); it yields example indices, sharded by rank.
-    sampler: DistributedSampler[int] = DistributedSampler(
-        cast(Any, train_data),
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
-        shuffle=True,
-        seed=config.seed,
-    )
-    windows_per_epoch = math.ceil(math.ceil(len(sampler) / config.batch_size) / config.grad_accum)
-    total = config.steps or config.epochs * windows_per_epoch
-    scheduler = _scheduler(optimizer, config, total)
-    scaler = plan.scaler()
-
-    step, epoch, window_start, bad_run = 0, 0, 0, 0
-    if checkpoint is not None:
-        state = checkpoint.state
-        _load_optimizer(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, window_start = state["step"], state["epoch"], state["window"]
-        bad_run = state["bad_run"]
-        set_rng_state(state["rng"])
-        log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
-
-    extra = _label_files(train_data)
-    log.rewind(step)  # records of steps this run will (re)do go
-    log.start(total, initial=step)
-    modes = [(module, module.training) for module in model.modules()]  # restored at the end
-    model.train()
-    metrics: dict[str, float] = {}
-    last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
-    position = {"epoch": epoch, "window": window_start}  # where the next step starts
-    windows = _windows(sampler, config.batch_size, config.grad_accum, epoch, window_start)
-    while step < total:
-        epoch, w, window = next(windows)
-        started = time.perf_counter()
-        loss, tokens = _accumulate(model, train_data, window, plan, scaler, ctx)
-        scaler.unscale_(optimizer)
-        norm = grad_norm(model, params, config.clip_norm)
-        bad = not (math.isfinite(loss) and math.isfinite(norm))
-        if scaler.is_enabled():
-            scaler.step(optimizer)  # skips by itself on inf gradients (fp16 overflow)
-            scaler.update()
-            bad = not math.isfinite(loss)
-        elif not bad:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        bad_run = bad_run + 1 if bad else 0
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        log.log(
-            {
-                "event": "train",
-                "step": step,
-                "epoch": epoch,
-                "loss": loss,
-                "grad_norm": norm,
-                "lr": lr,
-                "tokens": tokens,
-                "tokens_per_s": tokens / elapsed,
-                "skipped": bad,
-            }
+        params = lm.adapter_parameters(name)  # after wrapping: FSDP2 replaces them with DTensors
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = _optimizer(params, config)
+        # The sampler only needs len(); it yields example indices, sharded by rank.
+        sampler: DistributedSampler[int] = DistributedSampler(
+            cast(Any, train_data),
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=True,
+            seed=config.seed,
         )
-        if bad:
-            where = last_checkpoint or "none yet"
-            warnings.warn(
-                f"step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the "
-                f"update was skipped ({bad_run} in a row, limit {config.max_bad_steps})",
-                stacklevel=2,
-            )
-            if bad_run >= config.max_bad_steps:
-                log.close()
-                _restore_modes(modes)
-                raise TrainingDivergedError(
-                    f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
-                    f"gradient (last at step {step}). The last good checkpoint is {where}. "
-                    f"Lower --lr, raise --warmup-steps, keep --clip-norm on, or use fp32"
-                )
-        position = {"epoch": epoch, "window": w + 1}
-        if eval_data is not None and config.eval_every and step % config.eval_every == 0:
-            metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
-        if config.save_every and step % config.save_every == 0 and step < total and not bad:
-            last_checkpoint = _save_checkpoint(
-                model,
-                lm,
-                config,
-                optimizer,
-                scheduler,
-                scaler,
-                step,
-                bad_run,
-                position,
-                extra,
-                data_id,
-            )
-        info = StepInfo(step, total, loss, lr, bad)
-        for callback in callbacks:
-            callback(info)
+        windows_per_epoch = math.ceil(
+            math.ceil(len(sampler) / config.batch_size) / config.grad_accum
+        )
+        total = config.steps or config.epochs * windows_per_epoch
+        scheduler = _scheduler(optimizer, config, total)
+        scaler = plan.scaler()
 
-    if (
-        eval_data is not None
-        and len(eval_data)
-        and not (config.eval_every and step % config.eval_every == 0 and metrics)
-    ):
-        metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
-    last_checkpoint = _save_checkpoint(
-        model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra, data_id
-    )
-    with full_params(model):
-        if ctx.is_main:
-            publish_adapter(config.out, lm, name, extra)
-    barrier(ctx)
-    log.log({"event": "end", "step": step, **metrics})
-    log.close()
-    _restore_modes(modes)
-    return TrainResult(Path(config.out), step, metrics, last_checkpoint)
+        step, epoch, window_start, bad_run = 0, 0, 0, 0
+        if checkpoint is not None:
+            state = checkpoint.state
+            _load_optimizer(model, optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            step, epoch, window_start = state["step"], state["epoch"], state["window"]
+            bad_run = state["bad_run"]
+            set_rng_state(state["rng"])
+            log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
+
+        extra = _label_files(train_data)
+        log.rewind(step)  # records of steps this run will (re)do go
+        log.start(total, initial=step)
+        model.train()
+        metrics: dict[str, float] = {}
+        last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
+        position = {"epoch": epoch, "window": window_start}  # where the next step starts
+        windows = _windows(sampler, config.batch_size, config.grad_accum, epoch, window_start)
+        while step < total:
+            epoch, w, window = next(windows)
+            started = time.perf_counter()
+            loss, tokens = _accumulate(model, train_data, window, plan, scaler, ctx)
+            scaler.unscale_(optimizer)
+            norm = grad_norm(model, params, config.clip_norm)
+            bad = not (math.isfinite(loss) and math.isfinite(norm))
+            if scaler.is_enabled():
+                scaler.step(optimizer)  # skips by itself on inf gradients (fp16 overflow)
+                scaler.update()
+                bad = not math.isfinite(loss)
+            elif not bad:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            bad_run = bad_run + 1 if bad else 0
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            log.log(
+                {
+                    "event": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "grad_norm": norm,
+                    "lr": lr,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / elapsed,
+                    "skipped": bad,
+                }
+            )
+            if bad:
+                where = last_checkpoint or "none yet"
+                warnings.warn(
+                    f"step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the "
+                    f"update was skipped ({bad_run} in a row, limit {config.max_bad_steps})",
+                    stacklevel=2,
+                )
+                if bad_run >= config.max_bad_steps:
+                    log.close()
+                    raise TrainingDivergedError(
+                        f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
+                        f"gradient (last at step {step}). The last good checkpoint is {where}. "
+                        f"Lower --lr, raise --warmup-steps, keep --clip-norm on, or use fp32"
+                    )
+            position = {"epoch": epoch, "window": w + 1}
+            if eval_data is not None and config.eval_every and step % config.eval_every == 0:
+                metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+            if config.save_every and step % config.save_every == 0 and step < total and not bad:
+                last_checkpoint = _save_checkpoint(
+                    model,
+                    lm,
+                    config,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    step,
+                    bad_run,
+                    position,
+                    extra,
+                    data_id,
+                )
+            info = StepInfo(step, total, loss, lr, bad)
+            for callback in callbacks:
+                callback(info)
+
+        if (
+            eval_data is not None
+            and len(eval_data)
+            and not (config.eval_every and step % config.eval_every == 0 and metrics)
+        ):
+            metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+        last_checkpoint = _save_checkpoint(
+            model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra, data_id
+        )
+        with full_params(model):
+            if ctx.is_main:
+                publish_adapter(config.out, lm, name, extra)
+        barrier(ctx)
+        log.log({"event": "end", "step": step, **metrics})
+        log.close()
+        return TrainResult(Path(config.out), step, metrics, last_checkpoint)
+    finally:
+        _restore_modes(modes)
+        if switched_checkpointing:
+            cast(Any, lm.model).gradient_checkpointing_disable()
 
 
 def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
