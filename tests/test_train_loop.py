@@ -275,11 +275,17 @@ def test_gradient_checkpointing_gives_the_same_adapter(kind: str, tmp_path: Path
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
-    lm, train_set, _ = _setup("gpt2", tmp_path)
-    first = _adapter(train(lm, train_set, _cfg(tmp_path, steps=2)).adapter_path)
-    lm, train_set, _ = _setup("gpt2", tmp_path)
-    result = train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+    # It also used to evaluate again and log a second eval and end record; now the final
+    # metrics come back from the checkpoint and metrics.jsonl stays as it was.
+    lm, train_set, eval_set = _setup("gpt2", tmp_path)
+    done = train(lm, train_set, _cfg(tmp_path, steps=2), eval_data=eval_set)
+    first = _adapter(done.adapter_path)
+    log = (tmp_path / "out" / "metrics.jsonl").read_text()
+    lm, train_set, eval_set = _setup("gpt2", tmp_path)
+    result = train(lm, train_set, _cfg(tmp_path, steps=2), eval_data=eval_set, resume=True)
     assert result.steps == 2
+    assert result.metrics == done.metrics != {}
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == log
     again = _adapter(result.adapter_path)
     assert all(torch.equal(first[k], again[k]) for k in first)
 

@@ -55,16 +55,16 @@ class RunLogger:
             )
 
     def rewind(self, step: int) -> None:
-        """Drop the ``metrics.jsonl`` records of steps after ``step`` (atomically rewritten).
+        """Drop the records of steps after ``step`` and any ``end`` record (atomic rewrite).
 
         A fresh run rewinds to 0 (an earlier run's records in the same directory go); a
         resumed one to its checkpoint's step, so steps a killed run did after it are not
-        logged twice.
+        logged twice, and the run that finishes logs the one ``end`` record.
         """
         if not self.enabled or self.path is None or not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) <= step]
+        kept = [line for line in lines if _step_of(line) <= step and not _is_end(line)]
         if len(kept) == len(lines):
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -122,6 +122,15 @@ def _step_of(line: str) -> float:
     except (ValueError, AttributeError):
         return math.inf
     return step if isinstance(step, int) else math.inf
+
+
+def _is_end(line: str) -> bool:
+    """Whether one JSONL record is a run's ``end`` record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("event") == "end"
 
 
 def _tensorboard(folder: Path) -> Any:

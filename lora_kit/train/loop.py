@@ -168,6 +168,8 @@ def train(
         scaler = plan.scaler()
 
         step, epoch, window_start, bad_run = 0, 0, 0, 0
+        metrics: dict[str, float] = {}
+        evaluated = -1  # the step ``metrics`` were measured at
         if checkpoint is not None:
             state = checkpoint.state
             _load_optimizer(model, optimizer, state["optimizer"])
@@ -175,6 +177,7 @@ def train(
             scaler.load_state_dict(state["scaler"])
             step, epoch, window_start = state["step"], state["epoch"], state["window"]
             bad_run = state["bad_run"]
+            metrics, evaluated = dict(state.get("metrics", {})), state.get("evaluated", -1)
             set_rng_state(state["rng"])
             log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
 
@@ -182,7 +185,6 @@ def train(
         log.rewind(step)  # records of steps this run will (re)do go
         log.start(total, initial=step)
         model.train()
-        metrics: dict[str, float] = {}
         last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
         position = {"epoch": epoch, "window": window_start}  # where the next step starts
         windows = _windows(sampler, config.batch_size, config.grad_accum, epoch, window_start)
@@ -235,6 +237,7 @@ def train(
             position = {"epoch": epoch, "window": w + 1}
             if eval_data is not None and config.eval_every and step % config.eval_every == 0:
                 metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+                evaluated = step
             if config.save_every and step % config.save_every == 0 and step < total and not bad:
                 last_checkpoint = _save_checkpoint(
                     model,
@@ -245,7 +248,7 @@ def train(
                     scaler,
                     step,
                     bad_run,
-                    position,
+                    {**position, "metrics": metrics, "evaluated": evaluated},
                     extra,
                     data_id,
                 )
@@ -253,14 +256,13 @@ def train(
             for callback in callbacks:
                 callback(info)
 
-        if (
-            eval_data is not None
-            and len(eval_data)
-            and not (config.eval_every and step % config.eval_every == 0 and metrics)
-        ):
+        if eval_data is not None and len(eval_data) and evaluated != step:
+            # (a resumed finished run has its final metrics from the checkpoint)
             metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
+            evaluated = step
+        progress = {**position, "metrics": metrics, "evaluated": evaluated}
         last_checkpoint = _save_checkpoint(
-            model, lm, config, optimizer, scheduler, scaler, step, bad_run, position, extra, data_id
+            model, lm, config, optimizer, scheduler, scaler, step, bad_run, progress, extra, data_id
         )
         with full_params(model):
             if ctx.is_main:
@@ -637,11 +639,15 @@ def _save_checkpoint(
     scaler: torch.amp.GradScaler,
     step: int,
     bad_run: int,
-    position: dict[str, int],
+    position: dict[str, Any],
     extra: dict[str, str],
     data_id: dict[str, Any],
 ) -> Path:
-    """Gather (collective) and write the checkpoint on rank 0."""
+    """Gather (collective) and write the checkpoint on rank 0.
+
+    ``position`` holds where the next step starts and the last evaluation (its metrics and
+    step), so a resumed run neither repeats nor loses it.
+    """
     optimizer_state = _optimizer_state(model, optimizer)
     state = {
         "step": step,
