@@ -180,11 +180,11 @@ def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = T
             layer.weight.data = new[name]
     previous = lm.router.default
     lm.router.default = sel
-    heads = {
-        n: next((a for a, _ in sel.weights if a in m.copies), "(original)")
-        for n, m in lm.model.named_modules()
-        if isinstance(m, SavedModule)
-    }
+    heads: dict[str, str] = {}
+    for n, m in lm.model.named_modules():
+        if isinstance(m, SavedModule):  # the merged adapters' head, even inside lm.using()
+            m.merged = sel
+            heads[n] = next((a for a, _ in sel.weights if a in m.copies), "(original)")
     report = MergeReport(sel.weights, change, heads, kept)
     lm._merge_state = _MergeState(report, previous)
     return report
@@ -227,6 +227,9 @@ def unmerge(lm: LoraModel) -> MergeReport | None:
             layer.weight.data = layer.unmerged_weight
         layer.unmerged_weight = None
         layer.merged = None
+    for module in lm.model.modules():
+        if isinstance(module, SavedModule):
+            module.merged = None
     lm.router.default = state.previous_default
     lm._merge_state = None
     return state.report

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .routing import Router
+from .routing import Router, Selection
 from .rows import run_saved_rows
 
 
@@ -21,6 +21,8 @@ class SavedModule(nn.Module):
     Attributes:
         original: The model's own module, frozen.
         copies: Adapter name -> that adapter's copy.
+        merged: While adapters are merged (set by `lora_kit.merge` only), their selection: it
+            picks the copy whatever the router says, as the merged projections ignore it too.
     """
 
     def __init__(self, original: nn.Module, router: Router) -> None:
@@ -28,6 +30,7 @@ class SavedModule(nn.Module):
         self.original = original
         self.copies = nn.ModuleDict()
         self.router = router
+        self.merged: Selection | None = None
         # The original's train/eval mode (flags only: its own children keep theirs).
         self.training = self.copies.training = original.training
 
@@ -39,9 +42,10 @@ class SavedModule(nn.Module):
         return clone
 
     def active_module(self) -> nn.Module:
-        """The copy of the first active adapter that has one, else the original."""
+        """The copy of the first active (or merged) adapter that has one, else the original."""
         copies = self.copies
-        for name, _ in self.router.current.weights:
+        selection = self.router.current if self.merged is None else self.merged
+        for name, _ in selection.weights:
             if name in copies:
                 return copies[name]
         return self.original
@@ -49,6 +53,6 @@ class SavedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the active copy with the caller's arguments, unchanged."""
         rows = self.router.current.rows
-        if rows is not None:  # mixed batch: each row through its adapter's copy
+        if rows is not None and self.merged is None:  # mixed batch: each row, its own copy
             return run_saved_rows(self, rows, args, kwargs)
         return self.active_module()(*args, **kwargs)

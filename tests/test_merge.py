@@ -227,3 +227,25 @@ def test_merge_into_a_tied_weight_is_refused(kind: str) -> None:
     assert all(torch.equal(v, weights[k]) for k, v in lm.state_dict().items())
     with torch.no_grad():
         assert torch.equal(lm(**inputs).logits, before)
+
+
+def test_merged_head_ignores_a_using_block() -> None:
+    """Merging inside ``lm.using("a")`` / ``lm.disabled()`` merged b's projections but ran (and
+    ``merge_and_unload`` kept) the override's head: logits off by ~4.5 from b's."""
+    lm = with_adapters("bert", ("a", "b"), heads=True)
+    randomize(lm, "a", seed=3)  # distinct head copies, so the choice is visible
+    lm.set_adapter("b")
+    ref = logits(lm, "bert")
+    lm.set_adapter(None)
+    with lm.using("a"):
+        report = lm.merge("b")
+        assert report.heads == {"classifier": "b"}
+        torch.testing.assert_close(logits(lm, "bert"), ref, rtol=0, atol=ATOL)
+    lm.unmerge()
+    with lm.disabled():
+        lm.merge("b")
+        torch.testing.assert_close(logits(lm, "bert"), ref, rtol=0, atol=ATOL)
+    lm.unmerge()
+    with lm.using("a"):
+        plain = lm.merge_and_unload("b")
+    torch.testing.assert_close(logits(plain, "bert"), ref, rtol=0, atol=ATOL)
