@@ -148,7 +148,7 @@ def merge_files(
     out_dtype = _dtype(dtype)
     folder = resolve_base(base)
     store = _Base(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = _read_json(folder / "config.json")
     files = [read_adapter(p) for p in adapters]
     layout = _layout(files, choose_heads(files, heads), store, out_dtype)
     modules: dict[str, _Module] = {}
@@ -327,8 +327,10 @@ class _Base:
         if (folder / SINGLE).is_file():
             files = [SINGLE]
         elif (folder / INDEX).is_file():
-            index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-            files = sorted({str(v) for v in index.get("weight_map", {}).values()})
+            weight_map = _read_json(folder / INDEX).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise BaseModelError(f"{folder / INDEX}: weight_map is not a JSON object")
+            files = sorted({str(v) for v in weight_map.values()})
         else:
             present = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
             raise BaseModelError(
@@ -382,6 +384,21 @@ class _Base:
         if code not in _STORED:
             raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {code}, unsupported")
         return _STORED[code]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of the base (config, shard index).
+
+    Raises:
+        BaseModelError: Unreadable, not JSON, or not an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseModelError(f"{path}: unreadable JSON ({exc}); re-save the base") from exc
+    if not isinstance(data, dict):
+        raise BaseModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:

@@ -161,3 +161,16 @@ def test_peft_saved_adapter_square_conv1d(tmp_path: Path) -> None:
     assert report.adapters[0].fingerprint == "none recorded"
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(out, "gpt2"), ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("broken", ["config.json", "model.safetensors.index.json"])
+def test_unreadable_base_json_is_a_typed_error(tmp_path: Path, broken: str) -> None:
+    """A corrupt config.json or shard index raised a bare JSONDecodeError (a traceback from
+    ``lorakit merge``) instead of a BaseModelError naming the file."""
+    _, adapters, _ = make_base_and_adapters(tmp_path, "gpt2")
+    base = tmp_path / "sharded"
+    tiny("gpt2").save_pretrained(base, max_shard_size="100KB")
+    (base / broken).write_text("{not json")
+    with pytest.raises(BaseModelError, match=broken):
+        merge_files(base, adapters[:1], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
