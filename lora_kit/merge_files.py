@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -402,20 +403,32 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """``key -> (dtype code, shape, start, end)`` (absolute offsets) of a safetensors file."""
+    """``key -> (dtype code, shape, start, end)`` (absolute offsets) of a safetensors file.
+
+    Each tensor's byte range is checked against its dtype and shape and against the file's
+    length, so a corrupt or truncated base is refused before anything is written.
+    """
     try:
         with path.open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
             if not 0 < size < 100_000_000:
                 raise ValueError(f"implausible header length {size}")
             header = json.loads(handle.read(size))
+            length = os.fstat(handle.fileno()).st_size
         out = {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
+            code, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
-            out[key] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]),
-                        8 + size + begin, 8 + size + end)  # fmt: skip
+            known = _STORED.get(code)
+            if known is not None and end - begin != math.prod(shape) * known.itemsize:
+                raise ValueError(
+                    f"tensor {key!r}: {end - begin} bytes cannot hold {code}{list(shape)}"
+                )
+            if not 0 <= begin <= end or 8 + size + end > length:
+                raise ValueError(f"truncated: tensor {key!r} ends past the end of the file")
+            out[key] = (code, shape, 8 + size + begin, 8 + size + end)
         return out
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BaseModelError(f"{path}: unreadable safetensors file ({exc})") from exc

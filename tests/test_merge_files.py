@@ -174,3 +174,38 @@ def test_unreadable_base_json_is_a_typed_error(tmp_path: Path, broken: str) -> N
     with pytest.raises(BaseModelError, match=broken):
         merge_files(base, adapters[:1], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _rewrite_header(path: Path, edit: object) -> None:
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    edit(header)  # type: ignore[operator]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + size :])
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_base_header_that_disagrees_with_its_data_is_refused(
+    tmp_path: Path, dtype: str | None
+) -> None:
+    """A base whose header gives a tensor a shape its byte range cannot hold raised an
+    "internal error" LoraKitError (kernel copy) or a bare RuntimeError (reshape, with --dtype);
+    a truncated file was only noticed halfway through writing. Both are now BaseModelErrors
+    raised before anything is written."""
+    base, adapters, _ = make_base_and_adapters(tmp_path, "gpt2")
+    weights = base / "model.safetensors"
+    good = weights.read_bytes()
+
+    def shrink(header: dict[str, dict[str, list[int]]]) -> None:
+        header["transformer.wpe.weight"]["shape"][0] -= 1
+
+    _rewrite_header(weights, shrink)
+    with pytest.raises(BaseModelError, match=r"transformer\.wpe\.weight"):
+        merge_files(base, adapters[:1], tmp_path / "out", dtype=dtype)
+    weights.write_bytes(good[:-100])
+    with pytest.raises(BaseModelError, match="truncated"):
+        merge_files(base, adapters[:1], tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
