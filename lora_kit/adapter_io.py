@@ -199,11 +199,14 @@ def write_adapter(
     peft_config: Mapping[str, Any],
     tensors: Mapping[str, Tensor],
     metadata: Mapping[str, Any],
+    *,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write an adapter directory atomically (temp directory, then rename into place).
 
     An existing adapter at ``path`` is replaced only once the new one is complete; an
     interrupted save leaves the old one (or nothing) and a ``.tmp`` sibling, never a mix.
+    ``extra_files`` (``{file name: text}``, e.g. ``labels.json``) are written with it.
 
     Raises:
         NonFiniteError: A tensor holds NaN or infinity (nothing is written).
@@ -231,6 +234,8 @@ def write_adapter(
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / WEIGHTS_NAME), metadata=header)
         (tmp / CONFIG_NAME).write_text(json.dumps(dict(peft_config), indent=2) + "\n")
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text, encoding="utf-8")
         _replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .adapter_io import (
     CONFIG_NAME,
+    LABELS_NAME,
     WEIGHTS_NAME,
     AdapterFiles,
     file_sha256,
@@ -227,8 +228,17 @@ def stack(
     metadata: dict[str, Any] = {"config": config.to_json(), METADATA_NAME: history.to_dict()}
     if fingerprint is not None:
         metadata["base_fingerprint"] = fingerprint
-    write_adapter(out, peft_config, tensors, metadata)
+    write_adapter(out, peft_config, tensors, metadata, extra_files=_labels(inputs, kept))
     return report
+
+
+def _labels(inputs: Sequence[AdapterFiles], kept: dict[str, int]) -> dict[str, str]:
+    """The ``labels.json`` of the first input whose head is kept (the head's class names)."""
+    for index in sorted(set(kept.values())):
+        path = inputs[index].path / LABELS_NAME
+        if path.is_file():
+            return {LABELS_NAME: path.read_text(encoding="utf-8")}
+    return {}
 
 
 def _hashes(files: AdapterFiles) -> tuple[str, str]:

@@ -231,3 +231,22 @@ def test_cli_says_what_it_wrote_and_refuses_with_exit_1(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["merge", str(base), str(tmp_path / "ad"), "-o", str(tmp_path / "o2")])
     assert bad.exit_code == 1 and "task_type" in bad.stderr and "Traceback" not in bad.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_stacked_classifier_keeps_its_label_names(tmp_path: Path) -> None:
+    """``lk.stack`` kept a classifier's head but not the labels.json beside it, so merging the
+    stack onto the headless base named the classes LABEL_0.. instead of neg/neu/pos."""
+    base = headless("bert", tmp_path / "base")
+    head_adapter("bert", base, tmp_path / "ad")
+    plain = lk.LoraModel.from_pretrained(task_model(base), tmp_path / "ad", name="p")
+    plain.add_adapter("q", lk.LoraConfig(r=2, targets=("query",)))
+    randomize(plain, seed=5, std=0.2)
+    plain.save_adapter(tmp_path / "q", "q")  # no head, no labels.json
+    lk.stack([tmp_path / "ad", tmp_path / "q"], weights=[1.0, 0.5], out=tmp_path / "st")
+    assert json.loads((tmp_path / "st" / "labels.json").read_text()) == json.loads(
+        (tmp_path / "ad" / "labels.json").read_text()
+    )
+    report = merge_files(base, [tmp_path / "st"], tmp_path / "out")
+    assert report.task is not None and report.task.labels_from == "labels.json"
+    merged, _ = loading_info(tmp_path / "out")
+    assert merged.config.id2label == dict(enumerate(LABELS))
