@@ -206,11 +206,13 @@ def stack(
     )
     config = _config(results, inputs[0], saved_module_names(inputs, kept))
     first = inputs[0].peft_config
+    # The task type goes with the head (PEFT's SEQ_CLS/TOKEN_CLS mean "the file has the head").
+    owner = inputs[min(kept.values())].peft_config if kept else first
     peft_config = to_peft_dict(
         config,
         target_modules=[r.module for r in results],
         fan_in_fan_out=bool(first.get("fan_in_fan_out", False)),
-        task_type=first.get("task_type"),
+        task_type=owner.get("task_type"),
         base_model_name_or_path=first.get("base_model_name_or_path"),
         peft_version=_PEFT_FORMAT_VERSION,
     )

@@ -250,3 +250,27 @@ def test_stacked_classifier_keeps_its_label_names(tmp_path: Path) -> None:
     assert report.task is not None and report.task.labels_from == "labels.json"
     merged, _ = loading_info(tmp_path / "out")
     assert merged.config.id2label == dict(enumerate(LABELS))
+
+
+def test_stack_takes_the_task_type_of_the_input_whose_head_it_keeps(tmp_path: Path) -> None:
+    """The stack's task_type came from the first input: listing a head-less adapter first wrote
+    a classifier head under task_type null, and merging that stack onto the headless base was
+    refused (HeadLayoutError: "its task_type is None")."""
+    base = headless("bert", tmp_path / "base")
+    head_adapter("bert", base, tmp_path / "ad")
+    plain = lk.LoraModel.from_pretrained(task_model(base), tmp_path / "ad", name="p")
+    plain.add_adapter("q", lk.LoraConfig(r=2, targets=("query",)))
+    randomize(plain, seed=5, std=0.2)
+    plain.save_adapter(tmp_path / "q", "q")  # no head: saved with task_type null
+    assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["task_type"] is None
+    lk.stack([tmp_path / "q", tmp_path / "ad"], weights=[0.5, 1.0], out=tmp_path / "st")
+    config = json.loads((tmp_path / "st" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    stacked = lk.LoraModel.from_pretrained(task_model(base), tmp_path / "st").eval()
+    report = merge_files(base, [tmp_path / "st"], tmp_path / "out")
+    assert report.task is not None
+    merged, _ = loading_info(tmp_path / "out")
+    with torch.no_grad():
+        want = stacked(input_ids=ids("bert")).logits
+        got = merged(input_ids=ids("bert")).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
