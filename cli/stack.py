@@ -15,7 +15,12 @@ from ._tooling import errors_to_exit
 
 
 def stack_command(
-    adapters: Annotated[list[Path], typer.Argument(help="Two or more adapter directories.")],
+    adapters: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Adapter directories (usually two or more; one rescales or re-ranks it)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Adapter directory to write.")],
     weights: Annotated[
         str | None,
