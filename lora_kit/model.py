@@ -545,6 +545,9 @@ class LoraModel(nn.Module):
         Returns:
             The per-module largest change, the heads in use and the memory kept.
 
+        An adapter registered with the adapter cache is loaded first, as for
+        :meth:`set_adapter`.
+
         Raises:
             MergedStateError: Something is merged already.
             AdapterNameError, ConfigError: Unknown adapter or non-finite weight.
@@ -552,7 +555,9 @@ class LoraModel(nn.Module):
         """
         from .merge import merge
 
-        return merge(self, selection)
+        self._refuse_if_merged("merge")
+        with self._pinned(_selected_names(selection)):  # registered adapters are loaded first
+            return merge(self, selection)  # (kept resident while merged: eviction waits)
 
     def unmerge(self) -> MergeReport | None:
         """Restore the base weights bit-exactly and the previous adapter selection.

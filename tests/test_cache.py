@@ -166,10 +166,11 @@ def test_eviction_while_merged_keeps_the_cache_consistent(root: Path) -> None:
             pass
     lm.merge("a")
     lm.set_cache_budget(max_resident=1)  # over budget, but nothing can be evicted now
-    assert lm.cache.resident == ("a", "b") and set(lm.adapters) == {"a", "b"}
+    # (least recently used first: merging used "a")
+    assert lm.cache.resident == ("b", "a") and set(lm.adapters) == {"a", "b"}
     with pytest.raises(lk.MergedStateError):
         lm.cache.unregister("b")
-    assert lm.cache.resident == ("a", "b") and "b" in lm.cache.registered
+    assert lm.cache.resident == ("b", "a") and "b" in lm.cache.registered
     lm.unmerge()
     for name in ("b", "a"):
         with lm.using(name):
@@ -212,3 +213,23 @@ def test_a_registered_name_cannot_be_loaded_directly(root: Path) -> None:
     lm.cache.unregister("a")
     lm.load_adapter(root / "b", "a")  # once unregistered the name is free again
     assert "a" in lm.adapters
+
+
+def test_merging_a_registered_adapter_loads_it(root: Path) -> None:
+    # merge() looked only at resident adapters: merging a registered, evicted adapter raised
+    # AdapterNameError although set_adapter/using load it transparently.
+    lm = _registered(root, budget=1)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    with lm.using("a"):
+        pass
+    assert lm.cache.resident == ("a",)
+    lm.merge("b")
+    assert torch.allclose(logits(lm, ids), refs["b"], atol=1e-5)  # merged: rounding only
+    with pytest.raises(lk.MergedStateError):
+        lm.merge("c")  # refused before anything is loaded
+    assert "c" not in lm.adapters
+    lm.unmerge()
+    with lm.using("c"):  # after unmerge, eviction goes on as usual
+        assert torch.equal(logits(lm, ids), refs["c"])
+    assert lm.cache.resident == ("c",)
