@@ -44,7 +44,7 @@ from .fingerprint import HASH_DTYPE
 from .heads import choose_heads
 from .history import HEADER_KEY, History, HistorySource, Scalar, source_record
 from .merge import merge_update, weighted_delta
-from .peft_format import PREFIX
+from .peft_format import PREFIX, lora_pairs
 from .safetensors_stream import ByteRange, write_streaming
 from .task_head import TaskLayout, read_labels, task_layout
 
@@ -477,16 +477,7 @@ def _plan(
     found: dict[str, str] = {}
     fp_modules = (files.metadata.get("base_fingerprint") or {}).get("modules", {})
     fan_default = bool(files.peft_config.get("fan_in_fan_out", False))
-    for key, tensor in files.tensors.items():
-        body = key.removeprefix(PREFIX)
-        if body.endswith(".lora_B.weight"):
-            continue
-        if not body.endswith(".lora_A.weight"):  # a modules_to_save tensor: see _heads
-            continue
-        module = body.removesuffix(".lora_A.weight")
-        a, b = tensor, files.tensors.get(f"{PREFIX}{module}.lora_B.weight")
-        if b is None:
-            raise AdapterMismatchError(f"{source}: {module} has lora_A but no lora_B")
+    for module, a, b in lora_pairs(files.tensors, source):  # heads: see _heads
         base_key = _base_key(module, store.shards, source)
         shape = store.shape(base_key)
         out_f, in_f = b.shape[0], a.shape[1]

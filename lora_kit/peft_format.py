@@ -95,6 +95,38 @@ def lora_keys(module_name: str) -> tuple[str, str]:
     return f"{base}.lora_A.weight", f"{base}.lora_B.weight"
 
 
+def lora_pairs(tensors: Mapping[str, Any], source: str) -> list[tuple[str, Any, Any]]:
+    """``(module, A, B)`` for every module of a PEFT adapter's tensors, in file order.
+
+    Checks the pairing a model-free reader (merge on disk, stack) relies on: every ``lora_A``
+    has its ``lora_B`` and the reverse, and the two agree on the rank.
+
+    Raises:
+        AdapterFormatError: A factor without its partner, or ranks that differ; names the
+            module and ``source``.
+    """
+    pairs = []
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+        b = tensors.get(f"{PREFIX}{module}.lora_B.weight")
+        if b is None:
+            raise AdapterFormatError(f"{source}: {module} has lora_A but no lora_B")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(
+                f"{source}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
+                f"expected [r, in] and [out, r] with the same r"
+            )
+        pairs.append((module, a, b))
+    for key in tensors:
+        if key.endswith(".lora_B.weight"):
+            module = key.removeprefix(PREFIX).removesuffix(".lora_B.weight")
+            if f"{PREFIX}{module}.lora_A.weight" not in tensors:
+                raise AdapterFormatError(f"{source}: {module} has lora_B but no lora_A")
+    return pairs
+
+
 def head_key(module_name: str, param_name: str) -> str:
     """The PEFT tensor key of a ``modules_to_save`` parameter/buffer."""
     return f"{PREFIX}{module_name}.{param_name}"

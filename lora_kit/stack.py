@@ -45,7 +45,7 @@ from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
 from .heads import choose_heads, saved_module_names
 from .history import METADATA_NAME, History, source_record
-from .peft_format import PREFIX, to_peft_dict
+from .peft_format import PREFIX, lora_pairs, to_peft_dict
 
 StackMethod = Literal["cat", "svd", "ties", "dare"]
 METHODS: tuple[str, ...] = get_args(StackMethod)
@@ -264,8 +264,13 @@ def _check_compatible(inputs: Sequence[AdapterFiles]) -> dict[str, Any] | None:
             f"inputs were trained on different model types {sorted(map(str, types))}; "
             f"stack adapters of one base only"
         )
+    names: list[set[str]] = []
     for files in inputs:
-        for module, a, b in _pairs(files):
+        pairs = lora_pairs(files.tensors, str(files.path))
+        if not pairs:
+            raise AdapterMismatchError(f"{files.path}: the adapter has no lora_A/lora_B tensors")
+        names.append({module for module, _, _ in pairs})
+        for module, a, b in pairs:
             shape = (b.shape[0], a.shape[1])
             seen = shapes.setdefault(module, (shape, str(files.path)))
             if seen[0] != shape:
@@ -273,7 +278,6 @@ def _check_compatible(inputs: Sequence[AdapterFiles]) -> dict[str, Any] | None:
                     f"module {module!r} is [out, in] = {list(seen[0])} in {seen[1]} but "
                     f"{list(shape)} in {files.path}: the adapters belong to different bases"
                 )
-    names = [set(m for m, _, _ in _pairs(f)) for f in inputs]
     for files, mods in zip(inputs[1:], names[1:], strict=True):
         if not mods & names[0]:
             raise AdapterMismatchError(
@@ -293,22 +297,10 @@ def _check_compatible(inputs: Sequence[AdapterFiles]) -> dict[str, Any] | None:
     return None
 
 
-def _pairs(files: AdapterFiles) -> list[tuple[str, Tensor, Tensor]]:
-    out = []
-    for key, a in files.tensors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
-            b = files.tensors.get(f"{PREFIX}{module}.lora_B.weight")
-            if b is None:
-                raise AdapterMismatchError(f"{files.path}: {module} has lora_A but no lora_B")
-            out.append((module, a, b))
-    return out
-
-
 def _collect(inputs: Sequence[AdapterFiles], coeffs: Sequence[float]) -> dict[str, _Terms]:
     terms: dict[str, _Terms] = {}
     for files, coeff in zip(inputs, coeffs, strict=True):
-        for module, a, b in _pairs(files):
+        for module, a, b in lora_pairs(files.tensors, str(files.path)):
             t = terms.setdefault(module, _Terms([], []))
             t.a.append(a.float())
             t.b.append(b.float() * (coeff * files.config.scaling_for(module)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
@@ -74,3 +77,34 @@ def logits(model: nn.Module, kind: str) -> torch.Tensor:
 def adapters_of(lm: lk.LoraModel) -> list[LoraAdapter]:
     """All adapter objects (to count or inspect)."""
     return [m for m in lm.model.modules() if isinstance(m, LoraAdapter)]
+
+
+def broken_copies(adapter: Path, root: Path) -> dict[str, Path]:
+    """Copies of a saved adapter whose factors do not pair up, by what is wrong with them.
+
+    ``no_A``: one module's lora_A removed; ``no_B``: its lora_B removed; ``rank``: its lora_B
+    one rank short; ``heads_only``: every LoRA tensor removed (a BERT adapter with a head keeps
+    only the head). The safetensors metadata is kept.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    key_a = next(k for k in tensors if k.endswith(".lora_A.weight"))
+    key_b = key_a.replace(".lora_A.", ".lora_B.")
+    edits = {
+        "no_A": {k: v for k, v in tensors.items() if k != key_a},
+        "no_B": {k: v for k, v in tensors.items() if k != key_b},
+        "rank": {**tensors, key_b: tensors[key_b][:, :-1].contiguous()},
+        "heads_only": {k: v for k, v in tensors.items() if ".lora_" not in k},
+    }
+    out = {}
+    for what, edited in edits.items():
+        folder = root / f"{adapter.name}-{what}"
+        shutil.copytree(adapter, folder)
+        save_file(edited, str(folder / "adapter_model.safetensors"), metadata=metadata)
+        out[what] = folder
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import logits, randomize, tiny, with_adapters
+from merge_helpers import broken_copies, logits, randomize, tiny, with_adapters
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -120,6 +120,25 @@ def test_bad_inputs_leave_nothing(tmp_path: Path) -> None:
     out.mkdir()
     with pytest.raises(lk.ConfigError, match="already exists"):
         merge_files(base, adapters, out)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_factors_that_do_not_pair_up_are_refused(tmp_path: Path, kind: str) -> None:
+    # A lora_B without its lora_A was silently left out of the merge (the merged model lacked
+    # that module's update), and ranks that disagree failed in the middle of streaming.
+    base, adapters, _ = make_base_and_adapters(tmp_path, kind)
+    broken = broken_copies(adapters[0], tmp_path / "broken")
+    cases = {
+        "no_A": "has lora_B but no lora_A",
+        "no_B": "has lora_A but no lora_B",
+        "rank": "with the same r",
+        "heads_only": "no lora_A/lora_B tensors",
+    }
+    out = tmp_path / "out"
+    for what, match in cases.items():
+        with pytest.raises(lk.LoraKitError, match=match):
+            merge_files(base, [adapters[1], broken[what]], out)
+        assert not out.exists()
 
 
 def test_base_without_safetensors_is_refused(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import logits, tiny, with_adapters
+from merge_helpers import broken_copies, logits, tiny, with_adapters
 
 import lora_kit as lk
 from lora_kit.adapter_io import read_adapter
@@ -131,3 +131,24 @@ def test_incompatible_inputs(tmp_path: Path) -> None:
     with pytest.raises(lk.ConfigError, match="method"):
         stack([tmp_path / "g"], method="avg", out=tmp_path / "x")  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()
+
+
+def test_factors_that_do_not_pair_up_are_refused(tmp_path: Path) -> None:
+    # A lora_B without its lora_A was silently left out of the stack, ranks that disagree
+    # raised a bare RuntimeError from torch.cat, and an adapter holding no LoRA tensors a
+    # bare ValueError.
+    lm = with_adapters("bert", ("a",), heads=True)
+    lm.save_adapter(tmp_path / "a", "a")
+    broken = broken_copies(tmp_path / "a", tmp_path / "broken")
+    cases = {
+        "no_A": "has lora_B but no lora_A",
+        "no_B": "has lora_A but no lora_B",
+        "rank": r"lora_A \[4, 32\] and lora_B \[\d+, 3\]",
+        "heads_only": "has no lora_A/lora_B tensors",
+    }
+    for what, match in cases.items():
+        out = tmp_path / f"out-{what}"
+        for inputs in ([broken[what]], [tmp_path / "a", broken[what]]):
+            with pytest.raises(lk.LoraKitError, match=match):
+                stack(inputs, out=out)
+            assert not out.exists()
