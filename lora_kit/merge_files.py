@@ -447,7 +447,9 @@ def _base_key(module: str, shards: dict[str, str], source: str) -> str:
             return f"{candidate}.weight"
     raise AdapterMismatchError(
         f"{source}: the base has no weight for adapted module {module!r} (looked for "
-        f"{module}.weight); was the adapter trained on another architecture?"
+        f"{module}.weight); was the adapter trained on another architecture? (A weight tied "
+        f"to another, like GPT-2's lm_head to its token embeddings, is not stored and cannot be "
+        f"merged: it would change both.)"
     )
 
 
