@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lora_kit.merge_files import DTYPES, merge_files
+from lora_kit.errors import ConfigError
+from lora_kit.merge_files import DTYPES, merge_arguments, merge_files
 
 from ._tooling import errors_to_exit
 
@@ -23,6 +26,15 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise typer.BadParameter(
             f"{text!r}: give comma-separated numbers, one per adapter, e.g. 0.7,-0.3"
         ) from None
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Report a `ConfigError` from checking the arguments alone as bad usage (exit 2)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def merge(
@@ -70,12 +82,15 @@ def merge(
     """
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r}: use one of {', '.join(DTYPES)}", param_hint="--dtype")
+    values = parse_weights(weights)
+    with usage_errors():
+        merge_arguments(len(adapters), values, dtype)
     with errors_to_exit():
         report = merge_files(
             base,
             adapters,
             out,
-            weights=parse_weights(weights),
+            weights=values,
             dtype=dtype,
             force=force,
             heads=heads,

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from lora_kit.stack import METHODS, StackMethod, stack
-from lora_kit_cli.merge import parse_weights
+from lora_kit.stack import METHODS, StackMethod, stack, stack_arguments
+from lora_kit_cli.merge import parse_weights, usage_errors
 
 from ._tooling import errors_to_exit
 
@@ -65,10 +65,13 @@ def stack_command(
             f"{method!r}: use one of {', '.join(METHODS)}", param_hint="--method"
         )
     chosen: StackMethod = method  # type: ignore[assignment]
+    values = parse_weights(weights)
+    with usage_errors():
+        stack_arguments(len(adapters), values, method, rank, density)
     with errors_to_exit():
         report = stack(
             adapters,
-            weights=parse_weights(weights),
+            weights=values,
             method=chosen,
             out=out,
             rank=rank,

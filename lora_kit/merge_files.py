@@ -145,7 +145,7 @@ def merge_files(
         raise ConfigError(f"output {str(target)!r} already exists: remove it or pick another -o")
     if not adapters:
         raise ConfigError("give at least one adapter directory to merge")
-    coeffs = _weights(weights, len(adapters))
+    coeffs = merge_arguments(len(adapters), weights, dtype)
     out_dtype = _dtype(dtype)
     folder = resolve_base(base)
     store = _Base(folder)
@@ -298,7 +298,13 @@ def _layout(
     )
 
 
-def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+def merge_arguments(n: int, weights: Sequence[float] | None, dtype: str | None) -> list[float]:
+    """Check `merge_files`' arguments before any file is read; returns one weight per adapter.
+
+    Raises:
+        ConfigError: A weight count other than ``n``, a non-finite weight, an unknown dtype.
+    """
+    _dtype(dtype)
     values = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(values) != n:
         raise ConfigError(f"got {len(values)} weights for {n} adapters: give one per adapter")

@@ -21,6 +21,7 @@ into the output's safetensors header as ``lora_kit.history``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -123,6 +124,35 @@ class _Terms:
     b: list[Tensor]  # [out, r_k], fp32, already times w_k * scaling_k
 
 
+def stack_arguments(
+    count: int,
+    weights: Sequence[float] | None,
+    method: str,
+    rank: int | None,
+    density: float | None,
+) -> list[float]:
+    """Check `stack`'s arguments before any file is read; returns one weight per adapter.
+
+    Raises:
+        ConfigError: No adapters, a weight count other than ``count``, a non-finite weight, an
+            unknown method, a rank below 1, or ties/dare without a density in (0, 1].
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown stacking method {method!r}; use one of {METHODS}")
+    if count < 1:
+        raise ConfigError("give at least one adapter directory to stack")
+    coeffs = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(coeffs) != count:
+        raise ConfigError(f"got {len(coeffs)} weights for {count} adapters: one per adapter")
+    if not all(math.isfinite(c) for c in coeffs):
+        raise ConfigError(f"stack weights must be finite, got {coeffs}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    if method in ("ties", "dare") and (density is None or not 0.0 < float(density) <= 1.0):
+        raise ConfigError(f"{method} needs --density in (0, 1], got {density!r}")
+    return coeffs
+
+
 def stack(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -157,19 +187,7 @@ def stack(
         AdapterMismatchError: Inputs of different bases, or the same module with other shapes.
         HeadConflictError: Inputs carry different copies of a head and ``heads`` is not given.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown stacking method {method!r}; use one of {METHODS}")
-    if len(paths) < 1:
-        raise ConfigError("give at least one adapter directory to stack")
-    coeffs = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(coeffs) != len(paths):
-        raise ConfigError(f"got {len(coeffs)} weights for {len(paths)} adapters: one per adapter")
-    if not all(torch.isfinite(torch.tensor(c)) for c in coeffs):
-        raise ConfigError(f"stack weights must be finite, got {coeffs}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    if method in ("ties", "dare") and (density is None or not 0.0 < float(density) <= 1.0):
-        raise ConfigError(f"{method} needs --density in (0, 1], got {density!r}")
+    coeffs = stack_arguments(len(paths), weights, method, rank, density)
     if method == "dare" and seed is None:
         seed = secrets.randbelow(2**31)
     inputs = [read_adapter(p) for p in paths]

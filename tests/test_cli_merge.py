@@ -32,6 +32,9 @@ def test_merge_json_and_exit_codes(tmp_path: Path) -> None:
     assert bad.exit_code == 2
     bad_dtype = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--dtype", "float8"])
     assert bad_dtype.exit_code == 2 and "float8" in bad_dtype.output
+    for weights in ("1,2,3", "1,inf"):  # checkable from the command line: usage, not misfit
+        bad_w = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--weights", weights])
+        assert bad_w.exit_code == 2 and "weights" in bad_w.output, bad_w.output
     assert not (tmp_path / "o2").exists()
 
 

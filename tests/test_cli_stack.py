@@ -32,8 +32,18 @@ def test_stack_cli(tmp_path: Path) -> None:
     assert report["method"] == "svd" and 0 < report["energy_kept"] < 1
     bad = runner.invoke(app, ["stack", *paths, "--method", "avg", "-o", out])
     assert bad.exit_code == 2
-    misfit = runner.invoke(app, ["stack", *paths, "--method", "ties", "-o", out])
-    assert misfit.exit_code == 1 and "density" in misfit.stderr
+    # what the command line alone gets wrong is bad usage (2), before any file is read
+    for wrong, needle in [
+        (["--method", "ties"], "density"),
+        (["--method", "ties", "--density", "2"], "density"),
+        (["--method", "svd", "--rank", "0"], "rank"),
+        (["--weights", "1,2,3"], "3 weights for 2 adapters"),
+        (["--weights", "1,nan"], "finite"),
+    ]:
+        misuse = runner.invoke(app, ["stack", *paths, *wrong, "-o", out])
+        assert misuse.exit_code == 2 and needle in misuse.output, (wrong, misuse.output)
+    misfit = runner.invoke(app, ["stack", paths[0], str(tmp_path / "none"), "-o", out])
+    assert misfit.exit_code == 1 and "error:" in misfit.stderr
 
 
 def test_stack_subprocess(tmp_path: Path) -> None:
