@@ -22,14 +22,13 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 
-from .bench_overhead import LAYERS, R
+from .bench_overhead import ALPHA, LAYERS, R, peft_layer_config
 from .harness import (
     CLOCKS,
     Stats,
@@ -56,14 +55,17 @@ def measure(
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     holder = nn.Sequential()
     holder.add_module("proj", layer)
-    ours = lk.inject(sharing_copy(holder), lk.LoraConfig(r=R, targets=("proj",))).eval()
-    theirs = get_peft_model(sharing_copy(holder), PeftConfig(r=R, target_modules=["proj"])).eval()
+    ours = lk.inject(sharing_copy(holder), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
+    theirs = get_peft_model(sharing_copy(holder), peft_layer_config(kind))
+    ours.eval()
+    theirs.eval()
     ours_layer = cast(lk.LoRALinear, ours.model.get_submodule("proj"))
     theirs_layer = theirs.get_submodule("base_model.model.proj")
     adapter = ours_layer.adapter("default")
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()  # [r, in], [out, r]
     x = torch.randn(tokens, n_in)  # [T, in]
     out = torch.randn(tokens, n_out)  # [T, o], a stand-in base output (updated in place)
+    scaling = adapter.scaling  # ALPHA / R on both sides
     h = F.linear(x, a)  # [T, r]
     h_t = h.t().contiguous()  # [r, T]
     # ~2 ms per sample at ~50 GFLOP/s, so the clock's resolution and call overhead do not matter
@@ -76,7 +78,7 @@ def measure(
         "down A@x^T": lambda: torch.mm(a, x.t()),  # [r, T]: lora_kit's up to 1024 rows
         "up, h [T,r]": lambda: out.addmm_(h, b.t(), alpha=1e-9),
         "up, h^T [r,T]": lambda: out.addmm_(h_t.t(), b.t(), alpha=1e-9),
-        "peft up+add": lambda: out + F.linear(h, b) * 2.0,
+        "peft up+add": lambda: out + F.linear(h, b) * scaling,
     }
     with torch.inference_mode():
         stats = interleaved(

@@ -32,6 +32,8 @@ from .harness import (
 )
 
 R = 8
+# The adapters' alpha, the same on both sides (lora_kit's default is 16, PEFT's 8): scaling 2.
+ALPHA = 16
 
 # One projection of each kind: (module type, in, out).
 LAYERS = [
@@ -40,6 +42,13 @@ LAYERS = [
     ("Linear", 768, 768),  # BERT query
     ("Linear", 3072, 768),  # BERT output.dense
 ]
+
+
+def peft_layer_config(kind: str) -> PeftConfig:
+    """PEFT's config for the one-layer cases: lora_kit's rank and alpha, Conv1D's orientation."""
+    return PeftConfig(
+        r=R, lora_alpha=ALPHA, target_modules=["proj"], fan_in_fan_out=kind == "Conv1D"
+    )
 
 
 def _overheads(stats: dict[str, Stats], case: str) -> tuple[float, float, float]:
@@ -85,10 +94,11 @@ def whole_model(
         base = BertModel(BertConfig()).eval()
         targets = list(lk.presets()["bert-all"])
     ours = lk.inject(
-        sharing_copy(base), lk.LoraConfig(r=R, alpha=16, targets=tuple(targets))
+        sharing_copy(base), lk.LoraConfig(r=R, alpha=ALPHA, targets=tuple(targets))
     ).eval()
     theirs = get_peft_model(
-        sharing_copy(base), PeftConfig(r=R, lora_alpha=16, target_modules=targets)
+        sharing_copy(base),
+        PeftConfig(r=R, lora_alpha=ALPHA, target_modules=targets, fan_in_fan_out=arch == "gpt2"),
     ).eval()
     ids = torch.randint(0, 1000, (batch, seq))
 
@@ -140,8 +150,10 @@ def one_layer(
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     base = nn.Sequential()
     base.add_module("proj", layer)
-    ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, targets=("proj",))).eval()
-    theirs = get_peft_model(sharing_copy(base), PeftConfig(r=R, target_modules=["proj"])).eval()
+    ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
+    theirs = get_peft_model(sharing_copy(base), peft_layer_config(kind))
+    ours.eval()
+    theirs.eval()
     x = torch.randn(tokens, n_in)
 
     def run(model: nn.Module) -> None:
