@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 
-from .bench_overhead import ALPHA, LAYERS, R, peft_layer_config
+from .bench_overhead import ALPHA, LAYERS, R, check_same_work, peft_layer_config
 from .harness import (
     CLOCKS,
     Stats,
@@ -55,15 +55,17 @@ def measure(
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     holder = nn.Sequential()
     holder.add_module("proj", layer)
+    holder.eval()  # nothing in a bare projection depends on it, but all sides match
     ours = lk.inject(sharing_copy(holder), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
     theirs = get_peft_model(sharing_copy(holder), peft_layer_config(kind))
     ours.eval()
     theirs.eval()
+    x = torch.randn(tokens, n_in)  # [T, in]
+    check_same_work(holder, ours, theirs, f"{kind} {n_in}->{n_out}", {"input": x})
     ours_layer = cast(lk.LoRALinear, ours.model.get_submodule("proj"))
     theirs_layer = theirs.get_submodule("base_model.model.proj")
     adapter = ours_layer.adapter("default")
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()  # [r, in], [out, r]
-    x = torch.randn(tokens, n_in)  # [T, in]
     out = torch.randn(tokens, n_out)  # [T, o], a stand-in base output (updated in place)
     scaling = adapter.scaling  # ALPHA / R on both sides
     h = F.linear(x, a)  # [T, r]

@@ -30,6 +30,7 @@ from .harness import (
     report,
     sharing_copy,
 )
+from .same_work import check_eval, check_same_outputs, tie_adapters
 
 R = 8
 # The adapters' alpha, the same on both sides (lora_kit's default is 16, PEFT's 8): scaling 2.
@@ -49,6 +50,23 @@ def peft_layer_config(kind: str) -> PeftConfig:
     return PeftConfig(
         r=R, lora_alpha=ALPHA, target_modules=["proj"], fan_in_fan_out=kind == "Conv1D"
     )
+
+
+def check_same_work(
+    base: nn.Module,
+    ours: lk.LoraModel,
+    theirs: nn.Module,
+    what: str,
+    inputs: dict[str, torch.Tensor],
+) -> None:
+    """Same adapted modules, rank, scaling, eval mode and outputs on both sides, or raise.
+
+    Gives both sides the same non-zero adapter factors first (`same_work.tie_adapters`).
+    """
+    tie_adapters(ours, theirs)
+    check_eval({"base": base, "lora_kit": ours, "peft": theirs})
+    with torch.inference_mode():
+        check_same_outputs(what, base(**inputs), ours(**inputs), theirs(**inputs))
 
 
 def _overheads(stats: dict[str, Stats], case: str) -> tuple[float, float, float]:
@@ -101,6 +119,7 @@ def whole_model(
         PeftConfig(r=R, lora_alpha=ALPHA, target_modules=targets, fan_in_fan_out=arch == "gpt2"),
     ).eval()
     ids = torch.randint(0, 1000, (batch, seq))
+    check_same_work(base, ours, theirs, f"{arch} whole model", {"input_ids": ids[:1, :16]})
 
     def run(model: nn.Module) -> None:
         with torch.inference_mode():
@@ -150,11 +169,13 @@ def one_layer(
     layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
     base = nn.Sequential()
     base.add_module("proj", layer)
+    base.eval()  # nothing in a bare projection depends on it, but all sides match
     ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
     theirs = get_peft_model(sharing_copy(base), peft_layer_config(kind))
     ours.eval()
     theirs.eval()
     x = torch.randn(tokens, n_in)
+    check_same_work(base, ours, theirs, f"{kind} {n_in}->{n_out}", {"input": x})
 
     def run(model: nn.Module) -> None:
         with torch.inference_mode():
