@@ -184,6 +184,7 @@ def run(
     pm.eval()
     pm.load_adapter(str(paths[0]), adapter_name="a0")
     pm.delete_adapter("p0")
+    _check_same_work(kind, plain, lm, pm, device)
 
     # -- load from disk with one adapter resident (both sides hold only a0) -------------------
     def lk_load() -> None:
@@ -225,6 +226,7 @@ def run(
     out["mixed"] = {}
     lm.set_adapter("a0")
     pm.set_adapter("a0")
+    _check_same_mixed(kind, plain, lm, pm, names, device)
     for seq in (32, 1):  # a short prefill, and one decode-sized step (1 token per row)
         x = {k: v.to(device) for k, v in inputs(kind, 8, seq).items()}
         with torch.no_grad():
@@ -486,6 +488,39 @@ def _swap(
     else:
         print("  PEFT: hotswap_adapter raises KeyError on modules_to_save keys (not comparable)")
     lm.delete_adapter("live")
+
+
+def _check_same_work(kind: str, plain: nn.Module, lm: lk.LoraModel, pm: Any, device: str) -> None:
+    """Raise unless both sides, loaded from the same file, adapt the same modules alike and agree.
+
+    One small forward per side (`benchmarks.same_work`): adapted modules, ranks, scalings, zero
+    dropout, eval mode, and outputs equal to 1e-4 of their scale but unlike the bare base's.
+    """
+    from benchmarks.same_work import SameWorkError, check_eval, check_same_outputs, check_twins
+
+    check_twins(lm, pm, "a0", "a0")
+    check_eval({"base": plain, "lora_kit": lm, "peft": pm})
+    if list(pm.active_adapters) != ["a0"]:
+        raise SameWorkError(f"PEFT's active adapters are {pm.active_adapters}, expected ['a0']")
+    x = {k: v.to(device) for k, v in inputs(kind, 1, 8).items()}
+    with torch.no_grad(), lm.using("a0"):  # leaves lora_kit's default selection as it was
+        check_same_outputs(f"{kind} adapter a0", plain(**x), lm(**x), pm(**x))
+
+
+def _check_same_mixed(
+    kind: str, plain: nn.Module, lm: lk.LoraModel, pm: Any, names: list[str], device: str
+) -> None:
+    """Raise unless both sides' mixed batches (one adapter per row) agree (`_check_same_work`)."""
+    from benchmarks.same_work import check_same_outputs
+
+    x = {k: v.to(device) for k, v in inputs(kind, len(names), 4).items()}
+    with torch.no_grad():
+        check_same_outputs(
+            f"{kind} mixed batch of {len(names)} adapters",
+            plain(**x),
+            lm(**x, adapter_names=names),
+            pm(**x, adapter_names=names),
+        )
 
 
 def _synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
