@@ -152,6 +152,25 @@ def measure_cuda_memory(
     return {"peak_step_mib": (peak - before) / 2**20, "trainable": trainable}
 
 
+def _check_same_training(prepared: dict[str, tuple[nn.Module, list[nn.Parameter]]]) -> None:
+    """Raise unless both sides adapt the same modules alike and train as many parameters.
+
+    The adapted modules, ranks, scalings and zero dropout (`benchmarks.same_work.check_twins`),
+    and the trainable element count (LoRA factors plus, for BERT, the classifier head).
+    """
+    from lora_kit import LoraModel
+
+    from .same_work import SameWorkError, check_twins
+
+    (ours, ours_params), (theirs, theirs_params) = prepared["lora_kit"], prepared["peft"]
+    if not isinstance(ours, LoraModel):
+        raise SameWorkError(f"lora_kit's case built a {type(ours).__name__}, not a LoraModel")
+    check_twins(ours, theirs, "default", "default")
+    counts = [sum(p.numel() for p in params) for params in (ours_params, theirs_params)]
+    if counts[0] != counts[1]:
+        raise SameWorkError(f"trainable elements differ: lora_kit {counts[0]}, PEFT {counts[1]}")
+
+
 def measure_speed(
     kind: str,
     steps: int,
@@ -163,11 +182,11 @@ def measure_speed(
 ) -> dict[str, Any]:
     """Interleaved lora_kit/PEFT steps on twin models; median seconds and tokens/s."""
     base = _base(kind).to(device)
+    prepared = {case: _prepare(kind, case, copy.deepcopy(base)) for case in ("lora_kit", "peft")}
+    _check_same_training(prepared)
     fns = {
-        case: _step_fn(
-            *_prepare(kind, case, copy.deepcopy(base)), _batch(kind, batch, seq), precision
-        )
-        for case in ("lora_kit", "peft")
+        case: _step_fn(model, params, _batch(kind, batch, seq), precision)
+        for case, (model, params) in prepared.items()
     }
     times: dict[str, list[float]] = {case: [] for case in fns}
     for round_ in range(warmup + steps):
