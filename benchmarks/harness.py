@@ -108,7 +108,8 @@ def overhead_ratio_interval(
 
     draw = random.Random(0)
     spread = sorted(ratio(draw.choices(rounds, k=len(rounds))) for _ in range(resamples))
-    tail = int(resamples * (1.0 - level) / 2)
+    # round, not int: (1 - 0.9) / 2 * 2000 is 99.99999999999997 in floating point
+    tail = round(resamples * (1.0 - level) / 2)
     return ratio(rounds), spread[tail], spread[resamples - 1 - tail]
 
 
