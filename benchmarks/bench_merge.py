@@ -2,9 +2,11 @@
 
 Run: ``.venv/bin/python -m benchmarks.bench_merge [--quick]``. Everything is built from configs
 (GPT-2-small shapes, random weights, random r=8 adapters on ``c_attn``); nothing is downloaded.
-Single-threaded; timings are A/B interleaved in one process (or in alternating child processes
-for peak memory), so the ratios are meaningful on a noisy machine even where absolute times
-are not.
+Single-threaded. Only the `lorakit merge` cost is an A/B comparison: the two cases alternate in
+child processes (for their own peak memory), so that ratio is meaningful on a noisy machine.
+The other timings are not interleaved: each side's 100 drift cycles are timed once, one side
+after the other; each stacking method is timed once, and lora_kit's svd again as the median of
+5 runs, against PEFT's svd timed once (it is ~200x slower, which no warm-up effect explains).
 """
 
 from __future__ import annotations
