@@ -79,7 +79,7 @@ def load_base(
         BaseModelError: Not found, unknown class, or the checkpoint failed to load.
     """
     folder = resolve_base(spec)
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = load_config(folder)
     name = model_class or next(iter(getattr(config, "architectures", None) or []), "AutoModel")
     cls = getattr(transformers, name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -94,9 +94,32 @@ def load_base(
     return model.eval()
 
 
+def load_config(folder: Path) -> Any:
+    """The transformers config in ``folder``.
+
+    Raises:
+        BaseModelError: ``config.json`` is unreadable, or names a model type this transformers
+            does not know (a checkpoint newer than the installed release).
+    """
+    try:
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        version = f" (installed transformers {transformers.__version__})"
+        raise BaseModelError(
+            f"{folder}: cannot read config.json: {first}"
+            + (version if isinstance(exc, ValueError) else "")
+        ) from exc
+
+
 def load_tokenizer(spec: str | os.PathLike[str]) -> Any | None:
-    """The tokenizer stored with base ``spec``, or None if it has none."""
+    """The tokenizer stored with base ``spec``, or None if it has none.
+
+    Raises:
+        BaseModelError: ``spec`` cannot be resolved or its config is unreadable.
+    """
     folder = resolve_base(spec)
+    load_config(folder)  # an unreadable config is reported as such, not as "no tokenizer"
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError):
