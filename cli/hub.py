@@ -63,7 +63,11 @@ def pull(
     repo_id: Annotated[str, typer.Argument(help="Hub repo, 'owner/name'.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Destination directory (default: adapters/NAME)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Destination directory (default: $LORA_KIT_ADAPTERS/NAME, else adapters/NAME).",
+        ),
     ] = None,
     revision: Annotated[
         str | None, typer.Option("--revision", help="Branch, tag or commit.")

@@ -7,18 +7,23 @@ from typing import Annotated
 
 import typer
 
-from lora_kit.library import DEFAULT_LIBRARY, scan_library
+from lora_kit.library import scan_library
 
 from ._tooling import emit_json, errors_to_exit, human_bytes, number, table
 
 
 def list_adapters(
     directory: Annotated[
-        Path, typer.Argument(help="Folder of adapters (searched recursively), or one adapter.")
-    ] = DEFAULT_LIBRARY,
+        Path | None,
+        typer.Argument(
+            help="Folder of adapters (searched recursively), or one adapter. Default: the "
+            "library, $LORA_KIT_ADAPTERS or ./adapters.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """List the adapters in the library (./adapters) or DIR.
+    """List the adapters in the library ($LORA_KIT_ADAPTERS, else ./adapters) or DIRECTORY.
 
     Shows each adapter's name, base model, targeted modules, rank/alpha, size, creation time
     and origin (lora_kit or PEFT). Entries that look like adapters but cannot be read are
@@ -51,7 +56,7 @@ def list_adapters(
         if notes:
             typer.echo(f"({'; '.join(notes)})")
     else:
-        typer.echo(f"no adapters in {directory}")
+        typer.echo(f"no adapters in {scan.root}")
     for problem in scan.problems:
         typer.echo(f"error: {problem.name}: {problem.error}", err=True)
     if scan.problems:

@@ -27,7 +27,7 @@ from .adapter_io import read_adapter
 from .base_model import hub_offline
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import AdapterReport, inspect_files
-from .library import DEFAULT_LIBRARY
+from .resolve import adapter_library
 
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"
@@ -212,7 +212,8 @@ def pull_adapter(
 
     Args:
         repo_id: ``owner/name``.
-        out: Destination directory; default ``adapters/<name>``.
+        out: Destination directory; default ``<library>/<name>``, the library being
+            ``$LORA_KIT_ADAPTERS`` or ``./adapters`` (where ``load_adapter("<name>")`` looks).
         revision: Branch, tag or commit (default: ``main``).
         cache_dir: Hub cache to use (default: huggingface_hub's, ``HF_HUB_CACHE``/``HF_HOME``).
         offline: Use only the cache; defaults to whether ``HF_HUB_OFFLINE`` is set.
@@ -225,7 +226,7 @@ def pull_adapter(
             ``force``) or is a file.
     """
     check_repo_id(repo_id)
-    target = Path(out) if out is not None else DEFAULT_LIBRARY / repo_id.rsplit("/", 1)[-1]
+    target = Path(out) if out is not None else adapter_library() / repo_id.rsplit("/", 1)[-1]
     if target.is_file() or (target.exists() and any(target.iterdir()) and not force):
         raise AdapterFormatError(
             f"{str(target)!r} already exists; choose another -o directory or pass --force to "

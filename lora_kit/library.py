@@ -17,6 +17,7 @@ from typing import Any
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import lora_modules
+from .resolve import LIBRARY_ENV, adapter_library
 
 DEFAULT_LIBRARY = Path("adapters")
 
@@ -116,8 +117,11 @@ def is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists())
 
 
-def scan_library(root: str | os.PathLike[str] = DEFAULT_LIBRARY) -> LibraryScan:
+def scan_library(root: str | os.PathLike[str] | None = None) -> LibraryScan:
     """Summarise every adapter under ``root`` (``root`` itself may be one adapter).
+
+    ``root`` defaults to the adapter library that names resolve from: ``$LORA_KIT_ADAPTERS``,
+    else ``./adapters``.
 
     Unreadable adapters do not stop the scan: they are returned in ``problems`` with the
     reason.
@@ -125,11 +129,11 @@ def scan_library(root: str | os.PathLike[str] = DEFAULT_LIBRARY) -> LibraryScan:
     Raises:
         AdapterFormatError: ``root`` does not exist or is not a directory.
     """
-    base = Path(root)
+    base = adapter_library() if root is None else Path(root)
     if not base.exists():
         raise AdapterFormatError(
             f"adapter library {str(base)!r} does not exist; pass the folder that holds your "
-            f"adapters (default: ./{DEFAULT_LIBRARY})"
+            f"adapters (default: ${LIBRARY_ENV}, else ./{DEFAULT_LIBRARY})"
         )
     if not base.is_dir():
         raise AdapterFormatError(f"{str(base)!r} is a file; pass a folder of adapters")

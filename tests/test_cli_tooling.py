@@ -214,3 +214,24 @@ def test_list_defaults_to_the_adapters_folder(
     assert result.exit_code == 0 and result.stdout.splitlines()[2].startswith("mine ")
     monkeypatch.chdir(tmp_path / "adapters")
     fails(run(inputs, "list"), 1, "adapter library 'adapters' does not exist")
+
+
+def test_list_and_pull_use_the_library_that_names_resolve_from(
+    inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$LORA_KIT_ADAPTERS moves the library for `-a NAME` and load_adapter("NAME"); `list` and
+    `pull` used to ignore it and read/write ./adapters instead."""
+    library = tmp_path / "shared-library"
+    shutil.copytree(inputs / "adapters" / "g1", library / "mine")
+    monkeypatch.chdir(tmp_path)  # no ./adapters here
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(library))
+    result = run(inputs, "list")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[2].startswith("mine ")
+    cache = str(inputs / "hf-cache")
+    pulled = run(inputs, "pull", "org/remote", "--cache-dir", cache, "--offline")
+    assert pulled.exit_code == 0, pulled.output
+    assert tree_hashes(library / "remote") == tree_hashes(inputs / "adapters" / "g1")
+    assert not (tmp_path / "adapters").exists()
+    monkeypatch.delenv("LORA_KIT_ADAPTERS")
+    fails(run(inputs, "list"), 1, "adapter library 'adapters' does not exist")
