@@ -370,7 +370,8 @@ class LoraModel(nn.Module):
         Args:
             path: The adapter directory, a name in the adapter library (``$LORA_KIT_ADAPTERS``
                 or ``./adapters``) or a Hub repo id (see `lora_kit.resolve`).
-            name: Name to give it; defaults to the directory's name.
+            name: Name to give it; defaults to the directory's name (for a library name or a
+                Hub id, its last part: ``"someone/gpt2-lora"`` -> ``"gpt2-lora"``).
             check_base: Verify the base fingerprint recorded by lora_kit (if present).
             adapter_dtype: dtype of the adapter tensors in memory.
             max_rank: Store it zero-padded to this rank with a tensor scaling, so that
@@ -386,8 +387,9 @@ class LoraModel(nn.Module):
         """
         self._refuse_if_merged("load_adapter")
         files = read_adapter(resolve_adapter(path))
-        if name is None:
-            name = files.path.resolve().name
+        if name is None:  # a directory's own name; a library name's or Hub id's last part
+            source = Path(os.fspath(path))
+            name = (files.path.resolve() if source.exists() else source).name
             if not _NAME_RE.match(name):
                 raise AdapterNameError(
                     f"the adapter's directory name {name!r} is not a valid adapter name (use "

@@ -101,6 +101,24 @@ def test_resolve_hub_cache_offline(
     assert "m" not in lm.adapters
 
 
+def test_hub_adapter_without_a_name_is_named_after_the_repo(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It was named after the cache's snapshot folder: the 40-hex commit hash."""
+    kind, root = saved
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(tmp_path / "library"))
+    _fake_hub_cache(tmp_path / "hub", "someone/adapter-a", root / "a")
+    shutil.copytree(root / "b", tmp_path / "library" / "team" / "b")
+    lm = lk.LoraModel(make_model(kind))
+    assert lm.load_adapter("someone/adapter-a") == "adapter-a"
+    assert lm.load_adapter("team/b") == "b"  # a library name, as before
+    monkeypatch.chdir(root / "c")
+    assert lm.load_adapter(".") == "c"  # an existing directory: its real name, as before
+    assert sorted(lm.adapters) == ["adapter-a", "b", "c"]
+
+
 def test_finite_check_fast_path_and_fallback(saved: tuple[str, Path], tmp_path: Path) -> None:
     """read_adapter checks finiteness with batched norms; huge finite values must still load."""
     from safetensors.torch import load_file, save_file
