@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
 
 from lora_kit import LoraModel
+from lora_kit.adapter_io import LABELS_NAME
 from lora_kit.base_model import load_base, load_tokenizer
 from lora_kit.errors import LoraKitError
+from lora_kit.task_head import read_labels
 
 from ._tooling import errors_to_exit
 from .serving import (
@@ -41,7 +44,8 @@ def predict(
 ) -> None:
     """Classify texts with several adapters on one base model, all rows in one batch.
 
-    Each adapter's saved classifier head (modules_to_save) is used for its rows.
+    Each adapter's saved classifier head (modules_to_save) is used for its rows, with the label
+    names of its labels.json (as lorakit train writes it), else the base config's.
 
     Example: lorakit predict bert-base-uncased -a sst -t "A fine film." --json
     """
@@ -63,9 +67,14 @@ def _predict(
     if tokenizer is None:
         raise LoraKitError(f"base {base!r} has no tokenizer files; save one next to the model")
     model = load_base(base)
-    labels = getattr(getattr(model, "config", None), "id2label", None) or {}
+    base_labels = getattr(getattr(model, "config", None), "id2label", None) or {}
     lm = LoraModel(model)
-    load_adapters(lm, adapters, check_base=check_base)
+    names = load_adapters(lm, adapters, check_base=check_base)
+    labels: dict[str | None, dict[int, str]] = {None: base_labels}
+    for name in names:
+        source = lm.adapter_record(name).source
+        own = read_labels(Path(source) / LABELS_NAME) if source is not None else None
+        labels[name] = own if own is not None else base_labels
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = lm(**batch, adapter_names=rows).logits  # [rows, labels]
@@ -75,7 +84,7 @@ def _predict(
         {
             "text": t,
             "adapter": row,
-            "label": labels.get(int(i), str(int(i))),
+            "label": labels[row].get(int(i), str(int(i))),
             "score": float(s),
             "probs": [round(float(p), 6) for p in prob],
         }

@@ -8,6 +8,7 @@ mixed-batch tolerance of test_rows.py).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,24 @@ def test_real_subprocess(bases: dict[str, Path]) -> None:
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["adapter"] for r in rows] == [None, "bert-x"]
     assert all(abs(sum(r["probs"]) - 1.0) < 1e-4 for r in rows)
+
+
+def test_predict_names_labels_from_each_adapters_labels_json(
+    bases: dict[str, Path], tmp_path: Path
+) -> None:
+    """`lorakit train` saves the label names in labels.json beside a classifier's adapter;
+    predict printed the base config's names (LABEL_0 ...) for the adapter's rows too."""
+    base = bases["bert"]
+    named = tmp_path / "named"
+    shutil.copytree(base.parent / "bert-x", named)
+    id2label = {"0": "neg", "1": "mid", "2": "pos"}
+    (named / "labels.json").write_text(json.dumps({"id2label": id2label}))
+    args = ["predict", str(base), "-a", f"x={named}", "-a", f"y={base.parent}/bert-y"]
+    code, out, err = _run(*args, "-t", "w1 w2", "--json")
+    assert code == 0, err
+    records = {r["adapter"]: r for r in map(json.loads, out.splitlines())}
+    assert set(records) == {None, "x", "y"}
+    for name, record in records.items():
+        best = max(range(3), key=lambda i: record["probs"][i])
+        want = id2label[str(best)] if name == "x" else f"LABEL_{best}"  # base and y: config's
+        assert record["label"] == want
