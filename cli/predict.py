@@ -66,7 +66,17 @@ def _predict(
     tokenizer = load_tokenizer(base)
     if tokenizer is None:
         raise LoraKitError(f"base {base!r} has no tokenizer files; save one next to the model")
+    if tokenizer.pad_token is None:  # GPT-2's: pad with EOS, as lorakit train does
+        if tokenizer.eos_token is None:
+            raise LoraKitError(
+                f"base {base!r}: its tokenizer has neither a pad nor an EOS token, so texts "
+                f"cannot be batched; set tokenizer.pad_token and save it next to the model"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
     model = load_base(base)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", 0) is None:
+        config.pad_token_id = tokenizer.pad_token_id  # heads that read the last real token
     base_labels = getattr(getattr(model, "config", None), "id2label", None) or {}
     lm = LoraModel(model)
     names = load_adapters(lm, adapters, check_base=check_base)

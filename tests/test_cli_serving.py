@@ -181,3 +181,43 @@ def test_predict_names_labels_from_each_adapters_labels_json(
         best = max(range(3), key=lambda i: record["probs"][i])
         want = id2label[str(best)] if name == "x" else f"LABEL_{best}"  # base and y: config's
         assert record["label"] == want
+
+
+def test_predict_with_a_gpt2_classifier_whose_tokenizer_has_no_pad_token(tmp_path: Path) -> None:
+    """GPT-2's tokenizer has no pad token: predict raised ValueError ("Asking to pad but the
+    tokenizer does not have a padding token", a traceback). Like lorakit train, it pads with
+    EOS and the head reads each row's last real token: every row equals that text run alone."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, num_labels=2,
+        bos_token_id=2, eos_token_id=2,
+    )  # fmt: skip
+    base = tmp_path / "gpt2-cls"
+    GPT2ForSequenceClassification(config).eval().save_pretrained(base)
+    tok = _tokenizer()
+    tok.pad_token, tok.eos_token = None, "w0"  # id 2, as GPT-2: an EOS and no pad token
+    tok.save_pretrained(base)
+    lm = lk.inject(load_base(base), lk.LoraConfig(r=4, modules_to_save=("score",)), "s")
+    randomize(lm, "s", seed=3)
+    lm.save_adapter(tmp_path / "s", "s")
+    texts = ["w1 w2 w3 w4", "w5"]
+    args = ["predict", str(base), "-a", str(tmp_path / "s"), "--json"]
+    code, out, err = _run(*args, "-t", texts[0], "-t", texts[1])
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["text"], r["adapter"]) for r in records] == [
+        (texts[0], None), (texts[0], "s"), (texts[1], None), (texts[1], "s")
+    ]  # fmt: skip
+    for record in records:
+        code, alone, err = _run(
+            *args, "-t", record["text"], "--text-adapter", record["adapter"] or "base"
+        )
+        assert code == 0, err
+        torch.testing.assert_close(
+            torch.tensor(record["probs"]),
+            torch.tensor(json.loads(alone)["probs"]),
+            atol=1e-5,
+            rtol=0,
+        )
