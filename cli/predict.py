@@ -22,6 +22,7 @@ from .serving import (
     emit,
     load_adapters,
     parse_adapter,
+    position_limit,
 )
 
 
@@ -45,7 +46,8 @@ def predict(
     """Classify texts with several adapters on one base model, all rows in one batch.
 
     Each adapter's saved classifier head (modules_to_save) is used for its rows, with the label
-    names of its labels.json (as lorakit train writes it), else the base config's.
+    names of its labels.json (as lorakit train writes it), else the base config's. Texts longer
+    than the model's positions are truncated, with a notice.
 
     Example: lorakit predict bert-base-uncased -a sst -t "A fine film." --json
     """
@@ -85,7 +87,16 @@ def _predict(
         source = lm.adapter_record(name).source
         own = read_labels(Path(source) / LABELS_NAME) if source is not None else None
         labels[name] = own if own is not None else base_labels
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    limit = position_limit(model, tokenizer)
+    if limit is not None:
+        longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
+        if longest > limit:
+            typer.echo(
+                f"notice: texts longer than the model's {limit} tokens are truncated to {limit} "
+                f"(as lorakit train truncates them)",
+                err=True,
+            )
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit)
     with torch.no_grad():
         logits = lm(**batch, adapter_names=rows).logits  # [rows, labels]
     probs = logits.float().softmax(-1)

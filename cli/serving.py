@@ -74,6 +74,15 @@ def assign_rows(
     return [text for text in inputs for _ in grid], [a for _ in inputs for a in grid]
 
 
+def position_limit(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens one row may hold: the model's positions, or the tokenizer's limit."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    found = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000_000]
+    return min(found) if found else None
+
+
 def emit(
     records: list[dict[str, Any]], as_json: bool, human: Callable[[dict[str, Any]], str]
 ) -> None:

@@ -221,3 +221,22 @@ def test_predict_with_a_gpt2_classifier_whose_tokenizer_has_no_pad_token(tmp_pat
             atol=1e-5,
             rtol=0,
         )
+
+
+def test_predict_truncates_texts_longer_than_the_model(bases: dict[str, Path]) -> None:
+    """A text longer than the model's positions (512 here) raised RuntimeError, a traceback;
+    it is truncated as lorakit train truncates (closing [SEP] kept), with a notice."""
+    base = bases["bert"]
+    long_text = " ".join(["w5", "w6"] * 400)  # 800 words
+    args = ["predict", str(base), "-a", f"x={base.parent}/bert-x", "--json"]
+    result = CliRunner().invoke(app, [*args, "-t", long_text, "-t", "w1"])
+    assert result.exit_code == 0, result.output
+    assert "truncated" in result.stderr and "512" in result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    lm = lk.LoraModel(load_base(base))
+    lm.load_adapter(base.parent / "bert-x", "x")
+    ids = _tokenizer()(long_text, return_tensors="pt", truncation=True, max_length=512)
+    assert ids["input_ids"].shape == (1, 512)
+    with torch.no_grad(), lm.using("x"):
+        probs = lm(**ids).logits.softmax(-1)[0]
+    torch.testing.assert_close(torch.tensor(records[1]["probs"]), probs, atol=1e-5, rtol=0)
