@@ -19,6 +19,7 @@ from .serving import (
     emit,
     load_adapters,
     parse_adapter,
+    position_limit,
 )
 
 
@@ -70,6 +71,14 @@ def _generate(
     lm = LoraModel(load_base(base))
     load_adapters(lm, adapters, check_base=check_base)
     batch = tokenizer(texts, return_tensors="pt", padding=True)
+    limit = position_limit(lm.model, tokenizer)
+    if limit is not None and batch["input_ids"].shape[1] + max_new_tokens > limit:
+        raise typer.BadParameter(
+            f"the longest prompt has {batch['input_ids'].shape[1]} tokens; with "
+            f"--max-new-tokens {max_new_tokens} that exceeds the model's {limit} positions: "
+            f"shorten the prompt or lower --max-new-tokens",
+            param_hint="--max-new-tokens",
+        )
     with torch.no_grad():
         out = lm.generate(
             **batch,

@@ -240,3 +240,13 @@ def test_predict_truncates_texts_longer_than_the_model(bases: dict[str, Path]) -
     with torch.no_grad(), lm.using("x"):
         probs = lm(**ids).logits.softmax(-1)[0]
     torch.testing.assert_close(torch.tensor(records[1]["probs"]), probs, atol=1e-5, rtol=0)
+
+
+def test_generate_past_the_models_positions_is_a_usage_error(bases: dict[str, Path]) -> None:
+    """Prompt plus --max-new-tokens beyond GPT-2's 64 positions raised IndexError mid-run."""
+    prompt = " ".join(["w3"] * 60)
+    code, out, err = _run("generate", str(bases["gpt2"]), "-p", prompt, "--max-new-tokens", "10")
+    assert code == 2 and out == ""
+    assert "64 positions" in err and "--max-new-tokens" in err
+    code, out, err = _run("generate", str(bases["gpt2"]), "-p", prompt, "--max-new-tokens", "4")
+    assert code == 0, err
