@@ -6,13 +6,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
+import transformers
 import typer
+from torch import nn
 
 from lora_kit import LoraModel
-from lora_kit.adapter_io import LABELS_NAME
-from lora_kit.base_model import load_base, load_tokenizer
+from lora_kit.adapter_io import LABELS_NAME, read_adapter
+from lora_kit.base_model import load_base, load_config, load_tokenizer, resolve_base
 from lora_kit.errors import LoraKitError
-from lora_kit.task_head import read_labels
+from lora_kit.resolve import resolve_adapter
+from lora_kit.task_head import classifier_labels, read_labels
 
 from ._tooling import errors_to_exit
 from .serving import (
@@ -49,12 +52,17 @@ def predict(
     names of its labels.json (as lorakit train writes it), else the base config's. Texts longer
     than the model's positions are truncated, with a notice.
 
+    A base without a sequence-classification head (a bare encoder such as the one lorakit
+    train adapted, or a masked-LM checkpoint) gets one as lorakit train built it; its rows
+    then come only from the adapters' trained heads ('base' is refused, and left out of the
+    side-by-side view).
+
     Example: lorakit predict bert-base-uncased -a sst -t "A fine film." --json
     """
     with errors_to_exit():
         names = [parse_adapter(spec)[0] for spec in adapter or []]
         texts, rows = assign_rows(text, names, text_adapter or None, "--text-adapter")
-        records = _predict(base, adapter or [], texts, rows, check_base)
+        records = _predict(base, adapter or [], texts, rows, check_base, grid=not text_adapter)
     emit(
         records,
         as_json,
@@ -63,7 +71,13 @@ def predict(
 
 
 def _predict(
-    base: str, adapters: list[str], texts: list[str], rows: list[str | None], check_base: bool
+    base: str,
+    adapters: list[str],
+    texts: list[str],
+    rows: list[str | None],
+    check_base: bool,
+    *,
+    grid: bool,
 ) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(base)
     if tokenizer is None:
@@ -75,7 +89,17 @@ def _predict(
                 f"cannot be batched; set tokenizer.pad_token and save it next to the model"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_base(base)
+    model, headless = _load_classifier(base, adapters)
+    if headless:  # its head is untrained: only adapter rows mean anything
+        if grid:
+            kept = [i for i, row in enumerate(rows) if row is not None]
+            texts, rows = [texts[i] for i in kept], [rows[i] for i in kept]
+        elif None in rows:
+            raise typer.BadParameter(
+                f"base {base!r} has no sequence-classification head, so '{BASE}' has nothing "
+                f"to classify with; choose an adapter for every text",
+                param_hint="--text-adapter",
+            )
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "pad_token_id", 0) is None:
         config.pad_token_id = tokenizer.pad_token_id  # heads that read the last real token
@@ -111,3 +135,41 @@ def _predict(
         }
         for t, row, i, s, prob in zip(texts, rows, best, scores, probs, strict=True)
     ]
+
+
+def _load_classifier(base: str, adapters: list[str]) -> tuple[nn.Module, bool]:
+    """The base as a sequence classifier, and whether its head is new (a headless base).
+
+    A checkpoint without a sequence-classification head (a bare ``BertModel``, or a masked-LM
+    checkpoint such as bert-base-uncased) is built as one with as many labels as the adapters'
+    heads have, as lorakit train built it; the adapters' trained heads then run their rows.
+    """
+    folder = resolve_base(base)
+    architectures = getattr(load_config(folder), "architectures", None) or []
+    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        return load_base(folder), False
+    if not adapters:
+        raise LoraKitError(
+            f"base {base!r} ({', '.join(architectures) or 'no architecture listed'}) has no "
+            f"sequence-classification head; give the classifier adapters trained on it (-a)"
+        )
+    counts: dict[str, int] = {}
+    for spec in adapters:
+        source = parse_adapter(spec)[1]
+        counts[source] = len(classifier_labels(folder, read_adapter(resolve_adapter(source))))
+    if len(set(counts.values())) != 1:
+        raise LoraKitError(
+            f"on a base without a classification head every adapter must bring a head of the "
+            f"same size; their label counts differ: {counts}. Run them separately"
+        )
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # "newly initialized head": expected
+    try:
+        model = load_base(
+            folder,
+            model_class="AutoModelForSequenceClassification",
+            extra={"num_labels": next(iter(counts.values()))},
+        )
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    return model, True

@@ -35,7 +35,10 @@ import torch
 import transformers
 from torch import Tensor
 
+from .adapter_io import LABELS_NAME, AdapterFiles
 from .errors import AdapterFormatError, HeadLayoutError
+from .heads import head_keys
+from .peft_format import PREFIX
 
 # PEFT task type -> the transformers auto class whose model carries that head.
 TASK_CLASSES = {
@@ -118,6 +121,30 @@ def read_labels(path: Path) -> dict[int, str] | None:
             f"{path}: id2label must map 0..N-1 to non-empty names, got {raw!r}"
         )
     return dict(sorted(labels.items()))
+
+
+def classifier_labels(base_dir: Path, files: AdapterFiles) -> dict[int, str]:
+    """``id2label`` of a classifier adapter to run on headless base ``base_dir``.
+
+    From the adapter's ``labels.json``, else ``LABEL_i`` for as many labels as its saved head
+    has outputs.
+
+    Raises:
+        HeadLayoutError: The adapter saves no head, or its label count cannot be told.
+    """
+    labels = read_labels(files.path / LABELS_NAME)
+    if labels is not None:
+        return labels
+    heads = {k.removeprefix(PREFIX): files.tensors[k] for k in head_keys(files)}
+    if not heads:
+        raise HeadLayoutError(
+            f"{files.path}: saves no classifier head (modules_to_save), and the base "
+            f"{base_dir} has none: there is nothing to classify with; use a base saved with "
+            f"its head, or an adapter trained with one (lorakit train)"
+        )
+    auto = transformers.AutoModelForSequenceClassification
+    count = _labels_from_head(auto, base_dir, heads, str(files.path))
+    return {i: f"LABEL_{i}" for i in range(count)}
 
 
 def task_layout(

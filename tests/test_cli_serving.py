@@ -250,3 +250,43 @@ def test_generate_past_the_models_positions_is_a_usage_error(bases: dict[str, Pa
     assert "64 positions" in err and "--max-new-tokens" in err
     code, out, err = _run("generate", str(bases["gpt2"]), "-p", prompt, "--max-new-tokens", "4")
     assert code == 0, err
+
+
+def test_predict_on_a_headless_base_uses_the_adapters_heads(tmp_path: Path) -> None:
+    """lorakit train adapts a bare encoder checkpoint (BertModel, e.g. the demo's MiniLM) as a
+    sequence classifier; predict loaded that checkpoint as it is and failed ('missing tensor
+    ... was it saved for another model?'). It now builds the classifier as train did, runs
+    each row with its adapter's head, and refuses 'base' rows (an untrained head)."""
+    classifier = tiny_bert()  # 3 labels
+    base = tmp_path / "encoder"
+    classifier.bert.save_pretrained(base)  # architectures: ["BertModel"]
+    _tokenizer().save_pretrained(base)
+    lm = lk.inject(classifier, lk.LoraConfig(r=4, modules_to_save=("classifier",)), "named")
+    lm.add_adapter("plain", lk.LoraConfig(r=2, modules_to_save=("classifier",)))
+    for seed, name in enumerate(("named", "plain")):
+        randomize(lm, name, seed=20 + seed)
+        lm.save_adapter(tmp_path / name, name)
+    (tmp_path / "named" / "labels.json").write_text(
+        json.dumps({"id2label": {"0": "neg", "1": "mid", "2": "pos"}})
+    )
+    args = ["predict", str(base), "-a", str(tmp_path / "named"), "-a", str(tmp_path / "plain")]
+    code, out, err = _run(*args, "-t", "w1 w2 w3", "-t", "w4", "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["adapter"] for r in records] == ["named", "plain"] * 2  # no base rows
+    tok = _tokenizer()
+    for record in records:
+        with torch.no_grad(), lm.using(record["adapter"]):
+            probs = lm(**tok(record["text"], return_tensors="pt")).logits.softmax(-1)[0]
+        torch.testing.assert_close(torch.tensor(record["probs"]), probs, atol=1e-5, rtol=0)
+        best = int(probs.argmax())
+        names = (
+            ["neg", "mid", "pos"]
+            if record["adapter"] == "named"
+            else ["LABEL_0", "LABEL_1", "LABEL_2"]
+        )
+        assert record["label"] == names[best]
+    code, _, err = _run(*args, "-t", "w1", "--text-adapter", "base")
+    assert code == 2 and "no sequence-classification head" in err
+    code, _, err = _run("predict", str(base), "-t", "w1")
+    assert code == 1 and err.startswith("error: ") and "no sequence-classification head" in err
