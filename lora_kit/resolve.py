@@ -2,7 +2,8 @@
 
 Resolution order for ``spec``:
 
-1. an existing directory ``spec``;
+1. an existing directory ``spec`` (one that holds no adapter files yields to a library entry
+   of the same name, so an unrelated ``./sst2`` folder does not hide ``adapters/sst2``);
 2. ``<library>/<spec>``, where the library is ``$LORA_KIT_ADAPTERS`` or ``./adapters``;
 3. a Hugging Face Hub repo id, through ``huggingface_hub.snapshot_download`` (the local cache
    first; the network only when ``HF_HUB_OFFLINE`` is not set).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .adapter_io import CONFIG_NAME
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from .base_model import hub_offline
 from .errors import AdapterFormatError
 
@@ -34,12 +35,17 @@ def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
         AdapterFormatError: Nothing found; the message lists every place tried.
     """
     path = Path(spec)
-    if path.exists():  # a directory, or a file read_adapter will explain
-        return path
-    tried = [f"directory {str(path)!r}: does not exist"]
     text = str(spec)
     library = adapter_library()
-    if text and not path.is_absolute() and ".." not in path.parts:
+    in_library = bool(text) and not path.is_absolute() and ".." not in path.parts
+    if path.exists():  # a directory, or a file read_adapter will explain
+        if path.is_dir() and not _holds_adapter(path) and in_library:
+            candidate = library / text
+            if _holds_adapter(candidate) and candidate.resolve() != path.resolve():
+                return candidate
+        return path
+    tried = [f"directory {str(path)!r}: does not exist"]
+    if in_library:
         candidate = library / text
         if candidate.is_dir():
             return candidate
@@ -62,3 +68,7 @@ def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
     if hub_offline():
         tried.append("network: skipped because HF_HUB_OFFLINE is set")
     raise AdapterFormatError(f"cannot find adapter {text!r}; tried: {'; '.join(tried)}")
+
+
+def _holds_adapter(path: Path) -> bool:
+    return (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()

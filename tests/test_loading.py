@@ -66,6 +66,26 @@ def test_resolve_library_by_name(
     assert resolve_adapter("c") == Path("adapters") / "c"
 
 
+def test_a_plain_folder_does_not_shadow_a_library_adapter(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`-a b` from a folder that happens to hold a `b/` of other files (data, a run in
+    progress) loaded that folder and failed ('adapter_config.json is missing') instead of
+    the library's adapter b. An adapter directory there still comes first, as documented."""
+    kind, root = saved
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(root))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("not an adapter")
+    assert resolve_adapter("b") == root / "b"
+    assert lk.LoraModel(make_model(kind)).load_adapter("b") == "b"
+    shutil.copytree(root / "c", tmp_path / "c")
+    assert resolve_adapter("c") == Path("c")  # a local adapter directory wins
+    (tmp_path / "d").mkdir()  # no library entry either: the folder is reported
+    with pytest.raises(lk.AdapterFormatError, match="adapter_config.json is missing"):
+        lk.LoraModel(make_model(kind)).load_adapter("d")
+
+
 def _fake_hub_cache(cache: Path, repo: str, adapter: Path) -> None:
     folder = cache / f"models--{repo.replace('/', '--')}"
     commit = "0" * 40
