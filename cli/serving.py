@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from lora_kit import LoraModel
+from lora_kit.errors import AdapterNameError
 
 BASE = "base"
 
@@ -40,7 +41,12 @@ def load_adapters(lm: LoraModel, specs: list[str], *, check_base: bool) -> list[
     names = []
     for spec in specs:
         name, source = parse_adapter(spec)
-        names.append(lm.load_adapter(source, name, check_base=check_base))
+        try:
+            names.append(lm.load_adapter(source, name, check_base=check_base))
+        except AdapterNameError as exc:
+            if "=" in spec:
+                raise
+            raise AdapterNameError(f"{exc}; name it on the command line: -a NAME={spec}") from exc
     return names
 
 

@@ -290,3 +290,19 @@ def test_predict_on_a_headless_base_uses_the_adapters_heads(tmp_path: Path) -> N
     assert code == 2 and "no sequence-classification head" in err
     code, _, err = _run("predict", str(base), "-t", "w1")
     assert code == 1 and err.startswith("error: ") and "no sequence-classification head" in err
+
+
+def test_an_adapter_whose_name_is_not_valid_says_how_to_name_it(
+    bases: dict[str, Path], tmp_path: Path
+) -> None:
+    """`-a sst2-v1.1` (a library folder with a dot) failed with 'adapter name ... is invalid'
+    and no word of the NAME=SOURCE form that loads it."""
+    base = bases["gpt2"]
+    shutil.copytree(base.parent / "gpt2-x", tmp_path / "sst2-v1.1")
+    spec = str(tmp_path / "sst2-v1.1")
+    code, _, err = _run("generate", str(base), "-a", spec, "-p", "w1")
+    assert code == 1 and "'sst2-v1.1'" in err and f"-a NAME={spec}" in err
+    code, _, err = _run(
+        "generate", str(base), "-a", f"v1={spec}", "-p", "w1", "--max-new-tokens", "2"
+    )
+    assert code == 0, err
