@@ -27,7 +27,9 @@ def inspect(
         float,
         typer.Option(
             "--threshold",
-            help="Effective rank counts singular values above THRESHOLD x the largest one.",
+            callback=_check_threshold,
+            help="Effective rank counts singular values above THRESHOLD x the largest one; "
+            "in [0, 1).",
         ),
     ] = DEFAULT_RANK_THRESHOLD,
     as_json: Annotated[
@@ -91,6 +93,14 @@ def inspect(
     for key, shape in report.saved_modules.items():
         echo(f"saved module tensor {key} {shape}")
     echo(f"(effective rank: singular values of dW above {report.threshold:g} x the largest)")
+
+
+def _check_threshold(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(
+            f"{value} is not in [0, 1) (a fraction of the largest singular value)"
+        )
+    return value
 
 
 def _inspect_model(path: Path, as_json: bool) -> None:

@@ -97,7 +97,7 @@ def test_inspect(inputs: Path) -> None:
     corrupt = str(inputs / "broken" / "corrupt")
     fails(run(inputs, "inspect", corrupt), 1, "unreadable safetensors file")
     g1 = str(inputs / "adapters" / "g1")
-    fails(run(inputs, "inspect", g1, "--threshold", "2"), 1, "threshold must be in [0, 1)")
+    fails(run(inputs, "inspect", g1, "--threshold", "2"), 2, "not in [0, 1)")  # bad usage
 
 
 def test_verify(inputs: Path) -> None:
@@ -235,3 +235,10 @@ def test_list_and_pull_use_the_library_that_names_resolve_from(
     assert not (tmp_path / "adapters").exists()
     monkeypatch.delenv("LORA_KIT_ADAPTERS")
     fails(run(inputs, "list"), 1, "adapter library 'adapters' does not exist")
+
+
+@pytest.mark.parametrize("threshold", ["1", "2", "-0.1"])
+def test_inspect_threshold_out_of_range_is_a_usage_error(inputs: Path, threshold: str) -> None:
+    """It exited 1 (a lora_kit error) after reading the adapter; bad usage is exit 2."""
+    result = run(inputs, "inspect", str(inputs / "adapters" / "g1"), "--threshold", threshold)
+    fails(result, 2, "--threshold")
