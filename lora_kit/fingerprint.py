@@ -147,7 +147,10 @@ def compare_fingerprint(
     """
     if expected == actual:  # one comparison in C for the usual case
         return
-    hint = "load it onto the base it was trained on, or pass check_base=False if you are sure"
+    hint = (
+        "load it onto the base it was trained on, or pass check_base=False "
+        "(CLI: --no-check-base) if you are sure"
+    )
     if expected.get("model_type") != actual["model_type"]:
         raise AdapterMismatchError(
             f"{source}: adapter was trained on a {expected.get('model_type')!r} model, this base "
