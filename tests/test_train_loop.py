@@ -24,6 +24,7 @@ from lora_kit.train import (
     resolve_precision,
     train,
 )
+from lora_kit.train.loop import checkpointing_on
 
 
 def _setup(kind: str, tmp: Path, dropout: float = 0.0) -> tuple[lk.LoraModel, object, object]:
@@ -343,12 +344,14 @@ def test_training_puts_modes_and_checkpointing_back_on_error(kind: str, tmp_path
     with pytest.raises(RuntimeError, match="stop"):
         train(lm, train_set, cfg, callbacks=[boom])
     assert not any(m.training for m in lm.modules())
-    assert not lm.model.is_gradient_checkpointing
+    assert not checkpointing_on(lm.model)
     train(lm, train_set, _cfg(tmp_path / "again", steps=1, gradient_checkpointing=True))
-    assert not lm.model.is_gradient_checkpointing
-    lm.model.gradient_checkpointing_enable()  # the caller's own choice stays as it was
+    assert not checkpointing_on(lm.model)
+    # the caller's own choice stays as it was (transformers 5's name, else 4.x's)
+    enable = getattr(lm.model, "activation_checkpointing_enable", None)
+    (enable or lm.model.gradient_checkpointing_enable)()
     train(lm, train_set, _cfg(tmp_path / "third", steps=1, gradient_checkpointing=True))
-    assert lm.model.is_gradient_checkpointing
+    assert checkpointing_on(lm.model)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])

@@ -140,10 +140,8 @@ def train(
     modes = [(module, module.training) for module in lm.modules()]
     switched_checkpointing = False
     try:
-        if config.gradient_checkpointing and not getattr(
-            lm.model, "is_gradient_checkpointing", False
-        ):
-            _enable_gradient_checkpointing(lm)
+        if config.gradient_checkpointing and not checkpointing_on(lm.model):
+            _set_checkpointing(lm, True)
             switched_checkpointing = True
         if model is lm and config.strategy != "none":
             model = wrap(lm, config.strategy, ctx)
@@ -274,7 +272,7 @@ def train(
     finally:
         _restore_modes(modes)
         if switched_checkpointing:
-            cast(Any, lm.model).gradient_checkpointing_disable()
+            _set_checkpointing(lm, False)
 
 
 def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
@@ -448,14 +446,33 @@ def _scheduler(optimizer: Any, config: TrainConfig, total: int) -> Any:
     )
 
 
-def _enable_gradient_checkpointing(lm: LoraModel) -> None:
-    enable = getattr(lm.model, "gradient_checkpointing_enable", None)
-    if enable is None:
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on in a transformers model."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _set_checkpointing(lm: LoraModel, on: bool) -> None:
+    """Switch activation checkpointing (non-reentrant) on or off.
+
+    transformers 5 names it ``activation_checkpointing_*`` (the ``gradient_checkpointing_*``
+    names warn that they go in v6); 4.x has only the old names.
+    """
+    model: Any = lm.model
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+        return
+    if not hasattr(model, "gradient_checkpointing_enable"):
         raise ConfigError(
-            f"{type(lm.model).__name__} has no gradient_checkpointing_enable(); "
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); "
             f"drop --gradient-checkpointing"
         )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _check_active(lm: LoraModel, name: str) -> None:
