@@ -180,6 +180,7 @@ def _layout(header: bytes, data_bytes: int) -> _Layout:
     spans.sort()  # file order: (begin, end, name) tuples, compared in C
     entries: list[Entry] = []
     runs: list[tuple[torch.dtype, int, int]] = []
+    strides_of: dict[tuple[int, ...], tuple[int, ...]] = {}
     position = 0  # the spans, in file order, must tile [0, data_bytes) exactly
     for begin, end, name, dtype, shape in spans:
         if begin != position:
@@ -195,7 +196,10 @@ def _layout(header: bytes, data_bytes: int) -> _Layout:
         else:
             runs[-1] = (dtype, runs[-1][1], end)
         first = (begin - runs[-1][1]) // dtype.itemsize
-        entries.append((name, dtype, shape, _contiguous_strides(shape), len(runs) - 1, first))
+        strides = strides_of.get(shape)  # an adapter has a handful of distinct shapes
+        if strides is None:
+            strides = strides_of[shape] = _contiguous_strides(shape)
+        entries.append((name, dtype, shape, strides, len(runs) - 1, first))
     if position != data_bytes:
         raise SafetensorsFormatError(
             f"tensor data ends at byte {position} but the file holds {data_bytes} bytes of data "
