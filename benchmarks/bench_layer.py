@@ -17,6 +17,7 @@ medians and minima.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from typing import cast
 
@@ -140,17 +141,19 @@ def main() -> None:
     parser.add_argument(
         "--layers",
         default=",".join(_layer_name(*layer) for layer in LAYERS),
-        help="Comma-separated layers to measure, as KIND:IN->OUT (default: all four).",
+        help="Comma-separated layers to measure, as KIND:IN->OUT with KIND Linear or Conv1D, "
+        "any sizes (default: the four GPT-2/BERT shapes).",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu counts the calling thread only: use it with --threads 1")
-    known = {_layer_name(*layer): layer for layer in LAYERS}
-    unknown = [name for name in args.layers.split(",") if name not in known]
-    if unknown:
-        parser.error(f"unknown layer {unknown[0]!r}; choose from {', '.join(known)}")
-    layers = [known[name] for name in args.layers.split(",")]
+    layers = []
+    for name in args.layers.split(","):
+        match = re.fullmatch(r"(Linear|Conv1D):(\d+)->(\d+)", name.strip())
+        if match is None or min(int(match[2]), int(match[3])) < 1:
+            parser.error(f"layer {name!r}: give KIND:IN->OUT, KIND Linear or Conv1D")
+        layers.append((match[1], int(match[2]), int(match[3])))
     torch.set_num_threads(args.threads)
     rows = [
         measure(kind, n_in, n_out, int(tokens), args.repeats, CLOCKS[args.clock])
