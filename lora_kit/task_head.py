@@ -132,16 +132,16 @@ def classifier_labels(base_dir: Path, files: AdapterFiles) -> dict[int, str]:
     Raises:
         HeadLayoutError: The adapter saves no head, or its label count cannot be told.
     """
-    labels = read_labels(files.path / LABELS_NAME)
-    if labels is not None:
-        return labels
     heads = {k.removeprefix(PREFIX): files.tensors[k] for k in head_keys(files)}
-    if not heads:
+    if not heads:  # (a labels.json alone would run the new, untrained head)
         raise HeadLayoutError(
             f"{files.path}: saves no classifier head (modules_to_save), and the base "
             f"{base_dir} has none: there is nothing to classify with; use a base saved with "
             f"its head, or an adapter trained with one (lorakit train)"
         )
+    labels = read_labels(files.path / LABELS_NAME)
+    if labels is not None:
+        return labels
     auto = transformers.AutoModelForSequenceClassification
     count = _labels_from_head(auto, base_dir, heads, str(files.path))
     return {i: f"LABEL_{i}" for i in range(count)}

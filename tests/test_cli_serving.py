@@ -306,3 +306,22 @@ def test_an_adapter_whose_name_is_not_valid_says_how_to_name_it(
         "generate", str(base), "-a", f"v1={spec}", "-p", "w1", "--max-new-tokens", "2"
     )
     assert code == 0, err
+
+
+def test_predict_on_a_headless_base_refuses_an_adapter_without_a_head(tmp_path: Path) -> None:
+    """On a base with no classification head, an adapter that saves no head but has a
+    labels.json ran its rows through the new, untrained head (random scores, no error):
+    classifier_labels read the label count from labels.json before checking for a head."""
+    classifier = tiny_bert()  # 3 labels
+    base = tmp_path / "encoder"
+    classifier.bert.save_pretrained(base)  # architectures: ["BertModel"]
+    _tokenizer().save_pretrained(base)
+    lm = lk.inject(classifier, lk.LoraConfig(r=4), "plain")  # no modules_to_save
+    randomize(lm, "plain", seed=20)
+    lm.save_adapter(tmp_path / "plain", "plain")
+    (tmp_path / "plain" / "labels.json").write_text(
+        json.dumps({"id2label": {"0": "neg", "1": "mid", "2": "pos"}})
+    )
+    code, out, err = _run("predict", str(base), "-a", str(tmp_path / "plain"), "-t", "w1")
+    assert code == 1 and out == "", out
+    assert err.startswith("error: ") and "saves no classifier head" in err
