@@ -534,3 +534,20 @@ def test_out_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         train(lm, train_set, _cfg(tmp_path, steps=1))
+
+
+def test_training_restores_the_mode_of_the_callers_wrapper(tmp_path: Path) -> None:
+    # The modes are captured before the loop; taking them from the unwrapped LoraModel missed
+    # the wrapper a caller passed in (DDP here): it came back in train mode.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(lm).eval()
+        train(wrapped, train_set, _cfg(tmp_path, steps=1))
+        assert not any(m.training for m in wrapped.modules())
+    finally:
+        dist.destroy_process_group()

@@ -136,8 +136,9 @@ def train(
         _load_adapter_tensors(lm, name, checkpoint.adapter)
     else:
         _seed(config.seed)
-    # Modes and gradient checkpointing are the caller's: put back on every way out.
-    modes = [(module, module.training) for module in lm.modules()]
+    # Modes and gradient checkpointing are the caller's: put back on every way out (the
+    # modes of the model as passed: a caller's DDP/FSDP wrapper too, and the LoraModel in it).
+    modes = [(module, module.training) for module in model.modules()]
     switched_checkpointing = False
     try:
         if config.gradient_checkpointing and not checkpointing_on(lm.model):
