@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import transformers
 
-from ..base_model import BaseModelError, load_base, load_tokenizer, resolve_base
+from ..base_model import BaseModelError, load_base, load_config, load_tokenizer, resolve_base
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..model import inject
@@ -93,7 +93,7 @@ def run_job(job: TrainJob) -> dict[str, Any] | None:
         transformers.utils.logging.disable_progress_bar()
     log = RunLogger(job.config.out, enabled=ctx.is_main, quiet=job.quiet)
     folder = resolve_base(job.model)
-    base_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    base_config = load_config(folder)  # an unreadable or too-new config: BaseModelError
     task = infer_task(getattr(base_config, "architectures", None), job.task)
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
