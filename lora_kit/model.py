@@ -574,6 +574,8 @@ class LoraModel(nn.Module):
     def merge_and_unload(self, selection: AdapterSelection = None) -> nn.Module:
         """Merge for good and return the plain transformers model, with no lora_kit modules.
 
+        An adapter registered with the adapter cache is loaded first, as for :meth:`merge`.
+
         Args:
             selection: What to merge; defaults to the current merge, else the active adapters.
                 A ``modules_to_save`` head is replaced by the copy of the first merged adapter
@@ -584,7 +586,9 @@ class LoraModel(nn.Module):
         """
         from .merge import merge_and_unload
 
-        return merge_and_unload(self, selection)
+        names = _selected_names(selection) if self._merge_state is None else ()
+        with self._pinned(names):  # registered adapters are loaded first
+            return merge_and_unload(self, selection)
 
     def _refuse_if_merged(self, operation: str) -> None:
         if self._merge_state is not None:

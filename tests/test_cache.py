@@ -233,3 +233,16 @@ def test_merging_a_registered_adapter_loads_it(root: Path) -> None:
     with lm.using("c"):  # after unmerge, eviction goes on as usual
         assert torch.equal(logits(lm, ids), refs["c"])
     assert lm.cache.resident == ("c",)
+
+
+def test_merge_and_unload_loads_a_registered_adapter_too(root: Path) -> None:
+    # d39705e made merge() load a registered adapter that is not resident; merge_and_unload()
+    # with a selection still raised AdapterNameError ("no adapter named 'b'").
+    lm = _registered(root, budget=1)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    with lm.using("a"):
+        pass
+    plain = lm.merge_and_unload("b")
+    assert not any(isinstance(m, lk.LoRALinear) for m in plain.modules())
+    assert torch.allclose(logits(plain, ids), refs["b"], atol=1e-5)  # merged: rounding only
