@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from lora_kit.errors import LoraKitError
+from lora_kit.errors import ConfigError, LoraKitError
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -28,6 +28,15 @@ def errors_to_exit() -> Iterator[None]:
         fail(str(exc))
     except OSError as exc:
         fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Report a `ConfigError` from checking the arguments alone as bad usage (exit 2)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def emit_json(data: Any) -> None:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lora_kit.errors import ConfigError
 from lora_kit.merge_files import DTYPES, merge_arguments, merge_files
 
-from ._tooling import errors_to_exit
+from ._tooling import errors_to_exit, usage_errors
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -26,15 +23,6 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise typer.BadParameter(
             f"{text!r}: give comma-separated numbers, one per adapter, e.g. 0.7,-0.3"
         ) from None
-
-
-@contextmanager
-def usage_errors() -> Iterator[None]:
-    """Report a `ConfigError` from checking the arguments alone as bad usage (exit 2)."""
-    try:
-        yield
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 def merge(

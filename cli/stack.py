@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from lora_kit.stack import METHODS, StackMethod, stack, stack_arguments
-from lora_kit_cli.merge import parse_weights, usage_errors
+from lora_kit_cli.merge import parse_weights
 
-from ._tooling import errors_to_exit
+from ._tooling import errors_to_exit, usage_errors
 
 
 def stack_command(

@@ -503,8 +503,6 @@ def _plan(
         entry = modules.setdefault(module, _Module(base_key, fan, []))
         entry.terms.append((a, b, scaling))
         found[module] = base_key
-    if not found:
-        raise AdapterMismatchError(f"{source}: the adapter has no lora_A/lora_B tensors")
     return found
 
 

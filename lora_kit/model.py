@@ -544,11 +544,11 @@ class LoraModel(nn.Module):
         Memory: one copy of each merged projection's original weight is kept for an exact
         :meth:`unmerge` (``report.kept_bytes``).
 
-        Returns:
-            The per-module largest change, the heads in use and the memory kept.
-
         An adapter registered with the adapter cache is loaded first, as for
         :meth:`set_adapter`.
+
+        Returns:
+            The per-module largest change, the heads in use and the memory kept.
 
         Raises:
             MergedStateError: Something is merged already.

@@ -98,12 +98,13 @@ def lora_keys(module_name: str) -> tuple[str, str]:
 def lora_pairs(tensors: Mapping[str, Any], source: str) -> list[tuple[str, Any, Any]]:
     """``(module, A, B)`` for every module of a PEFT adapter's tensors, in file order.
 
-    Checks the pairing a model-free reader (merge on disk, stack) relies on: every ``lora_A``
-    has its ``lora_B`` and the reverse, and the two agree on the rank.
+    Checks the pairing a model-free reader (merge on disk, stack) relies on: there is at least
+    one module, every ``lora_A`` has its ``lora_B`` and the reverse, and the two agree on the
+    rank.
 
     Raises:
-        AdapterFormatError: A factor without its partner, or ranks that differ; names the
-            module and ``source``.
+        AdapterFormatError: No LoRA tensors, a factor without its partner, or ranks that
+            differ; names the module and ``source``.
     """
     pairs = []
     for key, a in tensors.items():
@@ -124,6 +125,8 @@ def lora_pairs(tensors: Mapping[str, Any], source: str) -> list[tuple[str, Any, 
             module = key.removeprefix(PREFIX).removesuffix(".lora_B.weight")
             if f"{PREFIX}{module}.lora_A.weight" not in tensors:
                 raise AdapterFormatError(f"{source}: {module} has lora_B but no lora_A")
+    if not pairs:
+        raise AdapterFormatError(f"{source}: the adapter has no lora_A/lora_B tensors")
     return pairs
 
 

@@ -285,8 +285,6 @@ def _check_compatible(inputs: Sequence[AdapterFiles]) -> dict[str, Any] | None:
     names: list[set[str]] = []
     for files in inputs:
         pairs = lora_pairs(files.tensors, str(files.path))
-        if not pairs:
-            raise AdapterMismatchError(f"{files.path}: the adapter has no lora_A/lora_B tensors")
         names.append({module for module, _, _ in pairs})
         for module, a, b in pairs:
             shape = (b.shape[0], a.shape[1])
