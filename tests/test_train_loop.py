@@ -14,6 +14,7 @@ import lora_kit as lk
 from lora_kit.errors import ConfigError, DataError, TrainingDivergedError
 from lora_kit.train import (
     CheckpointError,
+    RunLogger,
     StepInfo,
     TrainConfig,
     evaluate,
@@ -340,9 +341,18 @@ def test_training_puts_modes_and_checkpointing_back_on_error(kind: str, tmp_path
     def boom(info: StepInfo) -> None:
         raise RuntimeError("stop")
 
+    class Logger(RunLogger):  # records that the run closed its bar and TensorBoard writer
+        closed = False
+
+        def close(self) -> None:
+            super().close()
+            self.closed = True
+
     cfg = _cfg(tmp_path, steps=2, gradient_checkpointing=True)
+    logger = Logger(cfg.out)
     with pytest.raises(RuntimeError, match="stop"):
-        train(lm, train_set, cfg, callbacks=[boom])
+        train(lm, train_set, cfg, callbacks=[boom], logger=logger)
+    assert logger.closed  # it used to be closed only on success or divergence
     assert not any(m.training for m in lm.modules())
     assert not checkpointing_on(lm.model)
     train(lm, train_set, _cfg(tmp_path / "again", steps=1, gradient_checkpointing=True))

@@ -227,7 +227,6 @@ def train(
                     stacklevel=2,
                 )
                 if bad_run >= config.max_bad_steps:
-                    log.close()
                     raise TrainingDivergedError(
                         f"training diverged: {bad_run} steps in a row had a NaN/inf loss or "
                         f"gradient (last at step {step}). The last good checkpoint is {where}. "
@@ -268,9 +267,9 @@ def train(
                 publish_adapter(config.out, lm, name, extra)
         barrier(ctx)
         log.log({"event": "end", "step": step, **metrics})
-        log.close()
         return TrainResult(Path(config.out), step, metrics, last_checkpoint)
     finally:
+        log.close()  # the progress bar and TensorBoard writer, on every way out
         _restore_modes(modes)
         if switched_checkpointing:
             _set_checkpointing(lm, False)
