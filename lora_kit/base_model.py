@@ -6,6 +6,7 @@ nothing works, the error lists every place that was tried.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,21 @@ def load_base(
     except (OSError, ValueError, RuntimeError) as exc:
         raise BaseModelError(f"{folder}: could not load as {name}: {exc}") from exc
     return model.eval()
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of a base model folder (``config.json``, a shard index).
+
+    Raises:
+        BaseModelError: Unreadable, not JSON, or not an object; names the file.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseModelError(f"{path}: unreadable JSON ({exc}); re-save the base") from exc
+    if not isinstance(data, dict):
+        raise BaseModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_config(folder: Path) -> Any:

@@ -38,7 +38,7 @@ from .adapter_io import (
     file_sha256,
     read_adapter,
 )
-from .base_model import BaseModelError, resolve_base
+from .base_model import BaseModelError, read_json_object, resolve_base
 from .errors import AdapterMismatchError, ConfigError, HeadLayoutError, LoraKitError
 from .fingerprint import HASH_DTYPE
 from .heads import choose_heads
@@ -149,7 +149,7 @@ def merge_files(
     out_dtype = _dtype(dtype)
     folder = resolve_base(base)
     store = _Base(folder)
-    config = _read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     files = [read_adapter(p) for p in adapters]
     layout = _layout(files, choose_heads(files, heads), store, out_dtype)
     modules: dict[str, _Module] = {}
@@ -334,7 +334,7 @@ class _Base:
         if (folder / SINGLE).is_file():
             files = [SINGLE]
         elif (folder / INDEX).is_file():
-            weight_map = _read_json(folder / INDEX).get("weight_map", {})
+            weight_map = read_json_object(folder / INDEX).get("weight_map", {})
             if not isinstance(weight_map, dict):
                 raise BaseModelError(f"{folder / INDEX}: weight_map is not a JSON object")
             files = sorted({str(v) for v in weight_map.values()})
@@ -391,21 +391,6 @@ class _Base:
         if code not in _STORED:
             raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {code}, unsupported")
         return _STORED[code]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file of the base (config, shard index).
-
-    Raises:
-        BaseModelError: Unreadable, not JSON, or not an object.
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaseModelError(f"{path}: unreadable JSON ({exc}); re-save the base") from exc
-    if not isinstance(data, dict):
-        raise BaseModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:

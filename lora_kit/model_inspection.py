@@ -5,7 +5,6 @@ Only the safetensors headers are read (never the tensor data), so this is instan
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from .adapter_io import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from .base_model import BaseModelError
+from .base_model import BaseModelError, read_json_object
 from .history import HEADER_KEY, METADATA_NAME, History
 from .inspection import checked_history
 
@@ -93,11 +92,11 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
         raise BaseModelError(
             f"{str(root)!r} is not a model folder (config.json plus {SINGLE} or {INDEX})"
         )
-    config = _json(root / "config.json")
+    config = read_json_object(root / "config.json")
     if (root / SINGLE).is_file():
         files = [SINGLE]
     else:
-        weight_map = _json(root / INDEX).get("weight_map")
+        weight_map = read_json_object(root / INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BaseModelError(f"{root / INDEX}: no weight_map")
         files = sorted({str(v) for v in weight_map.values()})
@@ -136,16 +135,6 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
         history=history,
         history_error=error,
     )
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaseModelError(f"{path}: unreadable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise BaseModelError(f"{path}: expected a JSON object")
-    return data
 
 
 def _numel(shape: list[int]) -> int:
