@@ -14,12 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter
+from .adapter_io import WEIGHTS_NAME, AdapterFiles, read_adapter
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import lora_modules
-from .resolve import LIBRARY_ENV, adapter_library
-
-DEFAULT_LIBRARY = Path("adapters")
+from .resolve import DEFAULT_LIBRARY, LIBRARY_ENV, adapter_library, is_adapter_dir
 
 
 @dataclass(frozen=True)
@@ -110,11 +108,6 @@ def summarize(files: AdapterFiles, name: str | None = None) -> AdapterSummary:
         created_source=source,
         origin=files.origin,
     )
-
-
-def is_adapter_dir(path: Path) -> bool:
-    """Whether ``path`` is a directory that holds (part of) an adapter."""
-    return path.is_dir() and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists())
 
 
 def scan_library(root: str | os.PathLike[str] | None = None) -> LibraryScan:

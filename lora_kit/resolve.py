@@ -21,11 +21,17 @@ from .base_model import hub_offline
 from .errors import AdapterFormatError
 
 LIBRARY_ENV = "LORA_KIT_ADAPTERS"
+DEFAULT_LIBRARY = Path("adapters")
 
 
 def adapter_library() -> Path:
     """The adapter library directory: ``$LORA_KIT_ADAPTERS`` or ``./adapters``."""
-    return Path(os.environ.get(LIBRARY_ENV) or "adapters")
+    return Path(os.environ.get(LIBRARY_ENV) or DEFAULT_LIBRARY)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory that holds (part of) an adapter."""
+    return path.is_dir() and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists())
 
 
 def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
@@ -39,9 +45,9 @@ def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
     library = adapter_library()
     in_library = bool(text) and not path.is_absolute() and ".." not in path.parts
     if path.exists():  # a directory, or a file read_adapter will explain
-        if path.is_dir() and not _holds_adapter(path) and in_library:
+        if path.is_dir() and not is_adapter_dir(path) and in_library:
             candidate = library / text
-            if _holds_adapter(candidate) and candidate.resolve() != path.resolve():
+            if is_adapter_dir(candidate) and candidate.resolve() != path.resolve():
                 return candidate
         return path
     tried = [f"directory {str(path)!r}: does not exist"]
@@ -68,7 +74,3 @@ def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
     if hub_offline():
         tried.append("network: skipped because HF_HUB_OFFLINE is set")
     raise AdapterFormatError(f"cannot find adapter {text!r}; tried: {'; '.join(tried)}")
-
-
-def _holds_adapter(path: Path) -> bool:
-    return (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()
