@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -64,7 +63,7 @@ class RunLogger:
         if not self.enabled or self.path is None or not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) <= step and not _is_end(line)]
+        kept = [line for line in lines if _kept(line, step)]
         if len(kept) == len(lines):
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -115,22 +114,17 @@ class RunLogger:
             self._tb = None
 
 
-def _step_of(line: str) -> float:
-    """The ``step`` of one JSONL record (a line that is not one sorts after every step)."""
-    try:
-        step = json.loads(line).get("step")
-    except (ValueError, AttributeError):
-        return math.inf
-    return step if isinstance(step, int) else math.inf
-
-
-def _is_end(line: str) -> bool:
-    """Whether one JSONL record is a run's ``end`` record."""
+def _kept(line: str, step: int) -> bool:
+    """Whether one JSONL record survives a rewind to ``step``: a record of a step up to it,
+    not a run's ``end`` record (a line that is not a record goes too)."""
     try:
         record = json.loads(line)
     except ValueError:
         return False
-    return isinstance(record, dict) and record.get("event") == "end"
+    if not isinstance(record, dict):
+        return False
+    at = record.get("step")
+    return isinstance(at, int) and at <= step and record.get("event") != "end"
 
 
 def _tensorboard(folder: Path) -> Any:
