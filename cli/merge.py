@@ -68,8 +68,6 @@ def merge(
 
     Example: lorakit merge ./gpt2 adapters/a adapters/b --weights 0.7,-0.3 -o gpt2-ab
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype!r}: use one of {', '.join(DTYPES)}", param_hint="--dtype")
     values = parse_weights(weights)
     with usage_errors():
         merge_arguments(len(adapters), values, dtype)

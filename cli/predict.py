@@ -103,7 +103,7 @@ def _predict(
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "pad_token_id", 0) is None:
         config.pad_token_id = tokenizer.pad_token_id  # heads that read the last real token
-    base_labels = getattr(getattr(model, "config", None), "id2label", None) or {}
+    base_labels = getattr(config, "id2label", None) or {}
     lm = LoraModel(model)
     names = load_adapters(lm, adapters, check_base=check_base)
     labels: dict[str | None, dict[int, str]] = {None: base_labels}
