@@ -23,13 +23,10 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 
-from .bench_overhead import ALPHA, LAYERS, R, check_same_work, peft_layer_config
+from .bench_overhead import LAYERS, R, layer_sides
 from .harness import (
     CLOCKS,
     Stats,
@@ -37,7 +34,6 @@ from .harness import (
     overhead_ratio_interval,
     paired_ratio,
     report,
-    sharing_copy,
 )
 
 
@@ -52,17 +48,8 @@ def _repeat(fn: Callable[[], object], calls: int) -> Callable[[], None]:
 def measure(
     kind: str, n_in: int, n_out: int, tokens: int, repeats: int, clock: Callable[[], float]
 ) -> dict[str, object]:
-    torch.manual_seed(0)
-    layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
-    holder = nn.Sequential()
-    holder.add_module("proj", layer)
-    holder.eval()  # nothing in a bare projection depends on it, but all sides match
-    ours = lk.inject(sharing_copy(holder), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
-    theirs = get_peft_model(sharing_copy(holder), peft_layer_config(kind))
-    ours.eval()
-    theirs.eval()
-    x = torch.randn(tokens, n_in)  # [T, in]
-    check_same_work(holder, ours, theirs, f"{kind} {n_in}->{n_out}", {"input": x})
+    holder, ours, theirs, x = layer_sides(kind, n_in, n_out, tokens)
+    layer = holder.get_submodule("proj")  # the bare projection, shared by all three
     ours_layer = cast(lk.LoRALinear, ours.model.get_submodule("proj"))
     theirs_layer = theirs.get_submodule("base_model.model.proj")
     adapter = ours_layer.adapter("default")

@@ -52,6 +52,30 @@ def peft_layer_config(kind: str) -> PeftConfig:
     )
 
 
+def layer_sides(
+    kind: str, n_in: int, n_out: int, tokens: int
+) -> tuple[nn.Module, lk.LoraModel, nn.Module, torch.Tensor]:
+    """One projection ``proj`` bare, with lora_kit's adapter and with PEFT's, and an input.
+
+    All three share the projection's weights, are in eval mode and pass `check_same_work`.
+
+    Returns:
+        ``(base, lora_kit model, PEFT model, x [tokens, n_in])``, seeded (the same every call).
+    """
+    torch.manual_seed(0)
+    layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
+    base = nn.Sequential()
+    base.add_module("proj", layer)
+    base.eval()  # nothing in a bare projection depends on it, but all sides match
+    ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
+    theirs = get_peft_model(sharing_copy(base), peft_layer_config(kind))
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(tokens, n_in)  # [T, in]
+    check_same_work(base, ours, theirs, f"{kind} {n_in}->{n_out}", {"input": x})
+    return base, ours, theirs, x
+
+
 def check_same_work(
     base: nn.Module,
     ours: lk.LoraModel,
@@ -165,17 +189,7 @@ def one_layer(
     clock: Callable[[], float],
     best_of: int,
 ) -> dict[str, object]:
-    torch.manual_seed(0)
-    layer = Conv1D(n_out, n_in) if kind == "Conv1D" else nn.Linear(n_in, n_out)
-    base = nn.Sequential()
-    base.add_module("proj", layer)
-    base.eval()  # nothing in a bare projection depends on it, but all sides match
-    ours = lk.inject(sharing_copy(base), lk.LoraConfig(r=R, alpha=ALPHA, targets=("proj",)))
-    theirs = get_peft_model(sharing_copy(base), peft_layer_config(kind))
-    ours.eval()
-    theirs.eval()
-    x = torch.randn(tokens, n_in)
-    check_same_work(base, ours, theirs, f"{kind} {n_in}->{n_out}", {"input": x})
+    base, ours, theirs, x = layer_sides(kind, n_in, n_out, tokens)
 
     def run(model: nn.Module) -> None:
         with torch.inference_mode():
