@@ -215,14 +215,22 @@ def test_a_registered_name_cannot_be_loaded_directly(root: Path) -> None:
     assert "a" in lm.adapters
 
 
-def test_merging_a_registered_adapter_loads_it(root: Path) -> None:
-    # merge() looked only at resident adapters: merging a registered, evicted adapter raised
-    # AdapterNameError although set_adapter/using load it transparently.
+def _a_resident_b_not(
+    root: Path,
+) -> tuple[lk.LoraModel, torch.Tensor, dict[str | None, torch.Tensor]]:
+    """Budget 1, "a" resident (the others registered only); input ids and reference logits."""
     lm = _registered(root, budget=1)
     ids = input_ids(2)
     refs = _reference(root, ids)
     with lm.using("a"):
         pass
+    return lm, ids, refs
+
+
+def test_merging_a_registered_adapter_loads_it(root: Path) -> None:
+    # merge() looked only at resident adapters: merging a registered, evicted adapter raised
+    # AdapterNameError although set_adapter/using load it transparently.
+    lm, ids, refs = _a_resident_b_not(root)
     assert lm.cache.resident == ("a",)
     lm.merge("b")
     assert torch.allclose(logits(lm, ids), refs["b"], atol=1e-5)  # merged: rounding only
@@ -238,11 +246,7 @@ def test_merging_a_registered_adapter_loads_it(root: Path) -> None:
 def test_merge_and_unload_loads_a_registered_adapter_too(root: Path) -> None:
     # d39705e made merge() load a registered adapter that is not resident; merge_and_unload()
     # with a selection still raised AdapterNameError ("no adapter named 'b'").
-    lm = _registered(root, budget=1)
-    ids = input_ids(2)
-    refs = _reference(root, ids)
-    with lm.using("a"):
-        pass
+    lm, ids, refs = _a_resident_b_not(root)
     plain = lm.merge_and_unload("b")
     assert not any(isinstance(m, lk.LoRALinear) for m in plain.modules())
     assert torch.allclose(logits(plain, ids), refs["b"], atol=1e-5)  # merged: rounding only

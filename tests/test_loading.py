@@ -97,14 +97,19 @@ def _fake_hub_cache(cache: Path, repo: str, adapter: Path) -> None:
         (snapshot / file.name).write_bytes(file.read_bytes())
 
 
-def test_resolve_hub_cache_offline(
-    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    kind, root = saved
+def _offline_hub_holding_a(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, root: Path) -> None:
+    """Offline, with adapter ``a`` cached as Hub repo someone/adapter-a and an empty library."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LORA_KIT_ADAPTERS", str(tmp_path / "library"))
     _fake_hub_cache(tmp_path / "hub", "someone/adapter-a", root / "a")
+
+
+def test_resolve_hub_cache_offline(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kind, root = saved
+    _offline_hub_holding_a(monkeypatch, tmp_path, root)
     lm = lk.LoraModel(make_model(kind))
     lm.load_adapter("someone/adapter-a", "a")
     assert lm.adapter_record("a").source.endswith(os.path.join("snapshots", "0" * 40))
@@ -126,10 +131,7 @@ def test_hub_adapter_without_a_name_is_named_after_the_repo(
 ) -> None:
     """It was named after the cache's snapshot folder: the 40-hex commit hash."""
     kind, root = saved
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(tmp_path / "library"))
-    _fake_hub_cache(tmp_path / "hub", "someone/adapter-a", root / "a")
+    _offline_hub_holding_a(monkeypatch, tmp_path, root)
     shutil.copytree(root / "b", tmp_path / "library" / "team" / "b")
     lm = lk.LoraModel(make_model(kind))
     assert lm.load_adapter("someone/adapter-a") == "adapter-a"
