@@ -3,8 +3,10 @@
 Resolution order for ``spec``:
 
 1. an existing directory ``spec`` (one that holds no adapter files yields to a library entry
-   of the same name, so an unrelated ``./sst2`` folder does not hide ``adapters/sst2``);
+   of the same name, so an unrelated ``sst2/`` folder does not hide ``adapters/sst2``);
 2. ``<library>/<spec>``, where the library is ``$LORA_KIT_ADAPTERS`` or ``./adapters``;
+   skipped for a spec written as a path (``./sst2``, ``~/sst2``, absolute, or with ``..``),
+   which means that path and nothing else;
 3. a Hugging Face Hub repo id, through ``huggingface_hub.snapshot_download`` (the local cache
    first; the network only when ``HF_HUB_OFFLINE`` is not set).
 
@@ -34,16 +36,29 @@ def is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists())
 
 
+def _written_as_path(text: str) -> bool:
+    """Whether ``text`` names a path explicitly, so it must not resolve to a library name or a
+    Hub repo: absolute, or starting with ``~`` or ``./``, or climbing with ``..``.
+
+    Works on the text (``os.fspath`` of the spec): ``Path("./b")`` is ``"b"``, a plain name,
+    which is also how the adapter cache stores it for reloading.
+    """
+    return (
+        Path(text).is_absolute() or text.startswith(("~", "./", ".\\")) or ".." in Path(text).parts
+    )
+
+
 def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
     """The local directory holding adapter ``spec`` (see the module docstring for the order).
 
     Raises:
         AdapterFormatError: Nothing found; the message lists every place tried.
     """
-    path = Path(spec)
-    text = str(spec)
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
     library = adapter_library()
-    in_library = bool(text) and not path.is_absolute() and ".." not in path.parts
+    explicit = _written_as_path(text)
+    in_library = bool(text) and not explicit
     if path.exists():  # a directory, or a file read_adapter will explain
         if path.is_dir() and not is_adapter_dir(path) and in_library:
             candidate = library / text
@@ -56,7 +71,7 @@ def resolve_adapter(spec: str | os.PathLike[str]) -> Path:
         if candidate.is_dir():
             return candidate
         tried.append(f"adapter library {str(candidate)!r} (${LIBRARY_ENV}): does not exist")
-    if not text or path.is_file() or text.count("/") != 1 or path.is_absolute():
+    if not text or explicit or path.is_file() or text.count("/") != 1:
         raise AdapterFormatError(f"cannot find adapter {text!r}; tried: {'; '.join(tried)}")
     from huggingface_hub import snapshot_download
 

@@ -86,6 +86,33 @@ def test_a_plain_folder_does_not_shadow_a_library_adapter(
         lk.LoraModel(make_model(kind)).load_adapter("d")
 
 
+@pytest.mark.parametrize("spec", ["./b", "b/../b"])
+def test_a_spec_written_as_a_path_never_becomes_a_library_name(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spec: str
+) -> None:
+    """`./b` means that folder: it used to fall back to the library's adapter b (the same
+    adapter under another name) when the folder held no adapter, or did not exist."""
+    kind, root = saved
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(root))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_adapter("b") == root / "b"  # the bare name still finds the library's b
+    with pytest.raises(lk.AdapterFormatError, match="does not exist") as missing:
+        resolve_adapter(spec)
+    assert "adapter library" not in str(missing.value)  # neither the library nor the Hub
+    assert "Hugging Face" not in str(missing.value)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("not an adapter")
+    assert resolve_adapter(spec) == Path(spec)
+    lm = lk.LoraModel(make_model(kind))
+    with pytest.raises(lk.AdapterFormatError, match="adapter_config.json is missing"):
+        lm.load_adapter(spec, "b")
+    assert lm.adapters == {}
+    home = tmp_path / "home"
+    shutil.copytree(root / "c", home / "c")
+    monkeypatch.setenv("HOME", str(home))
+    assert resolve_adapter("~/c") == home / "c"
+
+
 def _fake_hub_cache(cache: Path, repo: str, adapter: Path) -> None:
     folder = cache / f"models--{repo.replace('/', '--')}"
     commit = "0" * 40
