@@ -140,6 +140,18 @@ class AdapterCache:
                 self._drop(name)
             del self._registered[name]
 
+    def clear(self) -> None:
+        """Forget every registration and residency (the adapters were unloaded for good).
+
+        Called by ``merge_and_unload``: registered adapters belong to the unmerged base, so
+        reloading one onto the merged model would apply it twice.
+        """
+        with self._lock:
+            self._registered.clear()
+            self._resident.clear()
+            self._pins.clear()
+            self._default = ()
+
     def is_registered(self, name: str) -> bool:
         """Whether ``name`` is a registered adapter."""
         return name in self._registered

@@ -256,6 +256,9 @@ def merge_and_unload(lm: LoraModel, selection: AdapterSelection = None) -> nn.Mo
         elif isinstance(module, SavedModule):
             set_submodule(model, name, module.active_module())
     lm._adapters.clear()
+    cache = lm._adapter_cache()
+    if cache is not None:  # registered adapters were for the unmerged base
+        cache.clear()
     forget_plans(lm)
     lm.router.default = Selection()
     lm._merge_state = None

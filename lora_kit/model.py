@@ -582,7 +582,8 @@ class LoraModel(nn.Module):
                 that has one.
 
         Returns:
-            ``self.model``, unwrapped; this handle has no adapters afterwards.
+            ``self.model``, unwrapped; this handle has no adapters afterwards, and the adapter
+            cache forgets its registrations (they were for the unmerged base).
         """
         from .merge import merge_and_unload
 

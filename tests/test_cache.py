@@ -250,3 +250,16 @@ def test_merge_and_unload_loads_a_registered_adapter_too(root: Path) -> None:
     plain = lm.merge_and_unload("b")
     assert not any(isinstance(m, lk.LoRALinear) for m in plain.modules())
     assert torch.allclose(logits(plain, ids), refs["b"], atol=1e-5)  # merged: rounding only
+
+
+def test_merge_and_unload_forgets_the_registered_adapters(root: Path) -> None:
+    """The cache kept listing its adapters as registered and resident after merge_and_unload,
+    and selecting one later reloaded it onto the merged base (with check_base=False, adding it a
+    second time on top of the merged weights)."""
+    lm, ids, _ = _a_resident_b_not(root)
+    plain = lm.merge_and_unload("b")
+    merged = logits(plain, ids)
+    assert lm.cache.registered == () and lm.cache.resident == ()
+    with pytest.raises(lk.AdapterNameError, match="'c'"):
+        lm.set_adapter("c")  # nothing left to load it from: an unknown name
+    assert torch.equal(logits(lm, ids), merged)  # the handle still runs the merged model
