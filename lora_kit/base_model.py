@@ -110,6 +110,41 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+SINGLE = "model.safetensors"  # a base saved in one safetensors file
+INDEX = "model.safetensors.index.json"  # ... or sharded, with this index
+
+
+def weight_files(folder: Path) -> list[str] | None:
+    """The safetensors files holding a model folder's weights, in name order.
+
+    Returns:
+        ``[SINGLE]``; else the shards named by ``INDEX``'s ``weight_map``; None when the folder
+        has neither file.
+
+    Raises:
+        BaseModelError: The index is unreadable, its ``weight_map`` is not a non-empty object of
+            file names, or it names a file outside the folder.
+    """
+    if (folder / SINGLE).is_file():
+        return [SINGLE]
+    if not (folder / INDEX).is_file():
+        return None
+    weight_map = read_json_object(folder / INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BaseModelError(
+            f"{folder / INDEX}: no weight_map (an object of tensor name -> shard file); "
+            f"re-save the base with save_pretrained"
+        )
+    files = sorted(set(weight_map.values()), key=str)
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise BaseModelError(
+                f"{folder / INDEX}: weight_map names {name!r}, not a file in this folder; "
+                f"re-save the base with save_pretrained"
+            )
+    return files
+
+
 def load_config(folder: Path) -> Any:
     """The transformers config in ``folder``.
 

@@ -38,7 +38,14 @@ from .adapter_io import (
     file_sha256,
     read_adapter,
 )
-from .base_model import BaseModelError, read_json_object, resolve_base
+from .base_model import (
+    INDEX,
+    SINGLE,
+    BaseModelError,
+    read_json_object,
+    resolve_base,
+    weight_files,
+)
 from .errors import AdapterMismatchError, ConfigError, HeadLayoutError, LoraKitError
 from .fingerprint import HASH_DTYPE
 from .heads import choose_heads
@@ -48,8 +55,6 @@ from .peft_format import PREFIX, lora_pairs
 from .safetensors_stream import ByteRange, write_streaming
 from .task_head import TaskLayout, read_labels, task_layout
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 METADATA_KEY = HEADER_KEY  # the History, as JSON
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Files in a model folder that hold weights: never copied (the merged file replaces them).
@@ -331,14 +336,8 @@ class _Base:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        if (folder / SINGLE).is_file():
-            files = [SINGLE]
-        elif (folder / INDEX).is_file():
-            weight_map = read_json_object(folder / INDEX).get("weight_map", {})
-            if not isinstance(weight_map, dict):
-                raise BaseModelError(f"{folder / INDEX}: weight_map is not a JSON object")
-            files = sorted({str(v) for v in weight_map.values()})
-        else:
+        files = weight_files(folder)
+        if files is None:
             present = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
             raise BaseModelError(
                 f"{folder}: no {SINGLE} or {INDEX} (found {present or 'no weight files'}); "

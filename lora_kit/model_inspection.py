@@ -14,12 +14,9 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from .adapter_io import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from .base_model import BaseModelError, read_json_object
+from .base_model import INDEX, SINGLE, BaseModelError, read_json_object, weight_files
 from .history import HEADER_KEY, METADATA_NAME, History
 from .inspection import checked_history
-
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -93,13 +90,7 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
             f"{str(root)!r} is not a model folder (config.json plus {SINGLE} or {INDEX})"
         )
     config = read_json_object(root / "config.json")
-    if (root / SINGLE).is_file():
-        files = [SINGLE]
-    else:
-        weight_map = read_json_object(root / INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise BaseModelError(f"{root / INDEX}: no weight_map")
-        files = sorted({str(v) for v in weight_map.values()})
+    files = weight_files(root) or []  # is_model_dir: one of the two files is there
     tensors = parameters = 0
     dtypes: Counter[str] = Counter()
     recorded: dict[str, Any] = {}

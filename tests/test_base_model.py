@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lora_kit.base_model import BaseModelError, load_base
+import lora_kit as lk
+from lora_kit.base_model import INDEX, BaseModelError, load_base, weight_files
+from lora_kit.merge_files import merge_files
+from lora_kit.model_inspection import inspect_model
 from lora_kit_cli.app import app
 from tests.conftest import tiny_gpt2
 
@@ -64,3 +67,41 @@ def test_lorakit_train_reports_an_unreadable_config_too(
     assert result.exit_code == 1, result.output
     assert "error:" in result.stderr and expected in result.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "says"),
+    [
+        ({}, "no weight_map"),
+        ([], "no weight_map"),
+        ({"wte.weight": "../model.safetensors"}, "not a file in this folder"),
+        ({"wte.weight": 3}, "not a file in this folder"),
+    ],
+)
+def test_a_bad_shard_index_is_one_error_for_merge_and_inspect(
+    tmp_path: Path, weight_map: object, says: str
+) -> None:
+    """`lorakit merge` and `lorakit inspect` each parsed the shard index: an empty weight_map
+    was refused by inspect but not by merge, and a shard name outside the folder was read by
+    both. One reader (`weight_files`) now refuses these for both, naming the index."""
+    base = tmp_path / "sharded"
+    tiny_gpt2().save_pretrained(base, max_shard_size="100KB")
+    (tmp_path / "model.safetensors").write_bytes(b"outside the base folder")
+    adapter = lk.inject(tiny_gpt2(), lk.LoraConfig(r=2)).save_adapter(tmp_path / "adapter")
+    (base / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    merge = lambda: merge_files(base, [adapter], tmp_path / "out")  # noqa: E731
+    for run in (lambda: inspect_model(base), merge):
+        with pytest.raises(BaseModelError, match=says) as caught:
+            run()
+        assert INDEX in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_files_lists_the_shards_or_the_single_file(tmp_path: Path) -> None:
+    tiny_gpt2().save_pretrained(tmp_path / "one")
+    tiny_gpt2().save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert weight_files(tmp_path / "one") == ["model.safetensors"]
+    shards = weight_files(tmp_path / "sharded")
+    assert shards is not None and len(shards) > 1
+    assert shards == sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert weight_files(tmp_path) is None
