@@ -66,7 +66,9 @@ def train_command(
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (update scaled by alpha/r)."),
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input."),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)."
+        "auto",
+        "--precision",
+        help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU; bf16 on a GPU, fp16 if it lacks bf16).",
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (instead of epochs)."),

@@ -34,6 +34,7 @@ def verify(
         bool,
         typer.Option(
             "--fingerprint/--no-fingerprint",
+            "--check-base/--no-check-base",  # the name generate/predict and load errors use
             help="Compare the base fingerprint lora_kit recorded (skip e.g. for an fp16 copy).",
         ),
     ] = True,

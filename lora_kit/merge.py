@@ -112,7 +112,8 @@ class MergeReport:
         weights: The merged ``(adapter, weight)`` pairs.
         max_change: Module -> largest absolute change made to one base weight element.
         heads: ``modules_to_save`` module -> the adapter whose copy is now in use.
-        kept_bytes: Memory held to make ``unmerge()`` bit-exact (0 after merge_and_unload).
+        kept_bytes: Memory held while merged to make ``unmerge()`` bit-exact;
+            ``merge_and_unload()`` frees it (a report keeps the figure of its merge).
     """
 
     weights: tuple[tuple[str, float], ...]

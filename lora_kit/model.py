@@ -30,7 +30,7 @@ from .loading import cached_targets, check_adapter_dtype, load_files
 from .peft_format import head_key, lora_keys, task_type_for, to_peft_dict
 from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
-from .rows import RowPlan
+from .rows import RowPlan, check_row_count, input_rows
 from .saved_modules import SavedModule
 from .surgery import refuse_adapted_heads, submodule, unwrap_if_empty, wrap_lora, wrap_saved
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
@@ -285,10 +285,14 @@ class LoraModel(nn.Module):
         Args:
             adapter_names: One adapter name (or None: base model) per batch row, for this call
                 only (a mixed batch); omitted: the active selection.
+
+        Raises:
+            AdapterNameError: ``adapter_names`` is not a list with one known name (or None)
+                per input row.
         """
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self._rows(adapter_names):
+        with self._rows(adapter_names, input_rows(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(
@@ -297,14 +301,19 @@ class LoraModel(nn.Module):
         """``model.generate`` with the active adapter(s), or one adapter per row.
 
         Args:
-            adapter_names: One adapter name (or None) per prompt row, as in :meth:`forward`.
+            adapter_names: One adapter name (or None) per prompt row, as in :meth:`forward`;
+                rows that ``generate`` expands (beams, ``num_return_sequences``) keep their
+                prompt's adapter.
+
+        Raises:
+            AdapterNameError: As for :meth:`forward`, counting the prompt rows.
         """
         generate = getattr(self.model, "generate", None)
         if generate is None:
             raise LoraKitError(f"{type(self.model).__name__} has no generate method")
         if adapter_names is None:
             return generate(*args, **kwargs)
-        with self._rows(adapter_names):
+        with self._rows(adapter_names, input_rows(args, kwargs)):
             return generate(*args, **kwargs)
 
     # ---- files ---------------------------------------------------------------------------
@@ -733,9 +742,10 @@ class LoraModel(nn.Module):
             cache.release(pinned)
 
     @contextmanager
-    def _rows(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+    def _rows(self, adapter_names: Sequence[str | None], rows: int | None) -> Iterator[None]:
         self._refuse_if_merged("adapter_names")  # merged deltas would apply to every row
         selection = self._row_selection(adapter_names, check=False)
+        check_row_count(adapter_names, rows)  # before any registered adapter is loaded
         with self._pinned(n for n in adapter_names if n is not None):
             self._row_selection(adapter_names)  # unknown names raise here
             with self.router.override(selection):

@@ -23,7 +23,7 @@ import functools
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -38,6 +38,35 @@ if TYPE_CHECKING:
 
 # (adapter name or None for the base, row indices or None for "every row")
 Group = tuple[str | None, Tensor | None]
+
+
+INPUT_KEYS = ("input_ids", "inputs_embeds", "inputs", "pixel_values", "input_values")
+"""Keyword arguments whose first dimension is a call's batch (the first positional one too)."""
+
+
+def input_rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+    """The number of input rows of a forward/``generate`` call; None if no input tensor tells.
+
+    Read before ``generate`` expands the batch (beams, ``num_return_sequences``), so it is the
+    number of rows the caller gave, the number ``adapter_names`` must match.
+    """
+    for value in (*args[:1], *(kwargs.get(key) for key in INPUT_KEYS)):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def check_row_count(names: Sequence[str | None], rows: int | None) -> None:
+    """Refuse ``adapter_names`` whose length is not the call's number of input rows.
+
+    Raises:
+        AdapterNameError: ``rows`` is known and differs from ``len(names)``.
+    """
+    if rows is not None and rows != len(names):
+        raise AdapterNameError(
+            f"adapter_names has {len(names)} entries but the input has {rows} rows; give one "
+            f"adapter name (or None) per input row"
+        )
 
 
 class RowPlan:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from lora_kit import __version__
@@ -36,6 +37,19 @@ def test_demo_json_reports_exact_reload_and_peft_match(tmp_path: Path) -> None:
         assert row["reload_vs_live"] == 0.0 and row["peft_vs_live"] <= 1e-5
         assert row["adapter_vs_base"] > 0.0
         assert (Path(row["adapter_path"]) / "adapter_model.safetensors").is_file()
+
+
+def test_demo_quick_without_peft_does_not_claim_a_peft_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pip install -e .` brings no peft: the check is skipped, and the summary says so."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # `from peft import ...` raises ImportError
+    result = runner.invoke(app, ["demo", "--quick", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("PEFT vs live peft not installed") == 2
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("OK: saved adapters reload exactly") and "match PEFT" not in last
+    assert "not installed" in last
 
 
 def test_console_script_runs_in_a_subprocess() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,21 @@ def test_verify(inputs: Path) -> None:
     corrupt = str(inputs / "broken" / "corrupt")
     fails(run(inputs, "verify", corrupt, "--base", base), 1, "unreadable safetensors")
     fails(run(inputs, "verify", g1), 2)  # --base is required: a usage error
+
+
+def test_verify_accepts_every_flag_its_fingerprint_error_names(
+    inputs: Path, tmp_path: Path
+) -> None:
+    """Same architecture, other weights: the error names flags to skip the check; each works."""
+    g1, other = str(inputs / "adapters" / "g1"), str(save_base("gpt2", tmp_path / "other", 7))
+    wrong = run(inputs, "verify", g1, "--base", other)
+    fails(wrong, 1, "the targeted base weights differ")
+    named = set(re.findall(r"--no-[a-z-]+", wrong.stderr))
+    assert named >= {"--no-fingerprint", "--no-check-base"}, wrong.stderr
+    for flag in sorted(named):
+        skipped = run(inputs, "verify", g1, "--base", other, flag)
+        assert skipped.exit_code == 0, (flag, skipped.output)
+        assert skipped.stdout.startswith("FITS") and "fingerprint  skipped" in skipped.stdout
 
 
 def test_diff(inputs: Path) -> None:

@@ -108,10 +108,31 @@ def test_bad_adapter_names() -> None:
     ids = input_ids(3)
     with pytest.raises(lk.AdapterNameError, match="no adapter named 'zz'"):
         logits(lm, ids, adapter_names=["a", "zz", None])
-    with pytest.raises(lk.AdapterNameError, match="3 entries but the batch has 2 rows"):
+    with pytest.raises(lk.AdapterNameError, match="3 entries but the input has 2 rows"):
         logits(lm, ids[:2], adapter_names=["a", "b", None])
     with pytest.raises(lk.AdapterNameError, match="one adapter name"):
         logits(lm, ids, adapter_names="a")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_fewer_names_than_input_rows_are_refused(kind: str) -> None:
+    """One name per input row: 2 names for 4 rows used to run rows 0-1 / 2-3 as blocks."""
+    lm = model_with_adapters(kind)
+    ids = input_ids(4)
+    with pytest.raises(lk.AdapterNameError, match="2 entries but the input has 4 rows"):
+        logits(lm, ids, adapter_names=["a", "b"])
+    with torch.no_grad(), pytest.raises(lk.AdapterNameError, match="2 entries but the input has 4"):
+        lm(ids, adapter_names=["a", "b"])  # input_ids given by position
+
+
+def test_generate_with_fewer_names_than_prompts_is_refused() -> None:
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(4, seq=4, seed=5)
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad(), pytest.raises(lk.AdapterNameError, match="input has 4 rows"):
+        lm.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=["a", "b"], **kwargs)
+    with torch.no_grad(), pytest.raises(lk.AdapterNameError, match="input has 4 rows"):
+        lm.generate(input_ids=ids, adapter_names=["a", "b"], **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
@@ -178,7 +199,10 @@ def test_runs_and_gathered_rows_with_expansion(rows: list[str | None]) -> None:
     lm = model_with_adapters("gpt2")
     ids = input_ids(len(rows))
     expanded = ids.repeat_interleave(2, dim=0)  # as generate expands beams
-    mixed = logits(lm, expanded, adapter_names=rows)
+    # Inside generate the wrapped model sees the expanded batch under the caller's names (the
+    # count was checked against the prompts); lm(...) itself wants one name per input row.
+    with torch.no_grad(), lm._rows(rows, None):
+        mixed = lm.model(input_ids=expanded).logits
     alone = _alone(lm, expanded, [n for n in rows for _ in range(2)])
     torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
 
