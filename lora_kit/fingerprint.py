@@ -125,20 +125,38 @@ def fingerprint(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
     }
 
 
+# What to do about a mismatch when loading an adapter (the default advice).
+LOAD_HINT = (
+    "load it onto the base it was trained on, or pass check_base=False "
+    "(CLI: --no-check-base) if you are sure"
+)
+
+
 def check_fingerprint(
-    expected: Mapping[str, Any], model: nn.Module, layers: Mapping[str, nn.Module], source: str
+    expected: Mapping[str, Any],
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    source: str,
+    hint: str = LOAD_HINT,
 ) -> None:
     """Raise if ``model`` is not the base ``expected`` was recorded on.
 
+    Args:
+        expected: The recorded fingerprint.
+        model: The model to check.
+        layers: Its targeted projections, by name.
+        source: Where ``expected`` came from (for the message).
+        hint: How to proceed, ending the message.
+
     Raises:
         AdapterMismatchError: Naming the first difference (type, module, shape, orientation,
-            or weights) and how to proceed.
+            or weights) and ``hint``.
     """
-    compare_fingerprint(expected, fingerprint(model, layers), source)
+    compare_fingerprint(expected, fingerprint(model, layers), source, hint)
 
 
 def compare_fingerprint(
-    expected: Mapping[str, Any], actual: Mapping[str, Any], source: str
+    expected: Mapping[str, Any], actual: Mapping[str, Any], source: str, hint: str = LOAD_HINT
 ) -> None:
     """Raise if the recorded fingerprint ``expected`` differs from ``actual`` (`fingerprint`).
 
@@ -147,10 +165,6 @@ def compare_fingerprint(
     """
     if expected == actual:  # one comparison in C for the usual case
         return
-    hint = (
-        "load it onto the base it was trained on, or pass check_base=False "
-        "(CLI: --no-check-base) if you are sure"
-    )
     if expected.get("model_type") != actual["model_type"]:
         raise AdapterMismatchError(
             f"{source}: adapter was trained on a {expected.get('model_type')!r} model, this base "

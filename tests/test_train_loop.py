@@ -535,8 +535,12 @@ def test_resume_refuses_another_base_model(kind: str, tmp_path: Path) -> None:
     other = tiny_gpt2(seed=5) if kind == "gpt2" else tiny_bert(seed=5)  # same shapes
     heads = ("classifier",) if kind == "bert" else ()
     lm = lk.inject(other, lk.LoraConfig(r=4, targets=f"{kind}-all", modules_to_save=heads))
-    with pytest.raises(AdapterMismatchError, match="weights"):
+    with pytest.raises(AdapterMismatchError, match="weights") as refused:
         train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+    # The advice is the trainer's: `lorakit train` has no --no-check-base, which the loading
+    # advice named.
+    assert "the run started from" in str(refused.value)
+    assert "no-check-base" not in str(refused.value)
 
 
 def test_out_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:

@@ -614,10 +614,16 @@ def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> None
     base = files.metadata.get("base_fingerprint")
     if isinstance(base, dict):  # AdapterMismatchError when resumed onto another base
         layers = {m: lm.model.get_submodule(m) for m in record.modules}
-        check_fingerprint(base, lm.model, layers, str(files.path))
+        check_fingerprint(base, lm.model, layers, str(files.path), _RESUME_HINT)
     with torch.no_grad():
         for key, param in targets.items():
             param.copy_(tensors[key])
+
+
+_RESUME_HINT = (
+    "resume with the base model the run started from, or start a new run (another --out, "
+    "without --resume)"
+)
 
 
 def _optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
