@@ -327,3 +327,40 @@ def test_autocast_adds_the_update_in_the_gemm(kind: str) -> None:
     out.float().sum().backward()
     assert layer.adapter("a").lora_B.grad is not None
     assert layer.adapter("a").lora_B.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fp32_adapter_beside_bf16_base_without_autograd(kind: str) -> None:
+    """The in-place mixed-dtype path (inference) applies the scaling and the stacking weight."""
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    layer.base.to(torch.bfloat16)  # the adapters stay fp32
+    router.default = Selection((("a", 0.7),))
+    x = torch.randn(4, 24).to(torch.bfloat16)
+    a = layer.adapter("a")
+    with torch.no_grad():
+        out = layer(x)
+        exact = layer.base(x).float() + 0.7 * a.scaling * x.float() @ a.lora_A.t() @ a.lora_B.t()
+    assert out.dtype == torch.bfloat16
+    # One bf16 rounding of the fp32 sum: within one bf16 ulp (2^-7 relative) of the rounded
+    # exact value. A lost factor (scaling 2 or weight 0.7) moves the O(10) update by > 1.
+    torch.testing.assert_close(out.float(), exact.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("r", [4, 16])
+def test_reset_draws_peft_initialisations(r: int) -> None:
+    """gaussian: A ~ N(0, (1/r)^2); zero_b: A ~ U(-1/sqrt(in), 1/sqrt(in)); B zero in both."""
+    adapter = LoraAdapter(512, 8, r=r, scaling=1.0)
+    adapter.reset("gaussian", torch.Generator().manual_seed(0))
+    a = adapter.lora_A.detach()
+    # r * 512 >= 2048 samples: the sample std is within ~1.6% (one sigma) of the true one, so
+    # 10% is > 6 sigma (and the draw is seeded); 1/sqrt(r) instead of 1/r is off by 2-4x.
+    assert float(a.std()) == pytest.approx(1.0 / r, rel=0.1)
+    assert abs(float(a.mean())) < 0.1 / r
+    assert not adapter.lora_B.any()
+    adapter.reset("zero_b", torch.Generator().manual_seed(0))
+    bound = 1.0 / 512**0.5
+    assert float(a.abs().max()) <= bound  # `a` is a view of lora_A: reset writes in place
+    # uniform on [-b, b] has std b / sqrt(3)
+    assert float(a.std()) == pytest.approx(bound / 3**0.5, rel=0.1)
+    assert not adapter.lora_B.any()

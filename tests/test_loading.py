@@ -6,6 +6,7 @@ uses it): same modules, same tensors, bit-identical outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,14 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from hotswap_helpers import input_ids, logits, make_model, save_adapters
+from hotswap_helpers import (
+    config_for,
+    input_ids,
+    logits,
+    make_model,
+    randomize,
+    save_adapters,
+)
 
 import lora_kit as lk
 from lora_kit.resolve import resolve_adapter
@@ -48,6 +56,28 @@ def test_failed_load_changes_nothing(saved: tuple[str, Path]) -> None:
     after = lm.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_adapters_differing_only_in_rank_pattern_load_side_by_side(
+    kind: str, tmp_path: Path
+) -> None:
+    """The expected key -> shape table is cached per model and config: two adapters with the
+    same targets and ``r`` but other ``rank_pattern`` ranks need their own tables."""
+    fc = "c_fc" if kind == "gpt2" else "intermediate.dense"
+    source = lk.LoraModel(make_model(kind))
+    for name, pattern in (("plain", {}), ("narrow", {fc: 2})):
+        config = dataclasses.replace(config_for(kind, "a"), rank_pattern=pattern)
+        source.add_adapter(name, config)
+        randomize(source, name, seed=len(name))
+        source.save_adapter(tmp_path / name, name)
+    lm = lk.LoraModel(make_model(kind))
+    for name in ("plain", "narrow"):
+        lm.load_adapter(tmp_path / name, name)
+    for name in ("plain", "narrow"):
+        lm.set_adapter(name)
+        source.set_adapter(name)
+        assert torch.equal(logits(lm, input_ids(2)), logits(source, input_ids(2)))
 
 
 def test_resolve_library_by_name(

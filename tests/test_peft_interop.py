@@ -124,3 +124,16 @@ def test_classifier_model_saving_other_modules_loads_in_peft(
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
     inputs = BERT.inputs()
     torch.testing.assert_close(logits(peft_model, inputs), logits(lm, inputs), **TOL)
+
+
+def test_fractional_alpha_reaches_peft(arch: Arch, tmp_path: Path) -> None:
+    """A non-integer alpha is written as it is (``int()`` only for integral values)."""
+    base = arch.build(0)
+    lm = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=4, alpha=3.5, targets=arch.attn_preset))
+    randomize(lm)
+    path = lm.save_adapter(tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    inputs = arch.inputs()
+    torch.testing.assert_close(logits(peft_model, inputs), logits(lm, inputs), **TOL)
+    reloaded = lk.LoraModel.from_pretrained(copy.deepcopy(base), path)  # reads the same file
+    assert torch.equal(logits(reloaded, inputs), logits(lm, inputs))

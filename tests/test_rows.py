@@ -319,3 +319,36 @@ def test_clear_stacks_after_a_data_write() -> None:
     torch.testing.assert_close(
         logits(lm, ids, adapter_names=names), _alone(lm, ids, names), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_expanded_batch_on_the_grouped_path(kind: str) -> None:
+    """With autograd on, rows are grouped by `RowPlan.members`, which must map an expanded
+    batch (``repeat_interleave``, as generate expands beams) back to its names; BERT's per-row
+    classifier copies use the same groups. Tolerance as above."""
+    lm = model_with_adapters(kind)
+    rows: list[str | None] = ["c", "b", None, "a"]
+    ids = input_ids(len(rows)).repeat_interleave(2, dim=0)
+    out = lm(input_ids=ids, adapter_names=rows).logits  # grad on: the grouped path
+    expected = _alone(lm, ids, [n for n in rows for _ in range(2)])
+    torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_grouped_path_without_autograd(kind: str) -> None:
+    """Inference with an adapter's dropout active groups rows too (``index_add_`` in place).
+
+    Dropout p = 1e-12 keeps the training-mode path but is the identity: a drop has probability
+    1e-12 per element, and the 1/(1-p) rescale rounds to exactly 1 in fp32. Only the adapters
+    are in training mode (the base model's own dropout stays off). Tolerance as above.
+    """
+    lm = model_with_adapters(kind)
+    for module in lm.modules():
+        if isinstance(module, lk.LoraAdapter):
+            module.dropout = 1e-12
+            module.train()
+    ids = input_ids(len(ROWS))
+    ops = aten_ops(lambda: logits(lm, ids, adapter_names=ROWS), lora_layers_of=lm.model)
+    assert "index_add_" in ops and "bmm" not in ops  # the grouped path really ran
+    mixed = logits(lm, ids, adapter_names=ROWS)
+    torch.testing.assert_close(mixed, _alone(lm, ids, ROWS), atol=1e-5, rtol=1e-5)

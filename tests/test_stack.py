@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import broken_copies, logits, tiny, with_adapters
+from merge_helpers import broken_copies, config, logits, randomize, tiny, with_adapters
 
 import lora_kit as lk
 from lora_kit.adapter_io import read_adapter
@@ -152,3 +153,96 @@ def test_factors_that_do_not_pair_up_are_refused(tmp_path: Path) -> None:
             with pytest.raises(lk.LoraKitError, match=match):
                 stack(inputs, out=out)
             assert not out.exists()
+
+
+# Full-rank refactoring (rank 64 >= every module's min(out, in)) of an fp32 element-wise result:
+# the SVD round trip is exact up to fp32 rounding, ~1e-6 of the largest entry; 1e-4 of it is
+# still far below any entry a wrong rule changes (they are O(max) for random factors).
+REFACTOR_TOL = 1e-4
+
+
+def test_dare_rescales_the_kept_entries(saved: tuple[str, Path, lk.LoraModel]) -> None:
+    """Each entry of a single input is dropped or kept divided by the density (unbiased)."""
+    _, tmp, _ = saved
+    stack([tmp / "a"], weights=[1.0], method="dare", out=tmp / "d", density=0.5, seed=0, rank=64)
+    got, want = deltas(tmp / "d"), deltas(tmp / "a")
+    kept = total = 0
+    for m, t in want.items():
+        tol = REFACTOR_TOL * float(t.abs().max()) / 0.5
+        error = torch.minimum(got[m].abs(), (got[m] - t / 0.5).abs())  # 0 or t / density
+        assert float(error.max()) <= tol, m
+        kept += int((got[m].abs() > tol).sum())
+        total += t.numel()
+    assert 0.45 < kept / total < 0.55  # about half the entries survive at density 0.5
+
+
+def test_ties_elects_a_sign_and_averages_the_agreeing(
+    saved: tuple[str, Path, lk.LoraModel],
+) -> None:
+    """Density 1 (no trimming) on two inputs: where their signs agree the result is the mean;
+    where they disagree, the larger magnitude wins the election and is kept alone."""
+    _, tmp, _ = saved
+    stack([tmp / "a", tmp / "b"], weights=list(W.values()), method="ties", out=tmp / "t",
+          density=1.0, rank=64)  # fmt: skip
+    got, da, db = deltas(tmp / "t"), deltas(tmp / "a"), deltas(tmp / "b")
+    for m in da:
+        d1, d2 = W["a"] * da[m], W["b"] * db[m]
+        larger = torch.where(d1.abs() >= d2.abs(), d1, d2)
+        want = torch.where(d1.sign() == d2.sign(), (d1 + d2) / 2, larger)
+        assert (d1.sign() != d2.sign()).any()  # both rules are exercised
+        tol = REFACTOR_TOL * float(want.abs().max())
+        torch.testing.assert_close(got[m], want, rtol=0, atol=tol)
+
+
+def test_ties_keeps_the_top_density_magnitudes(saved: tuple[str, Path, lk.LoraModel]) -> None:
+    _, tmp, _ = saved
+    stack([tmp / "a"], weights=[1.0], method="ties", out=tmp / "t", density=0.5, rank=64)
+    got, want = deltas(tmp / "t"), deltas(tmp / "a")
+    for m, t in want.items():
+        k = round(0.5 * t.numel())
+        kth = t.abs().flatten().topk(k).values[-1]  # the k-th largest magnitude is kept
+        trimmed = t * (t.abs() >= kth)
+        tol = REFACTOR_TOL * float(t.abs().max())
+        torch.testing.assert_close(got[m], trimmed, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_cat_of_inputs_with_per_module_ranks(kind: str, tmp_path: Path) -> None:
+    """A rank_pattern input gives output modules of different ranks; the output's rank and
+    alpha patterns must keep every module's scaling at 1 (tolerances as in the cat test)."""
+    fc = "c_fc" if kind == "gpt2" else "intermediate.dense"
+    lm = with_adapters(kind, ("a", "b"))  # ranks 4 and 2 everywhere
+    lm.add_adapter("p", dataclasses.replace(config(kind), rank_pattern={fc: 1},
+                                            alpha_pattern={fc: 5.0}))  # fmt: skip
+    randomize(lm, "p", seed=5)
+    for name in ("p", "b"):
+        lm.save_adapter(tmp_path / name, name)
+    weights = {"p": 0.7, "b": -0.3}
+    stack([tmp_path / "p", tmp_path / "b"], weights=list(weights.values()), method="cat",
+          out=tmp_path / "c")  # fmt: skip
+    out = read_adapter(tmp_path / "c")
+    assert len({out.config.rank_for(m) for m in deltas(tmp_path / "c")}) == 2  # 3 and 6
+    got, dp, db = deltas(tmp_path / "c"), deltas(tmp_path / "p"), deltas(tmp_path / "b")
+    for m, d in got.items():
+        want = weights["p"] * dp[m] + weights["b"] * db[m]
+        torch.testing.assert_close(d, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    lm.set_adapter(weights)
+    stacked = lk.LoraModel.from_pretrained(tiny(kind), tmp_path / "c")
+    torch.testing.assert_close(logits(stacked, kind), logits(lm, kind), rtol=0, atol=1e-4)
+
+
+def test_overall_metrics_weight_modules_by_their_update(
+    saved: tuple[str, Path, lk.LoraModel],
+) -> None:
+    """The report's energy and error are those of all modules' updates taken as one."""
+    _, tmp, _ = saved
+    report = stack([tmp / "a", tmp / "b"], weights=list(W.values()), method="svd",
+                   out=tmp / "s", rank=2)  # fmt: skip
+    got, want = deltas(tmp / "s"), exact(tmp)
+    norm2 = sum(float(want[m].double().norm() ** 2) for m in want)
+    err2 = sum(float((got[m].double() - want[m].double()).norm() ** 2) for m in want)
+    kept2 = sum(float(got[m].double().norm() ** 2) for m in want)  # truncated SVD: ||T_k||^2
+    # float64 references of fp32 factors: agreement to ~1e-6; 1e-3 allows for the per-module
+    # values being computed on the factors, not on dense matrices.
+    assert report.rel_error == pytest.approx((err2 / norm2) ** 0.5, rel=1e-3)
+    assert report.energy_kept == pytest.approx(kept2 / norm2, rel=1e-3)

@@ -8,12 +8,13 @@ blocking/summation order may change, so fp32 atol 1e-5 (logits are O(1)).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 import pytest
 import torch
-from hotswap_helpers import input_ids, logits, make_model
+from hotswap_helpers import config_for, input_ids, logits, make_model, randomize
 from torch._dynamo.testing import CompileCounter
 
 import lora_kit as lk
@@ -226,3 +227,80 @@ def test_a_failed_copy_leaves_ranks_and_scalings_as_they_were(
         lm.swap_adapter("live", root / "c")  # a subset at rank 2: would zero and re-rank
     assert [(p.rank, p.scaling) for p in padded if isinstance(p, PaddedAdapter)] == before
     assert len(before) == len(padded)
+
+
+FC = {"gpt2": "c_fc", "bert": "intermediate.dense"}
+
+
+def _save_variant(kind: str, path: Path, seed: int, **changes: object) -> Path:
+    """Save an adapter like "a" (every projection, rank 4, alpha 8) with ``changes``."""
+    lm = lk.LoraModel(make_model(kind))
+    lm.add_adapter("v", dataclasses.replace(config_for(kind, "a"), **changes))  # type: ignore[arg-type]
+    randomize(lm, "v", seed)
+    return lm.save_adapter(path, "v")
+
+
+def test_swap_takes_the_new_adapters_rslora_and_pattern_scalings(
+    saved: tuple[str, Path], tmp_path: Path
+) -> None:
+    kind, root = saved
+    path = _save_variant(kind, tmp_path / "rs", seed=7, use_rslora=True,
+                         rank_pattern={FC[kind]: 2}, alpha_pattern={FC[kind]: 3.0})  # fmt: skip
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    lm.set_adapter("live")
+    lm.swap_adapter("live", path)
+    got = logits(lm, input_ids(3))
+    assert torch.equal(got, _fresh(kind, path, max_rank=8))
+    torch.testing.assert_close(got, _fresh(kind, path, None), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_adapter_swap_takes_the_new_scaling(saved: tuple[str, Path], tmp_path: Path) -> None:
+    """A plain (unpadded) adapter accepts the same rank with another alpha."""
+    kind, root = saved
+    path = _save_variant(kind, tmp_path / "v", seed=8, alpha=2.0)  # "a" has alpha 8
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "p")
+    lm.set_adapter("p")
+    lm.swap_adapter("p", path)
+    torch.testing.assert_close(
+        logits(lm, input_ids(3)), _fresh(kind, path, None), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_padded_adapters_in_a_mixed_batch_with_autograd(saved: tuple[str, Path]) -> None:
+    """With autograd on, mixed batches add each padded adapter's own `delta` (the tensor scale);
+    each row equals that row alone (fp32 summation order only, as in test_rows)."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    for name in ("a", "b", "c"):
+        lm.load_adapter(root / name, name, max_rank=8)
+    names: list[str | None] = ["a", "b", None, "c"]
+    ids = input_ids(len(names))
+    out = lm(input_ids=ids, adapter_names=names).logits  # grad on: rows grouped per adapter
+    alone = []
+    for row, name in enumerate(names):
+        with lm.using(name):
+            alone.append(logits(lm, ids[row : row + 1]))
+    torch.testing.assert_close(out.detach(), torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_swap_above_the_padded_rank_is_refused_and_changes_nothing(
+    saved: tuple[str, Path],
+) -> None:
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=4)
+    lm.set_adapter("live")
+    ids = input_ids(3)
+    before = logits(lm, ids)
+    tensors = [p.detach().clone() for p in lm.adapter_parameters("live")]
+    with pytest.raises(
+        lk.AdapterMismatchError, match="has rank 8; adapter 'live' holds its padded"
+    ):
+        lm.swap_adapter("live", root / "b")  # rank 8, on a subset of "a"'s modules
+    assert all(
+        torch.equal(p, t) for p, t in zip(lm.adapter_parameters("live"), tensors, strict=True)
+    )
+    assert torch.equal(logits(lm, ids), before)
+    assert lm.adapter_record("live").source == str(root / "a")

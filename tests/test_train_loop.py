@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from train_helpers import encode, tiny_bert, tiny_gpt2, write_cls, write_text
 
 import lora_kit as lk
@@ -94,6 +97,81 @@ def test_grad_accumulation_matches_one_big_batch(kind: str, tmp_path: Path) -> N
         results.append(_adapter(train(lm, train_set, cfg).adapter_path))
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_uneven_last_window_weights_every_example_equally(kind: str, tmp_path: Path) -> None:
+    """One epoch ends in a window of unequal micro-batches (GPT-2: 33 examples, 4+4+1; BERT:
+    43, 4+3). Weighting each micro-batch's mean loss by its share of the window's examples
+    makes 3 accumulated micro-batches of 4 the same step as one batch of 12: equal step
+    losses (1e-5 relative: fp32 summation order) and adapters (tolerance as above)."""
+    runs = []
+    for bs, accum in ((12, 1), (4, 3)):
+        lm, train_set, _ = _setup(kind, tmp_path)
+        rest = len(train_set) % 12
+        assert rest > 4 and rest % 4  # the last window really is uneven
+        steps: list[StepInfo] = []
+        cfg = _cfg(tmp_path / f"{bs}x{accum}", steps=None, epochs=1, batch_size=bs,
+                   grad_accum=accum)  # fmt: skip
+        result = train(lm, train_set, cfg, callbacks=[steps.append])
+        assert result.steps == math.ceil(len(train_set) / 12)
+        runs.append(([info.loss for info in steps], _adapter(result.adapter_path)))
+    (big_losses, big), (accum_losses, accumulated) = runs
+    assert accum_losses == pytest.approx(big_losses, rel=1e-5)
+    for key, value in big.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=1e-5)
+
+
+def _train_records(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_epochs_end_with_their_partial_window(kind: str, tmp_path: Path) -> None:
+    """With ``epochs``, each epoch runs ceil(examples / (batch * accum)) steps: the last,
+    partial window too (GPT-2: 33 examples -> 5 steps of 8; BERT: 43 -> 6)."""
+    lm, train_set, _ = _setup(kind, tmp_path)
+    assert math.ceil(len(train_set) / 4) % 2  # the last window is a single micro-batch
+    windows = math.ceil(len(train_set) / 8)
+    cfg = _cfg(tmp_path, steps=None, epochs=2, batch_size=4, grad_accum=2)
+    assert train(lm, train_set, cfg).steps == 2 * windows
+    assert [r["epoch"] for r in _train_records(Path(cfg.out))] == [0] * windows + [1] * windows
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_clip_norm_caps_the_gradient_the_optimizer_steps_with(
+    kind: str, clip: float, tmp_path: Path
+) -> None:
+    """The optimizer sees the gradient clipped to ``clip_norm`` (0: not clipped); the log has
+    the pre-clip norm. Clipping scales by clip / (norm + 1e-6), so the clipped norm is within
+    1e-6 / norm (< 1e-4 relative here) of ``clip``; fp32 norms agree to ~1e-7."""
+    lm, train_set, _ = _setup(kind, tmp_path)
+    seen: list[float] = []
+
+    def record(optimizer: Any, args: object, kwargs: object) -> None:
+        grads = [
+            p.grad.double().norm()
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        seen.append(float(torch.stack(grads).norm()))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        cfg = _cfg(tmp_path, steps=3, clip_norm=clip)
+        train(lm, train_set, cfg)
+    finally:
+        handle.remove()
+    logged = [r["grad_norm"] for r in _train_records(Path(cfg.out))]
+    assert len(seen) == len(logged) == 3
+    if clip:
+        assert all(n > clip for n in logged)  # clipping really applied at every step
+        assert seen == pytest.approx([clip] * 3, rel=1e-4)
+    else:
+        assert seen == pytest.approx(logged, rel=1e-5)
 
 
 class _StopError(Exception):
