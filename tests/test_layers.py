@@ -72,6 +72,31 @@ def test_update_matches_the_formula_and_weights(forward_path: str) -> None:
     )
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_three_active_adapters_all_count(kind: str, forward_path: str) -> None:
+    """The fused path adds the first adapter into the bias and loops over the others; with two
+    adapters a loop that skipped one was caught, with three a loop that skipped only the third
+    (or a later one) was not. fp32, 24->40, four ranks: rounding stays below 1e-5."""
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    c = LoraAdapter(24, 40, r=4, scaling=0.5)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        c.lora_A.copy_(torch.randn(4, 24, generator=gen))
+        c.lora_B.copy_(torch.randn(40, 4, generator=gen))
+    layer.add("c", c)
+    x = torch.randn(2, 7, 24)
+    weights = {"a": 0.7, "b": -0.3, "c": 1.5}
+    reference = linear.base(x)
+    for name, weight in weights.items():
+        adapter = layer.adapter(name)
+        reference = (
+            reference + weight * adapter.scaling * x @ adapter.lora_A.t() @ adapter.lora_B.t()
+        )
+    router.default = Selection(tuple(weights.items()))
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+
+
 # Both layouts of the down-projection (`down_t`): [r, T] GEMM up to the threshold, [T, r] above.
 @pytest.mark.parametrize("tokens", [1, 35, TRANSPOSED_DOWN_MAX_ROWS + 1])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
