@@ -32,7 +32,16 @@ from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
 from .rows import RowPlan, check_row_count, input_rows
 from .saved_modules import SavedModule
-from .surgery import refuse_adapted_heads, submodule, unwrap_if_empty, wrap_lora, wrap_saved
+from .surgery import (
+    entries,
+    put_back,
+    refuse_adapted_heads,
+    strip_adapter,
+    submodule,
+    unwrap_if_empty,
+    wrap_lora,
+    wrap_saved,
+)
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .swap_plan import forget_plans
 from .targets import (
@@ -156,25 +165,26 @@ class LoraModel(nn.Module):
         targets = find_targets(self.model, config)
         heads = find_saved_modules(self.model, config.modules_to_save)
         refuse_adapted_heads(self.model, heads, f"add_adapter({name!r})")
-        # Everything is validated: mutate from here on.
-        if not self._adapters:
-            self.model.requires_grad_(False)
-        for target in targets:
-            layer = wrap_lora(self.model, target, self.router)
-            adapter = LoraAdapter(
-                layer.in_features,
-                layer.out_features,
-                r=config.rank_for(target),
-                scaling=config.scaling_for(target),
-                dropout=config.dropout,
-                dtype=adapter_dtype,
-                device=layer.weight.device,
-            )
-            adapter.reset(config.init)
-            layer.add(name, adapter)
-        for head in heads:
-            wrap_saved(self.model, head, self.router).add(name)
-        self._adapters[name] = AdapterRecord(name, config, tuple(targets), tuple(heads))
+        # Everything is validated: mutate from here on (taken back if interrupted).
+        with self._undoing_add(name):
+            if not self._adapters:
+                self.model.requires_grad_(False)
+            for target in targets:
+                layer = wrap_lora(self.model, target, self.router)
+                adapter = LoraAdapter(
+                    layer.in_features,
+                    layer.out_features,
+                    r=config.rank_for(target),
+                    scaling=config.scaling_for(target),
+                    dropout=config.dropout,
+                    dtype=adapter_dtype,
+                    device=layer.weight.device,
+                )
+                adapter.reset(config.init)
+                layer.add(name, adapter)
+            for head in heads:
+                wrap_saved(self.model, head, self.router).add(name)
+            self._adapters[name] = AdapterRecord(name, config, tuple(targets), tuple(heads))
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter and free its tensors; modules no adapter uses are unwrapped.
@@ -184,14 +194,21 @@ class LoraModel(nn.Module):
         """
         self._refuse_if_merged("delete_adapter")
         record = self.adapter_record(name)
-        for module_name in record.modules:
-            layer = self._layer(module_name)
-            del layer.adapters[name]
-            unwrap_if_empty(self.model, module_name, layer)
-        for module_name in record.saved_modules:
-            wrapper = self._saved(module_name)
-            del wrapper.copies[name]
-            unwrap_if_empty(self.model, module_name, wrapper)
+        wrappers: list[tuple[str, LoRALinear | SavedModule]] = [
+            *((m, self._layer(m)) for m in record.modules),
+            *((m, self._saved(m)) for m in record.saved_modules),
+        ]
+        # Every wrapper is found: remove from here on (put back if interrupted part-way).
+        removed: list[tuple[str, LoRALinear | SavedModule, nn.Module]] = []
+        try:
+            for module_name, wrapper in wrappers:
+                held = entries(wrapper)
+                removed.append((module_name, wrapper, held[name]))
+                del held[name]
+                unwrap_if_empty(self.model, module_name, wrapper)
+        except BaseException:
+            put_back(self.model, name, removed, list(self._adapters))
+            raise
         del self._adapters[name]
         forget_plans(self, name)  # a remembered swap plan would keep the tensors alive
         default = self.router.default
@@ -404,10 +421,13 @@ class LoraModel(nn.Module):
                     f"the adapter's directory name {name!r} is not a valid adapter name (use "
                     f"letters, digits, '_' and '-'); pass name=... to load_adapter"
                 )
-        if max_rank is not None:  # validate before loading anything
-            check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
-        load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
-        if max_rank is not None:
+        if max_rank is None:
+            load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+            return name
+        check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
+        self._check_new_name(name)  # (the undo below takes away whatever is named ``name``)
+        with self._undoing_add(name):  # loaded, then padded: both or neither
+            load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
             make_swappable(self, name, max_rank)
         return name
 
@@ -442,6 +462,25 @@ class LoraModel(nn.Module):
         return lm
 
     # ---- internals -------------------------------------------------------------------------
+
+    @contextmanager
+    def _undoing_add(self, name: str) -> Iterator[None]:
+        """Take back adapter ``name``, new to this model, if the block adding it raises.
+
+        Its modules leave every layer (layers wrapped for it alone are unwrapped), its record
+        and swap plan go, and when it was the first adapter the base's ``requires_grad`` flags,
+        which adding it cleared, are put back. Enter it only once ``name`` is known to be free.
+        """
+        flags = None if self._adapters else [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            yield
+        except BaseException:
+            strip_adapter(self.model, name)
+            self._adapters.pop(name, None)
+            forget_plans(self, name)
+            for param, flag in flags or ():
+                param.requires_grad_(flag)
+            raise
 
     def _peft_task_type(self, record: AdapterRecord) -> str | None:
         # PEFT's SEQ_CLS/TOKEN_CLS loaders insist on finding the head's weights in the file;
