@@ -598,6 +598,9 @@ class LoraModel(nn.Module):
         Returns:
             The per-module largest change, the heads in use and the memory kept.
 
+        Merging and :meth:`unmerge` are all or nothing: interrupted part-way, every layer is
+        put back as it was.
+
         Raises:
             MergedStateError: Something is merged already.
             AdapterNameError, ConfigError: Unknown adapter or non-finite weight.
@@ -632,6 +635,8 @@ class LoraModel(nn.Module):
         Returns:
             ``self.model``, unwrapped; this handle has no adapters afterwards, and the adapter
             cache forgets its registrations (they were for the unmerged base).
+
+        Interrupted part-way, it leaves the handle as it was (merged only if it was before).
         """
         from .merge import merge_and_unload
 
