@@ -242,6 +242,7 @@ class LoraModel(nn.Module):
         if cache is None:
             self.router.default = self._selection(selection)
             return
+        self._selection(selection, registered=True)  # bad input: refused before anything loads
         pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
         try:
             self.router.default = self._selection(selection)
@@ -254,6 +255,7 @@ class LoraModel(nn.Module):
     def using(self, selection: AdapterSelection) -> Iterator[None]:
         """Use ``selection`` in this thread/task inside the block; restored on exit or error."""
         self._refuse_if_merged("using")
+        self._precheck(selection)
         with (
             self._pinned(_selected_names(selection)),
             self.router.override(self._selection(selection)),
@@ -506,16 +508,18 @@ class LoraModel(nn.Module):
             return record.modules
         return spec
 
-    def _selection(self, selection: AdapterSelection) -> Selection:
+    def _selection(self, selection: AdapterSelection, *, registered: bool = False) -> Selection:
+        """``selection`` checked and as a `Selection`; with ``registered``, names registered
+        with the adapter cache (not necessarily loaded yet) count as known."""
         if selection is None:
             return BASE_ONLY
         if isinstance(selection, str):
-            self._require(selection)
+            self._require(selection, registered=registered)
             return Selection(((selection, 1.0),))
         if isinstance(selection, Mapping):
             pairs = []
             for adapter_name, weight in selection.items():
-                self._require(adapter_name)
+                self._require(adapter_name, registered=registered)
                 value = float(weight)
                 if not torch.isfinite(torch.tensor(value)):
                     raise ConfigError(
@@ -528,8 +532,16 @@ class LoraModel(nn.Module):
             f"got {type(selection).__name__}"
         )
 
-    def _require(self, name: str) -> None:
-        if name not in self._adapters:
+    def _precheck(self, selection: AdapterSelection) -> None:
+        """Refuse a bad selection before the adapter cache loads (and evicts) anything for it."""
+        if self._adapter_cache() is not None:
+            self._selection(selection, registered=True)
+
+    def _require(self, name: str, *, registered: bool = False) -> None:
+        if name in self._adapters:
+            return
+        cache = self._adapter_cache() if registered else None
+        if cache is None or not cache.is_registered(name):
             raise AdapterNameError(
                 f"no adapter named {name!r}; loaded adapters: {sorted(self._adapters) or 'none'}"
             )
@@ -609,6 +621,7 @@ class LoraModel(nn.Module):
         from .merge import merge
 
         self._refuse_if_merged("merge")
+        self._precheck(selection)
         with self._pinned(_selected_names(selection)):  # registered adapters are loaded first
             return merge(self, selection)  # (kept resident while merged: eviction waits)
 
@@ -641,6 +654,8 @@ class LoraModel(nn.Module):
         from .merge import merge_and_unload
 
         names = _selected_names(selection) if self._merge_state is None else ()
+        if names:
+            self._precheck(selection)
         with self._pinned(names):  # registered adapters are loaded first
             return merge_and_unload(self, selection)
 
@@ -788,22 +803,27 @@ class LoraModel(nn.Module):
     @contextmanager
     def _rows(self, adapter_names: Sequence[str | None], rows: int | None) -> Iterator[None]:
         self._refuse_if_merged("adapter_names")  # merged deltas would apply to every row
-        selection = self._row_selection(adapter_names, check=False)
-        check_row_count(adapter_names, rows)  # before any registered adapter is loaded
+        # Unknown names and a row count that does not fit: before any registered adapter loads.
+        selection = self._row_selection(adapter_names)
+        check_row_count(adapter_names, rows)
         with self._pinned(n for n in adapter_names if n is not None):
-            self._row_selection(adapter_names)  # unknown names raise here
+            if self._adapter_cache() is not None:  # registered ones are loaded now
+                for adapter_name in adapter_names:  # (unless unregistered meanwhile)
+                    if adapter_name is not None:
+                        self._require(adapter_name)
             with self.router.override(selection):
                 yield
 
-    def _row_selection(self, adapter_names: Sequence[str | None], check: bool = True) -> Selection:
+    def _row_selection(self, adapter_names: Sequence[str | None]) -> Selection:
+        """One adapter name (loaded or registered) or None per row, as a `Selection`."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise AdapterNameError(
                 f"adapter_names must be a list with one adapter name (or None) per batch row, "
                 f"got {type(adapter_names).__name__}"
             )
         for adapter_name in adapter_names:
-            if adapter_name is not None and check:
-                self._require(adapter_name)
+            if adapter_name is not None:
+                self._require(adapter_name, registered=True)
         return Selection(rows=RowPlan(adapter_names))
 
 
