@@ -694,6 +694,11 @@ class LoraModel(nn.Module):
         in without a ``torch.compile`` recompile. The new adapter may adapt a subset of the
         modules (the others are zeroed). Everything is checked before anything changes.
 
+        The copies themselves are not undone (that would mean copying every tensor twice on
+        each swap): a failure inside them (a device error, an interrupt) leaves ``name`` partly
+        overwritten, under its previous record. Swapping again (the same source or another)
+        rewrites every tensor, rank and scaling of it and makes it whole.
+
         Args:
             name: The resident adapter to overwrite.
             source: An adapter directory / library name / Hub id, parsed `AdapterFiles`, or a

@@ -195,7 +195,9 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
 
     The new adapter may target a subset of ``name``'s modules (the others are zeroed) and have
     any rank up to the padded rank (any rank equal to the current one for a plain adapter).
-    Everything is validated before any tensor changes.
+    Everything is validated before any tensor changes; the copies are not undone if they fail
+    part-way (see `LoraModel.swap_adapter`): every tensor, rank and scaling of ``name`` is
+    written, so the next swap makes it whole.
 
     Raises:
         AdapterNameError: Unknown adapter.
