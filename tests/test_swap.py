@@ -230,6 +230,25 @@ def test_a_failed_copy_leaves_ranks_and_scalings_as_they_were(
     assert len(before) == len(padded)
 
 
+def test_a_swap_failing_part_way_is_made_whole_by_the_next_swap(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies are not undone (the documented window): the next swap rewrites all of it."""
+    kind, root = saved
+    lm, reference = (lk.LoraModel(make_model(kind)) for _ in range(2))
+    for model in (lm, reference):
+        model.load_adapter(root / "a", "live", max_rank=8)
+    reference.swap_adapter("live", root / "c")
+    broken = fail_on_call(torch._foreach_zero_, 1, RuntimeError("injected"))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "_foreach_zero_", broken)  # after the factors are copied
+        with pytest.raises(RuntimeError, match="injected"):
+            lm.swap_adapter("live", root / "c")
+    assert lm.adapter_record("live").source == str(root / "a")  # the record is the old one
+    lm.swap_adapter("live", root / "c")
+    assert model_state(lm) == model_state(reference)
+
+
 def test_make_swappable_failing_part_way_leaves_the_adapter_as_it_was(
     saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
