@@ -204,8 +204,10 @@ def write_adapter(
 ) -> Path:
     """Write an adapter directory atomically (temp directory, then rename into place).
 
-    An existing adapter at ``path`` is replaced only once the new one is complete; an
-    interrupted save leaves the old one (or nothing) and a ``.tmp`` sibling, never a mix.
+    An existing adapter at ``path`` is replaced only once the new one is complete, never a mix:
+    a save that fails (an error, an interrupt) leaves the old one as it was and nothing else; a
+    process killed mid-save leaves the old one and a hidden ``.<name>.*.tmp`` sibling, or, if
+    killed between the two renames of `swap_dir`, the old one under ``.<name>.old-<pid>``.
     ``extra_files`` (``{file name: text}``, e.g. ``labels.json``) are written with it.
 
     Raises:
@@ -244,25 +246,37 @@ def write_adapter(
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is removed only after the move.
+    """Move ``new`` to ``target`` with `swap_dir`.
 
     Files in an old ``target`` other than the adapter's own (a model card, a training log)
     are carried over into the new directory first.
     """
+    if target.exists():
+        for entry in target.iterdir():
+            if not (new / entry.name).exists():
+                shutil.copy2(entry, new / entry.name) if entry.is_file() else shutil.copytree(
+                    entry, new / entry.name, symlinks=True
+                )
+    swap_dir(new, target)
+
+
+def swap_dir(new: Path, target: Path) -> None:
+    """Rename directory ``new`` to ``target``; an old ``target`` is removed only after that.
+
+    The old ``target`` is first renamed aside to ``.<name>.old-<pid>`` beside it; if renaming
+    ``new`` into place then fails, it is renamed back. The one window two renames cannot close:
+    a process killed between them leaves no ``target``, and the old directory under that hidden
+    name (rename it back by hand).
+    """
     if not target.exists():
         os.replace(new, target)
         return
-    for entry in target.iterdir():
-        if not (new / entry.name).exists():
-            shutil.copy2(entry, new / entry.name) if entry.is_file() else shutil.copytree(
-                entry, new / entry.name, symlinks=True
-            )
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)
     try:
         os.replace(new, target)
     except BaseException:
-        os.replace(old, target)  # put the old adapter back where it was
+        os.replace(old, target)  # put the old directory back where it was
         raise
     shutil.rmtree(old, ignore_errors=True)
 

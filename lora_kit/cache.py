@@ -167,7 +167,8 @@ class AdapterCache:
         Unregistered names are left alone (the caller's selection check reports unknown ones).
 
         Raises:
-            The errors of `LoraModel.load_adapter` when a (re)load fails; nothing stays pinned.
+            The errors of `LoraModel.load_adapter` when a (re)load fails, or of
+            `LoraModel.delete_adapter` when an eviction does; nothing stays pinned.
         """
         pinned: list[str] = []
         with self._lock:
@@ -181,10 +182,10 @@ class AdapterCache:
                     self._resident.move_to_end(name)
                     self._pins[name] += 1
                     pinned.append(name)
-            except BaseException:
+                self._evict()
+            except BaseException:  # a failed load or eviction: nothing this call pinned stays
                 self.release(pinned)
                 raise
-            self._evict()
         return tuple(pinned)
 
     def release(self, names: Iterable[str]) -> None:

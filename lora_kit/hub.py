@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .adapter_io import read_adapter
+from .adapter_io import read_adapter, swap_dir
 from .base_model import hub_offline
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import AdapterReport, inspect_files
@@ -357,13 +357,7 @@ def _copy_atomically(source: Path, target: Path) -> tuple[str, ...]:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / rel)  # follows the cache's symlinks to the blobs
             copied.append(rel.as_posix())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_dir(tmp, target)  # an old directory goes only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

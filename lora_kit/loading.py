@@ -103,8 +103,6 @@ def load_files(
         AdapterNameError: ``name`` is invalid or taken.
         AdapterMismatchError: Keys, shapes or base fingerprint do not fit the model.
     """
-    from .model import AdapterRecord
-
     check_adapter_dtype(adapter_dtype)
     lm._check_new_name(name)
     config, source, model = files.config, str(files.path), lm.model
@@ -115,7 +113,24 @@ def load_files(
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         check_fingerprint(fp, model, modules, source)
-    # Everything is validated: mutate from here on.
+    # Everything is validated: mutate from here on (taken back if interrupted).
+    with lm._undoing_add(name):
+        _inject(lm, files, name, targets, heads, modules, adapter_dtype)
+
+
+def _inject(
+    lm: LoraModel,
+    files: AdapterFiles,
+    name: str,
+    targets: tuple[str, ...],
+    heads: tuple[str, ...],
+    modules: Mapping[str, nn.Module],
+    adapter_dtype: torch.dtype,
+) -> None:
+    """The mutating half of `load_files`: wrap, attach the file's tensors, record."""
+    from .model import AdapterRecord
+
+    model, config = lm.model, files.config
     if not lm._adapters:
         model.requires_grad_(False)
     for target in targets:
@@ -141,7 +156,7 @@ def load_files(
         prefix = head_key(head, "")
         state = {k[len(prefix) :]: v for k, v in files.tensors.items() if k.startswith(prefix)}
         wrap_saved(model, head, lm.router).add(name).load_state_dict(state, strict=True)
-    lm._adapters[name] = AdapterRecord(name, config, targets, heads, source)
+    lm._adapters[name] = AdapterRecord(name, config, targets, heads, str(files.path))
 
 
 def features(layer: nn.Module) -> tuple[int, int]:

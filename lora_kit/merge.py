@@ -13,7 +13,8 @@ merged projection's weight while merged (reported as `MergeReport.kept_bytes`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ from .fingerprint import weight_digest
 from .layers import LoRALinear
 from .routing import Selection
 from .saved_modules import SavedModule
-from .surgery import set_submodule
+from .surgery import set_submodule, submodule
 from .swap_plan import forget_plans
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def _layers(lm: LoraModel) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in lm.model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = True) -> MergeReport:
+def merge(lm: LoraModel, selection: AdapterSelection) -> MergeReport:
     """Fold ``selection`` (a name or ``{name: weight}``) into ``lm``'s base weights in place.
 
     See :meth:`LoraModel.merge`.
@@ -172,23 +173,56 @@ def merge(lm: LoraModel, selection: AdapterSelection, *, keep_original: bool = T
     by_name = dict(layers)
     for name in new:  # cache the base fingerprint first: save_adapter() while merged stays right
         weight_digest(by_name[name])
-    for name, layer in layers:
-        layer.merged = sel
-        if name in new:
-            if keep_original:
-                layer.unmerged_weight = layer.weight.data
+    saved = [(n, m) for n, m in lm.model.named_modules() if isinstance(m, SavedModule)]
+    with _all_or_nothing() as edit:
+        for name, layer in layers:
+            edit.set(layer, "merged", sel)
+            if name in new:
+                edit.set(layer, "unmerged_weight", layer.weight.data)
                 kept += layer.weight.numel() * layer.weight.element_size()
-            layer.weight.data = new[name]
-    previous = lm.router.default
-    lm.router.default = sel
-    heads: dict[str, str] = {}
-    for n, m in lm.model.named_modules():
-        if isinstance(m, SavedModule):  # the merged adapters' head, even inside lm.using()
-            m.merged = sel
+                edit.set(layer.weight, "data", new[name])
+        previous = lm.router.default
+        edit.set(lm.router, "default", sel)
+        heads: dict[str, str] = {}
+        for n, m in saved:  # the merged adapters' head, even inside lm.using()
+            edit.set(m, "merged", sel)
             heads[n] = next((a for a, _ in sel.weights if a in m.copies), "(original)")
-    report = MergeReport(sel.weights, change, heads, kept)
-    lm._merge_state = _MergeState(report, previous)
+        report = MergeReport(sel.weights, change, heads, kept)
+        edit.set(lm, "_merge_state", _MergeState(report, previous))
     return report
+
+
+class _Changes:
+    """Attribute assignments made so far, each with the value it replaced."""
+
+    def __init__(self) -> None:
+        self._done: list[tuple[object, str, object]] = []
+
+    def set(self, owner: object, attribute: str, value: object) -> None:
+        """``setattr(owner, attribute, value)``, remembering the value it replaces."""
+        self._done.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, value)
+
+    def undo(self) -> None:
+        """Put every replaced value back, the latest first."""
+        for owner, attribute, value in reversed(self._done):
+            setattr(owner, attribute, value)
+
+
+@contextmanager
+def _all_or_nothing() -> Iterator[_Changes]:
+    """Assignments made through the yielded `_Changes` are all taken back if the block raises.
+
+    Merging and unmerging change every layer one by one (its weight, its merged selection) and
+    the model's record last: interrupted half-way (Ctrl-C, an error), the model would otherwise
+    be partly merged with no record of it, which unmerge() cannot restore.
+    """
+    changes = _Changes()
+    try:
+        yield changes
+    except BaseException:
+        changes.undo()
+        raise
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> None:
@@ -223,39 +257,55 @@ def unmerge(lm: LoraModel) -> MergeReport | None:
     state: _MergeState | None = lm._merge_state
     if state is None:
         return None
-    for _, layer in _layers(lm):
-        if layer.unmerged_weight is not None:
-            layer.weight.data = layer.unmerged_weight
-        layer.unmerged_weight = None
-        layer.merged = None
-    for module in lm.model.modules():
-        if isinstance(module, SavedModule):
-            module.merged = None
-    lm.router.default = state.previous_default
-    lm._merge_state = None
+    saved = [m for m in lm.model.modules() if isinstance(m, SavedModule)]
+    with _all_or_nothing() as edit:
+        for _, layer in _layers(lm):
+            if layer.unmerged_weight is not None:
+                edit.set(layer.weight, "data", layer.unmerged_weight)
+            edit.set(layer, "unmerged_weight", None)
+            edit.set(layer, "merged", None)
+        for module in saved:
+            edit.set(module, "merged", None)
+        edit.set(lm.router, "default", state.previous_default)
+        edit.set(lm, "_merge_state", None)
     return state.report
 
 
 def merge_and_unload(lm: LoraModel, selection: AdapterSelection = None) -> nn.Module:
-    """Fold the adapters in for good and return the plain model; see ``LoraModel``."""
-    if lm._merge_state is None:
-        merge(
-            lm,
-            selection if selection is not None else dict(lm.router.default.weights),
-            keep_original=False,
-        )
+    """Fold the adapters in for good and return the plain model; see ``LoraModel``.
+
+    The pre-merge weights are kept until every wrapper is gone, so that an unwrap interrupted
+    part-way is undone exactly: the wrappers go back, and a merge made by this call is undone.
+    (Keeping them costs no more at the peak: merging holds every new weight beside the old.)
+    """
+    merging = lm._merge_state is None
+    if merging:
+        merge(lm, selection if selection is not None else dict(lm.router.default.weights))
     elif selection is not None:
         raise MergedStateError(
             "adapters are already merged; call merge_and_unload() without a selection to keep "
             "them, or lm.unmerge() first to merge another selection"
         )
     model = lm.model
-    for name, module in list(model.named_modules()):
+    wrappers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, LoRALinear | SavedModule)
+    ]
+    try:
+        for name, module in wrappers:
+            plain = module.base if isinstance(module, LoRALinear) else module.active_module()
+            set_submodule(model, name, plain)
+    except BaseException:
+        for name, module in wrappers:
+            if submodule(model, name) is not module:
+                set_submodule(model, name, module)
+        if merging:
+            unmerge(lm)
+        raise
+    for _, module in wrappers:
         if isinstance(module, LoRALinear):
-            module.unmerged_weight = None
-            set_submodule(model, name, module.base)
-        elif isinstance(module, SavedModule):
-            set_submodule(model, name, module.active_module())
+            module.unmerged_weight = None  # the pre-merge weights are freed here
     lm._adapters.clear()
     cache = lm._adapter_cache()
     if cache is not None:  # registered adapters were for the unmerged base

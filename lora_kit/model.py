@@ -32,7 +32,16 @@ from .resolve import resolve_adapter
 from .routing import BASE_ONLY, Router, Selection
 from .rows import RowPlan, check_row_count, input_rows
 from .saved_modules import SavedModule
-from .surgery import refuse_adapted_heads, submodule, unwrap_if_empty, wrap_lora, wrap_saved
+from .surgery import (
+    entries,
+    put_back,
+    refuse_adapted_heads,
+    strip_adapter,
+    submodule,
+    unwrap_if_empty,
+    wrap_lora,
+    wrap_saved,
+)
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
 from .swap_plan import forget_plans
 from .targets import (
@@ -156,25 +165,26 @@ class LoraModel(nn.Module):
         targets = find_targets(self.model, config)
         heads = find_saved_modules(self.model, config.modules_to_save)
         refuse_adapted_heads(self.model, heads, f"add_adapter({name!r})")
-        # Everything is validated: mutate from here on.
-        if not self._adapters:
-            self.model.requires_grad_(False)
-        for target in targets:
-            layer = wrap_lora(self.model, target, self.router)
-            adapter = LoraAdapter(
-                layer.in_features,
-                layer.out_features,
-                r=config.rank_for(target),
-                scaling=config.scaling_for(target),
-                dropout=config.dropout,
-                dtype=adapter_dtype,
-                device=layer.weight.device,
-            )
-            adapter.reset(config.init)
-            layer.add(name, adapter)
-        for head in heads:
-            wrap_saved(self.model, head, self.router).add(name)
-        self._adapters[name] = AdapterRecord(name, config, tuple(targets), tuple(heads))
+        # Everything is validated: mutate from here on (taken back if interrupted).
+        with self._undoing_add(name):
+            if not self._adapters:
+                self.model.requires_grad_(False)
+            for target in targets:
+                layer = wrap_lora(self.model, target, self.router)
+                adapter = LoraAdapter(
+                    layer.in_features,
+                    layer.out_features,
+                    r=config.rank_for(target),
+                    scaling=config.scaling_for(target),
+                    dropout=config.dropout,
+                    dtype=adapter_dtype,
+                    device=layer.weight.device,
+                )
+                adapter.reset(config.init)
+                layer.add(name, adapter)
+            for head in heads:
+                wrap_saved(self.model, head, self.router).add(name)
+            self._adapters[name] = AdapterRecord(name, config, tuple(targets), tuple(heads))
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter and free its tensors; modules no adapter uses are unwrapped.
@@ -184,14 +194,21 @@ class LoraModel(nn.Module):
         """
         self._refuse_if_merged("delete_adapter")
         record = self.adapter_record(name)
-        for module_name in record.modules:
-            layer = self._layer(module_name)
-            del layer.adapters[name]
-            unwrap_if_empty(self.model, module_name, layer)
-        for module_name in record.saved_modules:
-            wrapper = self._saved(module_name)
-            del wrapper.copies[name]
-            unwrap_if_empty(self.model, module_name, wrapper)
+        wrappers: list[tuple[str, LoRALinear | SavedModule]] = [
+            *((m, self._layer(m)) for m in record.modules),
+            *((m, self._saved(m)) for m in record.saved_modules),
+        ]
+        # Every wrapper is found: remove from here on (put back if interrupted part-way).
+        removed: list[tuple[str, LoRALinear | SavedModule, nn.Module]] = []
+        try:
+            for module_name, wrapper in wrappers:
+                held = entries(wrapper)
+                removed.append((module_name, wrapper, held[name]))
+                del held[name]
+                unwrap_if_empty(self.model, module_name, wrapper)
+        except BaseException:
+            put_back(self.model, name, removed, list(self._adapters))
+            raise
         del self._adapters[name]
         forget_plans(self, name)  # a remembered swap plan would keep the tensors alive
         default = self.router.default
@@ -225,6 +242,7 @@ class LoraModel(nn.Module):
         if cache is None:
             self.router.default = self._selection(selection)
             return
+        self._selection(selection, registered=True)  # bad input: refused before anything loads
         pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
         try:
             self.router.default = self._selection(selection)
@@ -237,6 +255,7 @@ class LoraModel(nn.Module):
     def using(self, selection: AdapterSelection) -> Iterator[None]:
         """Use ``selection`` in this thread/task inside the block; restored on exit or error."""
         self._refuse_if_merged("using")
+        self._precheck(selection)
         with (
             self._pinned(_selected_names(selection)),
             self.router.override(self._selection(selection)),
@@ -404,10 +423,13 @@ class LoraModel(nn.Module):
                     f"the adapter's directory name {name!r} is not a valid adapter name (use "
                     f"letters, digits, '_' and '-'); pass name=... to load_adapter"
                 )
-        if max_rank is not None:  # validate before loading anything
-            check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
-        load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
-        if max_rank is not None:
+        if max_rank is None:
+            load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
+            return name
+        check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
+        self._check_new_name(name)  # (the undo below takes away whatever is named ``name``)
+        with self._undoing_add(name):  # loaded, then padded: both or neither
+            load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
             make_swappable(self, name, max_rank)
         return name
 
@@ -443,6 +465,25 @@ class LoraModel(nn.Module):
 
     # ---- internals -------------------------------------------------------------------------
 
+    @contextmanager
+    def _undoing_add(self, name: str) -> Iterator[None]:
+        """Take back adapter ``name``, new to this model, if the block adding it raises.
+
+        Its modules leave every layer (layers wrapped for it alone are unwrapped), its record
+        and swap plan go, and when it was the first adapter the base's ``requires_grad`` flags,
+        which adding it cleared, are put back. Enter it only once ``name`` is known to be free.
+        """
+        flags = None if self._adapters else [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            yield
+        except BaseException:
+            strip_adapter(self.model, name)
+            self._adapters.pop(name, None)
+            forget_plans(self, name)
+            for param, flag in flags or ():
+                param.requires_grad_(flag)
+            raise
+
     def _peft_task_type(self, record: AdapterRecord) -> str | None:
         # PEFT's SEQ_CLS/TOKEN_CLS loaders insist on finding the head's weights in the file;
         # without a saved head, the generic task-less form loads the same adapter everywhere.
@@ -467,16 +508,18 @@ class LoraModel(nn.Module):
             return record.modules
         return spec
 
-    def _selection(self, selection: AdapterSelection) -> Selection:
+    def _selection(self, selection: AdapterSelection, *, registered: bool = False) -> Selection:
+        """``selection`` checked and as a `Selection`; with ``registered``, names registered
+        with the adapter cache (not necessarily loaded yet) count as known."""
         if selection is None:
             return BASE_ONLY
         if isinstance(selection, str):
-            self._require(selection)
+            self._require(selection, registered=registered)
             return Selection(((selection, 1.0),))
         if isinstance(selection, Mapping):
             pairs = []
             for adapter_name, weight in selection.items():
-                self._require(adapter_name)
+                self._require(adapter_name, registered=registered)
                 value = float(weight)
                 if not torch.isfinite(torch.tensor(value)):
                     raise ConfigError(
@@ -489,8 +532,16 @@ class LoraModel(nn.Module):
             f"got {type(selection).__name__}"
         )
 
-    def _require(self, name: str) -> None:
-        if name not in self._adapters:
+    def _precheck(self, selection: AdapterSelection) -> None:
+        """Refuse a bad selection before the adapter cache loads (and evicts) anything for it."""
+        if self._adapter_cache() is not None:
+            self._selection(selection, registered=True)
+
+    def _require(self, name: str, *, registered: bool = False) -> None:
+        if name in self._adapters:
+            return
+        cache = self._adapter_cache() if registered else None
+        if cache is None or not cache.is_registered(name):
             raise AdapterNameError(
                 f"no adapter named {name!r}; loaded adapters: {sorted(self._adapters) or 'none'}"
             )
@@ -559,6 +610,9 @@ class LoraModel(nn.Module):
         Returns:
             The per-module largest change, the heads in use and the memory kept.
 
+        Merging and :meth:`unmerge` are all or nothing: interrupted part-way, every layer is
+        put back as it was.
+
         Raises:
             MergedStateError: Something is merged already.
             AdapterNameError, ConfigError: Unknown adapter or non-finite weight.
@@ -567,6 +621,7 @@ class LoraModel(nn.Module):
         from .merge import merge
 
         self._refuse_if_merged("merge")
+        self._precheck(selection)
         with self._pinned(_selected_names(selection)):  # registered adapters are loaded first
             return merge(self, selection)  # (kept resident while merged: eviction waits)
 
@@ -593,10 +648,14 @@ class LoraModel(nn.Module):
         Returns:
             ``self.model``, unwrapped; this handle has no adapters afterwards, and the adapter
             cache forgets its registrations (they were for the unmerged base).
+
+        Interrupted part-way, it leaves the handle as it was (merged only if it was before).
         """
         from .merge import merge_and_unload
 
         names = _selected_names(selection) if self._merge_state is None else ()
+        if names:
+            self._precheck(selection)
         with self._pinned(names):  # registered adapters are loaded first
             return merge_and_unload(self, selection)
 
@@ -634,6 +693,11 @@ class LoraModel(nn.Module):
         ``max_rank=`` (or :meth:`make_swappable`), any rank up to it and any alpha can be swapped
         in without a ``torch.compile`` recompile. The new adapter may adapt a subset of the
         modules (the others are zeroed). Everything is checked before anything changes.
+
+        The copies themselves are not undone (that would mean copying every tensor twice on
+        each swap): a failure inside them (a device error, an interrupt) leaves ``name`` partly
+        overwritten, under its previous record. Swapping again (the same source or another)
+        rewrites every tensor, rank and scaling of it and makes it whole.
 
         Args:
             name: The resident adapter to overwrite.
@@ -744,22 +808,27 @@ class LoraModel(nn.Module):
     @contextmanager
     def _rows(self, adapter_names: Sequence[str | None], rows: int | None) -> Iterator[None]:
         self._refuse_if_merged("adapter_names")  # merged deltas would apply to every row
-        selection = self._row_selection(adapter_names, check=False)
-        check_row_count(adapter_names, rows)  # before any registered adapter is loaded
+        # Unknown names and a row count that does not fit: before any registered adapter loads.
+        selection = self._row_selection(adapter_names)
+        check_row_count(adapter_names, rows)
         with self._pinned(n for n in adapter_names if n is not None):
-            self._row_selection(adapter_names)  # unknown names raise here
+            if self._adapter_cache() is not None:  # registered ones are loaded now
+                for adapter_name in adapter_names:  # (unless unregistered meanwhile)
+                    if adapter_name is not None:
+                        self._require(adapter_name)
             with self.router.override(selection):
                 yield
 
-    def _row_selection(self, adapter_names: Sequence[str | None], check: bool = True) -> Selection:
+    def _row_selection(self, adapter_names: Sequence[str | None]) -> Selection:
+        """One adapter name (loaded or registered) or None per row, as a `Selection`."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise AdapterNameError(
                 f"adapter_names must be a list with one adapter name (or None) per batch row, "
                 f"got {type(adapter_names).__name__}"
             )
         for adapter_name in adapter_names:
-            if adapter_name is not None and check:
-                self._require(adapter_name)
+            if adapter_name is not None:
+                self._require(adapter_name, registered=True)
         return Selection(rows=RowPlan(adapter_names))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from .errors import ConfigError
@@ -80,3 +82,52 @@ def unwrap_if_empty(root: nn.Module, name: str, module: nn.Module) -> None:
         set_submodule(root, name, module.base)
     elif isinstance(module, SavedModule) and not len(module.copies):
         set_submodule(root, name, module.original)
+
+
+def entries(wrapper: LoRALinear | SavedModule) -> nn.ModuleDict:
+    """A wrapper's per-adapter modules: a layer's adapters, or a saved module's copies."""
+    return wrapper.adapters if isinstance(wrapper, LoRALinear) else wrapper.copies
+
+
+def strip_adapter(root: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every wrapper in ``root``, unwrapping those left empty.
+
+    Takes back a partly injected adapter (adding or loading it failed part-way): wrappers made
+    for it alone go, and the others lose its module. It walks the whole model, so it is for that
+    failure path only. (Wrappers are never empty otherwise: deleting unwraps them.)
+    """
+    wrappers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear | SavedModule)]
+    for module_name, wrapper in wrappers:
+        held = entries(wrapper)
+        if name in held:
+            del held[name]
+        unwrap_if_empty(root, module_name, wrapper)  # also one wrapped just before it failed
+
+
+def put_back(
+    root: nn.Module,
+    name: str,
+    removed: Sequence[tuple[str, LoRALinear | SavedModule, nn.Module]],
+    order: Sequence[str],
+) -> None:
+    """Undo a partial removal of adapter ``name``.
+
+    Args:
+        root: The model.
+        name: The adapter.
+        removed: ``(path, wrapper, module)``: each wrapper whose module for ``name`` was taken
+            out (and which may have been unwrapped since).
+        order: Every adapter name in the order they were added; each wrapper's modules are put
+            back in it (a layer lists its adapters in that order).
+    """
+    rank = {n: i for i, n in enumerate(order)}
+    for path, wrapper, module in removed:
+        if submodule(root, path) is not wrapper:
+            set_submodule(root, path, wrapper)
+        held = entries(wrapper)
+        held[name] = module
+        ordered = sorted(held, key=lambda n: rank.get(n, len(rank)))
+        if list(held) != ordered:
+            items = {n: held[n] for n in ordered}
+            held.clear()
+            held.update(items)

@@ -21,7 +21,7 @@ from torch import Tensor
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
 from .fingerprint import compare_fingerprint
-from .layers import LoraAdapter, down_t
+from .layers import LoraAdapter, LoRALinear, down_t
 from .peft_format import head_key
 from .swap_plan import forget_plans, swap_plan
 
@@ -160,7 +160,8 @@ def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
     record = lm.adapter_record(name)
     layers = {m: lm._layer(m) for m in record.modules}
     check_max_rank({m: layer.adapter(name).r for m, layer in layers.items()}, max_rank, name)
-    for layer in layers.values():
+    padded: list[tuple[LoRALinear, PaddedAdapter]] = []
+    for layer in layers.values():  # every padded copy first: a failure here changes nothing
         old = layer.adapter(name)
         if isinstance(old, PaddedAdapter) and old.r == max_rank:
             continue
@@ -176,7 +177,16 @@ def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
         rank = old.rank if isinstance(old, PaddedAdapter) else old.r
         new.assign(old.lora_A[:rank], old.lora_B[:, :rank], old.scaling)
         new.train(old.training)
-        layer.adapters[name] = new
+        padded.append((layer, new))
+    replaced: list[tuple[LoRALinear, LoraAdapter]] = []
+    try:  # then store them; put the old modules back if interrupted part-way
+        for layer, new in padded:
+            replaced.append((layer, layer.adapter(name)))
+            layer.adapters[name] = new
+    except BaseException:
+        for layer, old in replaced:
+            layer.adapters[name] = old
+        raise
     forget_plans(lm, name)  # it held the replaced adapter modules
 
 
@@ -185,7 +195,9 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
 
     The new adapter may target a subset of ``name``'s modules (the others are zeroed) and have
     any rank up to the padded rank (any rank equal to the current one for a plain adapter).
-    Everything is validated before any tensor changes.
+    Everything is validated before any tensor changes; the copies are not undone if they fail
+    part-way (see `LoraModel.swap_adapter`): every tensor, rank and scaling of ``name`` is
+    written, so the next swap makes it whole.
 
     Raises:
         AdapterNameError: Unknown adapter.

@@ -126,3 +126,36 @@ def saved(
 
     kind = str(request.param)
     return kind, save_adapters(kind, tmp_path_factory.mktemp(kind))
+
+
+def model_state(lm: Any) -> dict[str, Any]:
+    """Everything a failed operation must leave as it was: every parameter and buffer (bit for
+    bit, with dtype and shape), requires_grad flags, the module tree, the adapter records, the
+    default selection and the merge state of a `LoraModel`; compare two with ``==``."""
+    tensors = {k: _bits(v) for k, v in lm.model.state_dict().items()}
+    return {
+        "tensors": tensors,
+        "requires_grad": {n: p.requires_grad for n, p in lm.model.named_parameters()},
+        "modules": [(n, type(m).__name__) for n, m in lm.model.named_modules()],
+        "adapters": dict(lm._adapters),
+        "default": lm.router.default,
+        "merged": lm.merged,
+    }
+
+
+def _bits(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    flat = tensor.detach().contiguous().view(-1)
+    return str(tensor.dtype), tuple(tensor.shape), flat.view(torch.uint8).numpy().tobytes()
+
+
+def fail_on_call(function: Callable[..., Any], n: int, error: BaseException) -> Callable[..., Any]:
+    """``function``, except that its ``n``-th call (1-based) raises ``error`` instead."""
+    calls = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise error
+        return function(*args, **kwargs)
+
+    return wrapped

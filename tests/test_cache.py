@@ -14,6 +14,7 @@ import torch
 from hotswap_helpers import input_ids, logits, make_model, save_adapters
 
 import lora_kit as lk
+from tests.conftest import fail_on_call
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +264,41 @@ def test_merge_and_unload_forgets_the_registered_adapters(root: Path) -> None:
     with pytest.raises(lk.AdapterNameError, match="'c'"):
         lm.set_adapter("c")  # nothing left to load it from: an unknown name
     assert torch.equal(logits(lm, ids), merged)  # the handle still runs the merged model
+
+
+def test_an_invalid_selection_loads_and_evicts_nothing(root: Path) -> None:
+    """A selection naming a registered adapter beside an unknown name (or with a NaN weight)
+    loaded the registered one, evicting another to make room, before it was refused."""
+    lm = _registered(root, budget=1)
+    with lm.using("a"):
+        pass
+    loads, resident = lm.cache.loads, lm.cache.resident
+    for bad in ({"b": 1.0, "nope": 1.0}, {"b": float("nan")}):
+        with pytest.raises(lk.LoraKitError):
+            lm.set_adapter(bad)
+        with pytest.raises(lk.LoraKitError), lm.using(bad):
+            pass
+        with pytest.raises(lk.LoraKitError):
+            lm.merge(bad)
+    with pytest.raises(lk.AdapterNameError):
+        logits(lm, input_ids(2), adapter_names=["b", "nope"])
+    assert (lm.cache.loads, lm.cache.resident) == (loads, resident)
+    assert list(lm.adapters) == ["a"] and lm.active.weights == ()
+
+
+def test_a_failed_eviction_unpins_what_the_call_pinned(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter a call loads is pinned before idle ones are evicted to make room: when
+    evicting raised, it stayed pinned for good, so the cache could never evict it again."""
+    lm = _registered(root, budget=1)
+    with lm.using("a"):
+        pass
+    broken = fail_on_call(lk.LoraModel.delete_adapter, 1, RuntimeError("injected"))
+    with monkeypatch.context() as patch:
+        patch.setattr(lk.LoraModel, "delete_adapter", broken)
+        with pytest.raises(RuntimeError, match="injected"), lm.using("b"):
+            pass
+    assert set(lm.adapters) == set(lm.cache.resident)
+    with lm.using("c"):
+        assert lm.cache.resident == ("c",) and list(lm.adapters) == ["c"]

@@ -7,6 +7,7 @@ The Hub cache is a real on-disk layout (blobs + snapshot symlinks + refs/main) r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,37 @@ def test_pull_from_the_offline_cache(origin: str, adapter: Path, tmp_path: Path)
     pull_adapter("org/remote", out, cache_dir=cache, offline=True, force=True)
     assert not (out / "stale.txt").exists() and tree_hashes(out) == tree_hashes(source)
     assert tree_hashes(cache) == cache_before
+
+
+def test_pull_force_failing_as_it_moves_in_keeps_the_old_adapter(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force renames the old directory aside before renaming the new one in: when the second
+    rename failed, the library was left without the adapter (it sat under a hidden name)."""
+    import os
+
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache, "org/remote", make_peft_adapter("bert", tmp_path / "peft"), COMMIT)
+    library = tmp_path / "lib"
+    library.mkdir()
+    out = library / "remote"
+    shutil.copytree(adapter, out)
+    before = tree_hashes(out)
+    real_replace = os.replace
+
+    def failing_replace(src: object, dst: object) -> None:
+        if Path(str(src)).name.endswith(".tmp"):  # the new copy moving into place
+            raise OSError("simulated failure")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        pull_adapter("org/remote", out, cache_dir=cache, offline=True, force=True)
+    assert tree_hashes(out) == before
+    assert [p.name for p in library.iterdir()] == ["remote"]  # no temporary copy left either
+    monkeypatch.undo()
+    pull_adapter("org/remote", out, cache_dir=cache, offline=True, force=True)
+    assert lk.read_adapter(out).origin == "peft"
 
 
 def test_pull_offline_and_not_cached_is_a_clear_error(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ from hotswap_helpers import (
 
 import lora_kit as lk
 from lora_kit.resolve import resolve_adapter
+from lora_kit.saved_modules import SavedModule
+from tests.conftest import fail_on_call, model_state
 
 
 def test_fast_load_equals_strict_load(saved: tuple[str, Path]) -> None:
@@ -274,3 +276,32 @@ def test_default_name_from_a_directory_that_is_not_a_valid_name(
         lm.load_adapter(tmp_path / "a.v1")
     assert lm.adapters == {}
     assert lm.load_adapter(tmp_path / "a.v1", "a_v1") == "a_v1"
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "second"])
+def test_load_failing_part_way_leaves_the_model_as_it_was(
+    saved: tuple[str, Path], first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything is checked before the model changes, but an interrupt while attaching (the
+    third layer's adapter, or BERT's head copy) left the layers wrapped so far holding an
+    adapter with no record, and a first adapter's base frozen."""
+    kind, root = saved
+    faults = {
+        "layer": (lk.LoRALinear, "add", 3),
+        "head": (SavedModule, "add", 1),  # "a" saves BERT's classifier; GPT-2's saves none
+    }
+    for fault, (owner, method, call) in faults.items():
+        if fault == "head" and kind == "gpt2":
+            continue
+        lm = lk.LoraModel(make_model(kind))
+        if not first:
+            lm.load_adapter(root / "b", "b")
+        before = model_state(lm)
+        broken = fail_on_call(getattr(owner, method), call, KeyboardInterrupt())
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, method, broken)
+            with pytest.raises(KeyboardInterrupt):
+                lm.load_adapter(root / "a", "a")
+        assert model_state(lm) == before, fault
+        lm.load_adapter(root / "a", "a")
+        assert list(lm.adapters) == ([] if first else ["b"]) + ["a"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from merge_helpers import KINDS, adapters_of, logits, randomize, with_adapters
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
@@ -14,6 +16,8 @@ from lora_kit.adapter_io import read_adapter
 from lora_kit.layers import LoRALinear
 from lora_kit.merge import lora_delta, merge_update, merged_weight, weighted_delta
 from lora_kit.saved_modules import SavedModule
+from lora_kit.surgery import set_submodule
+from tests.conftest import fail_on_call, model_state
 
 # fp32 tolerance: merged computes (W + s*B@A) x, unmerged W x + s*B(A x): the same sums in a
 # different order. Each of the ~2 layers x 4 projections adds a few fp32 ulps relative to the
@@ -249,3 +253,73 @@ def test_merged_head_ignores_a_using_block() -> None:
     with lm.using("a"):
         plain = lm.merge_and_unload("b")
     torch.testing.assert_close(logits(plain, "bert"), ref, rtol=0, atol=ATOL)
+
+
+# ---- interrupted part-way: all or nothing -------------------------------------------------------
+
+
+def _interrupt_setting(attribute: str, n: int) -> Callable[..., None]:
+    """A ``LoRALinear.__setattr__`` whose ``n``-th assignment of ``attribute`` is interrupted."""
+    calls = [0]
+
+    def setattr_(self: nn.Module, key: str, value: object) -> None:
+        if key == attribute:
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+        nn.Module.__setattr__(self, key, value)
+
+    return setattr_
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unmerge_interrupted_part_way_leave_the_model_whole(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """merge() marked and rewrote the layers one by one and recorded the merge last: an interrupt
+    at the third layer left two base weights merged with nothing recorded, so unmerge() did
+    nothing and the adapters applied twice. unmerge() interrupted left some layers merged and
+    others not."""
+    lm = with_adapters(kind, ("a", "b"), heads=True)
+    lm.set_adapter("a")
+    unmerged = model_state(lm)
+    with monkeypatch.context() as patch:
+        patch.setattr(LoRALinear, "__setattr__", _interrupt_setting("merged", 3))
+        with pytest.raises(KeyboardInterrupt):
+            lm.merge({"a": 1.0, "b": -0.5})
+    assert model_state(lm) == unmerged
+    lm.merge({"a": 1.0, "b": -0.5})
+    merged = model_state(lm)
+    with monkeypatch.context() as patch:
+        patch.setattr(LoRALinear, "__setattr__", _interrupt_setting("merged", 3))
+        with pytest.raises(KeyboardInterrupt):
+            lm.unmerge()
+    assert model_state(lm) == merged
+    lm.unmerge()
+    assert model_state(lm) == unmerged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_merge_and_unload_interrupted_part_way_leaves_the_handle_working(
+    kind: str, merged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt while unwrapping left the model half unwrapped, merged for good (no weights
+    kept) yet still recording the merge: unmerge() then dropped the record and the adapters
+    applied on top of their merged deltas; retrying with the selection raised."""
+    lm = with_adapters(kind, ("a", "b"), heads=True)
+    lm.set_adapter("a")
+    if merged:
+        lm.merge("b")
+    selection = None if merged else "a"
+    before = model_state(lm)
+    broken = fail_on_call(set_submodule, 3, KeyboardInterrupt())
+    with monkeypatch.context() as patch:
+        patch.setattr("lora_kit.merge.set_submodule", broken)
+        with pytest.raises(KeyboardInterrupt):
+            lm.merge_and_unload(selection)
+    assert model_state(lm) == before
+    reference = logits(lm, kind)
+    model = lm.merge_and_unload(selection)
+    assert not any(isinstance(m, LoRALinear | SavedModule) for m in model.modules())
+    torch.testing.assert_close(logits(model, kind), reference, rtol=0, atol=ATOL)

@@ -10,7 +10,12 @@ import torch
 
 import lora_kit as lk
 from lora_kit import LoRALinear
-from tests.conftest import Arch, logits, randomize, state_copy
+from lora_kit import model as model_module
+from lora_kit.layers import LoraAdapter
+from lora_kit.saved_modules import SavedModule
+from lora_kit.surgery import unwrap_if_empty
+from lora_kit.swap import PaddedAdapter
+from tests.conftest import Arch, fail_on_call, logits, model_state, randomize, state_copy
 from tests.hotswap_helpers import aten_ops, config_for, input_ids, model_with_adapters
 from tests.hotswap_helpers import logits as logits_of
 
@@ -248,3 +253,75 @@ def test_modules_to_save_on_an_adapted_module_is_refused(
     assert all(torch.equal(v, before[k]) for k, v in state_copy(lm).items())
     lm.save_adapter(tmp_path / "a", "a")
     lm.delete_adapter("a")
+
+
+# ---- failures part-way: the model is left as it was, and the call can be made again ------------
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "second"])
+@pytest.mark.parametrize("fault", ["adapter", "head"])
+def test_add_adapter_failing_part_way_leaves_the_model_as_it_was(
+    arch: Arch, first: bool, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the first layers were wrapped (an interrupt while initialising the third
+    adapter module, or while copying the head) left those layers wrapped and holding a
+    half-made adapter that has no record, and a first adapter's base frozen."""
+    lm = lk.LoraModel(arch.build(0))
+    if not first:
+        lm.add_adapter("a", lk.LoraConfig(r=2, targets=arch.attn_preset))
+        randomize(lm)
+    config = lk.LoraConfig(r=4, targets=arch.all_preset, modules_to_save=(HEADS[arch.name],))
+    before = model_state(lm)
+    owner, method, call = (
+        (LoraAdapter, "reset", 3) if fault == "adapter" else (SavedModule, "add", 1)
+    )
+    monkeypatch.setattr(
+        owner, method, fail_on_call(getattr(owner, method), call, KeyboardInterrupt())
+    )
+    with pytest.raises(KeyboardInterrupt):
+        lm.add_adapter("b", config)
+    assert model_state(lm) == before
+    monkeypatch.undo()
+    lm.add_adapter("b", config)
+    assert list(lm.adapters) == ([] if first else ["a"]) + ["b"]
+
+
+def test_delete_adapter_failing_part_way_leaves_the_model_as_it_was(
+    arch: Arch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting went layer by layer: an interrupt part-way left the adapter gone from some layers
+    but still recorded (silently partial when selected), and deleting again raised KeyError."""
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=2, targets=arch.attn_preset), name="a")
+    head = (HEADS[arch.name],)
+    lm.add_adapter("b", lk.LoraConfig(r=4, targets=arch.all_preset, modules_to_save=head))
+    lm.add_adapter("c", lk.LoraConfig(r=2, targets=arch.attn_preset))  # "b" is not last there
+    randomize(lm)
+    before = model_state(lm)
+    broken = fail_on_call(unwrap_if_empty, 3, KeyboardInterrupt())
+    monkeypatch.setattr(model_module, "unwrap_if_empty", broken)
+    with pytest.raises(KeyboardInterrupt):
+        lm.delete_adapter("b")
+    assert model_state(lm) == before  # the same modules, in the same order, holding the same
+    monkeypatch.undo()
+    lm.delete_adapter("b")
+    assert list(lm.adapters) == ["a", "c"]
+
+
+def test_load_adapter_failing_to_pad_leaves_nothing_and_can_be_retried(
+    arch: Arch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_adapter(max_rank=) loads, then re-stores the adapter padded: a failure in the second
+    step left it loaded unpadded, and loading it again (as the adapter cache does on its next
+    use) raised 'already exists'."""
+    config = lk.LoraConfig(r=2, targets=arch.all_preset, modules_to_save=(HEADS[arch.name],))
+    path = lk.inject(arch.build(0), config).save_adapter(tmp_path / "x")
+    lm = lk.LoraModel(arch.build(0))
+    before = model_state(lm)
+    broken = fail_on_call(PaddedAdapter.assign, 2, RuntimeError("injected"))
+    monkeypatch.setattr(PaddedAdapter, "assign", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        lm.load_adapter(path, "x", max_rank=8)
+    assert model_state(lm) == before
+    monkeypatch.undo()
+    lm.load_adapter(path, "x", max_rank=8)
+    assert lm._layer(lm.adapter_record("x").modules[0]).adapter("x").r == 8

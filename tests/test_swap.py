@@ -20,6 +20,7 @@ from torch._dynamo.testing import CompileCounter
 import lora_kit as lk
 from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS
 from lora_kit.swap import PaddedAdapter
+from tests.conftest import fail_on_call, model_state
 
 
 @functools.cache  # references are never mutated; saves model builds
@@ -227,6 +228,44 @@ def test_a_failed_copy_leaves_ranks_and_scalings_as_they_were(
         lm.swap_adapter("live", root / "c")  # a subset at rank 2: would zero and re-rank
     assert [(p.rank, p.scaling) for p in padded if isinstance(p, PaddedAdapter)] == before
     assert len(before) == len(padded)
+
+
+def test_a_swap_failing_part_way_is_made_whole_by_the_next_swap(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies are not undone (the documented window): the next swap rewrites all of it."""
+    kind, root = saved
+    lm, reference = (lk.LoraModel(make_model(kind)) for _ in range(2))
+    for model in (lm, reference):
+        model.load_adapter(root / "a", "live", max_rank=8)
+    reference.swap_adapter("live", root / "c")
+    broken = fail_on_call(torch._foreach_zero_, 1, RuntimeError("injected"))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "_foreach_zero_", broken)  # after the factors are copied
+        with pytest.raises(RuntimeError, match="injected"):
+            lm.swap_adapter("live", root / "c")
+    assert lm.adapter_record("live").source == str(root / "a")  # the record is the old one
+    lm.swap_adapter("live", root / "c")
+    assert model_state(lm) == model_state(reference)
+
+
+def test_make_swappable_failing_part_way_leaves_the_adapter_as_it_was(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers were re-stored padded one at a time: a failure at the second left the first padded
+    and the rest not (the same outputs, but other tensors than either state)."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "a")
+    before = model_state(lm)
+    broken = fail_on_call(PaddedAdapter.assign, 2, RuntimeError("injected"))
+    monkeypatch.setattr(PaddedAdapter, "assign", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        lm.make_swappable("a", 8)
+    assert model_state(lm) == before
+    monkeypatch.undo()
+    lm.make_swappable("a", 8)
+    assert all(isinstance(a, PaddedAdapter) for a in _by_module(lm, "a").values())
 
 
 FC = {"gpt2": "c_fc", "bert": "intermediate.dense"}

@@ -23,12 +23,14 @@ from lora_kit.train import (
     evaluate,
     load_causal_lm,
     load_classification,
+    loop,
     macro_f1,
     read_checkpoint,
     resolve_precision,
     train,
 )
 from lora_kit.train.loop import checkpointing_on
+from tests.conftest import fail_on_call, model_state, randomize
 
 
 def _setup(kind: str, tmp: Path, dropout: float = 0.0) -> tuple[lk.LoraModel, object, object]:
@@ -552,6 +554,27 @@ def test_failed_or_interrupted_checkpoint_swap_keeps_the_previous_checkpoint(
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "checkpoint" in p.name) == [
         "checkpoint"
     ]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_resume_failing_before_its_first_step_leaves_the_adapter_as_it_was(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resuming copies the checkpoint's tensors into the adapter first, then loads the
+    optimizer, scheduler and RNG states: when one of those failed, the caller's adapter was
+    left holding the checkpoint's weights."""
+    lm, train_set, _ = _setup(kind, tmp_path)
+    train(lm, train_set, _cfg(tmp_path, steps=2))
+    lm, train_set, _ = _setup(kind, tmp_path)
+    randomize(lm, seed=3)
+    before = model_state(lm)
+    broken = fail_on_call(loop._load_optimizer, 1, RuntimeError("injected"))
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_load_optimizer", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
+    assert model_state(lm) == before
+    assert train(lm, train_set, _cfg(tmp_path, steps=2), resume=True).steps == 2
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])

@@ -174,7 +174,10 @@ def publish_adapter(
 
     The adapter is written completely in a temporary directory first; its files are then
     renamed into ``out`` one by one (each rename is atomic; the weights go last, so a reader
-    never sees new weights with an old config).
+    never sees new weights with an old config). The files they replace are kept aside until
+    all are in: if a rename fails, every file is put back as it was. A process killed between
+    two renames can leave a new config beside the previous weights; the checkpoint is whole
+    either way, and ``--resume`` of the finished run publishes the adapter again.
 
     Returns:
         ``out``.
@@ -188,8 +191,31 @@ def publish_adapter(
             (written / file_name).write_text(text)
         names = sorted(p.name for p in written.iterdir())
         names.sort(key=lambda n: n.endswith(".safetensors"))
-        for file_name in names:
-            os.replace(written / file_name, root / file_name)
+        kept = _keep_aside(root, names, staging / "previous")
+        try:
+            for file_name in names:
+                os.replace(written / file_name, root / file_name)
+        except BaseException:
+            for file_name in names:  # each back as it was: the old file, or none
+                if file_name in kept:
+                    os.replace(kept[file_name], root / file_name)
+                elif not (written / file_name).exists():  # moved in, and new to ``out``
+                    (root / file_name).unlink(missing_ok=True)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _keep_aside(root: Path, names: list[str], folder: Path) -> dict[str, Path]:
+    """A second name in ``folder`` (a hard link, else a copy) for each of ``names`` in ``root``."""
+    folder.mkdir()
+    kept: dict[str, Path] = {}
+    for file_name in names:
+        if (root / file_name).is_file():
+            kept[file_name] = folder / file_name
+            try:
+                os.link(root / file_name, kept[file_name])
+            except OSError:  # a file system without hard links
+                shutil.copy2(root / file_name, kept[file_name])
+    return kept

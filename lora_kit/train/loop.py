@@ -125,6 +125,7 @@ def train(
 
     data_id = _data_id(train_data)
     checkpoint = read_checkpoint(config.out) if resume else None
+    undo_resume: Callable[[], None] | None = None  # puts the adapter back until training starts
     if checkpoint is not None:
         _check_resume(config, checkpoint.state, data_id)
         if is_fsdp1(model) or is_fsdp2(model):
@@ -133,7 +134,7 @@ def train(
                 "strategy='fsdp' (lora_kit shards it after loading the checkpoint) instead of "
                 "one you wrapped in FSDP yourself"
             )
-        _load_adapter_tensors(lm, name, checkpoint.adapter)
+        undo_resume = _load_adapter_tensors(lm, name, checkpoint.adapter)
     else:
         _seed(config.seed)
     # Modes and gradient checkpointing are the caller's: put back on every way out (the
@@ -187,6 +188,7 @@ def train(
         last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
         position = {"epoch": epoch, "window": window_start}  # where the next step starts
         windows = _windows(sampler, config.batch_size, config.grad_accum, epoch, window_start)
+        undo_resume = None  # training starts: from here on the adapter is the run's
         while step < total:
             epoch, w, window = next(windows)
             started = time.perf_counter()
@@ -268,6 +270,10 @@ def train(
         barrier(ctx)
         log.log({"event": "end", "step": step, **metrics})
         return TrainResult(Path(config.out), step, metrics, last_checkpoint)
+    except BaseException:
+        if undo_resume is not None:  # a resume that failed before its first step changes nothing
+            undo_resume()
+        raise
     finally:
         log.close()  # the progress bar and TensorBoard writer, on every way out
         _restore_modes(modes)
@@ -557,8 +563,12 @@ def _check_resume(config: TrainConfig, state: dict[str, Any], data_id: dict[str,
         )
 
 
-def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> None:
+def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> Callable[[], None]:
     """Copy a checkpoint's adapter tensors into adapter ``name`` (strict, before wrapping).
+
+    Returns:
+        A function that copies the values the adapter held before back into it (the resume
+        calls it when it fails before training starts).
 
     Raises:
         ConfigError: The checkpoint's targets, ranks, scalings or dropout differ from the
@@ -615,9 +625,21 @@ def _load_adapter_tensors(lm: LoraModel, name: str, files: AdapterFiles) -> None
     if isinstance(base, dict):  # AdapterMismatchError when resumed onto another base
         layers = {m: lm.model.get_submodule(m) for m in record.modules}
         check_fingerprint(base, lm.model, layers, str(files.path), _RESUME_HINT)
-    with torch.no_grad():
+    previous = {key: param.detach().clone() for key, param in targets.items()}
+
+    @torch.no_grad()
+    def put_back() -> None:
         for key, param in targets.items():
-            param.copy_(tensors[key])
+            param.copy_(previous[key])
+
+    try:
+        with torch.no_grad():
+            for key, param in targets.items():
+                param.copy_(tensors[key])
+    except BaseException:
+        put_back()
+        raise
+    return put_back
 
 
 _RESUME_HINT = (
