@@ -295,3 +295,14 @@ def test_adapter_deleted_behind_the_cache_is_reloaded(root: Path) -> None:
     with lm.using("a"):
         assert torch.equal(logits(lm, ids), refs["a"])
     assert lm.cache.loads == 2 and lm.cache.resident == ("a",)
+
+
+def test_an_adapter_in_use_cannot_be_unregistered(root: Path) -> None:
+    """Unregistering deletes the adapter: refused while a call pins it, allowed once idle."""
+    lm = _registered(root, budget=None)
+    with lm.using("a"):
+        with pytest.raises(lk.AdapterNameError, match="in use"):
+            lm.cache.unregister("a")
+        assert "a" in lm.adapters
+    lm.cache.unregister("a")
+    assert "a" not in lm.adapters and not lm.cache.is_registered("a")
