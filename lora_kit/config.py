@@ -156,8 +156,12 @@ class LoraConfig:
         return out
 
     def to_json(self) -> str:
-        """The config as a JSON string (keys sorted, stable)."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The config as a JSON string (fields sorted, stable).
+
+        Only the fields are sorted: ``rank_pattern``/``alpha_pattern`` keep their order, since
+        the first matching key wins (sorting them could change a module's rank or alpha).
+        """
+        return json.dumps(dict(sorted(self.to_dict().items())))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:

@@ -302,3 +302,46 @@ def test_a_failed_eviction_unpins_what_the_call_pinned(
     assert set(lm.adapters) == set(lm.cache.resident)
     with lm.using("c"):
         assert lm.cache.resident == ("c",) and list(lm.adapters) == ["c"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_bytes_are_the_adapter_tensors_bytes(root: Path, dtype: torch.dtype) -> None:
+    """``max_bytes`` counts bytes, not elements: the reference is the element count of the
+    adapter's file times the loaded dtype's size (exact integers)."""
+    from safetensors.torch import load_file
+
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.register_adapter("a", root / "a", adapter_dtype=dtype)
+    elements = sum(
+        t.numel() for t in load_file(str(root / "a" / "adapter_model.safetensors")).values()
+    )
+    with lm.using("a"):
+        assert lm.cache.resident_bytes == elements * torch.finfo(dtype).bits // 8
+    lm.set_cache_budget(max_bytes=elements * torch.finfo(dtype).bits // 8 - 1)  # one byte short
+    assert lm.cache.resident == () and lm.cache.evictions == 1
+
+
+def test_adapter_deleted_behind_the_cache_is_reloaded(root: Path) -> None:
+    """``delete_adapter`` on a resident registered adapter: the next use reloads it from its
+    source (bit-identical output: same file, same model)."""
+    lm = _registered(root, budget=None)
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    with lm.using("a"):
+        pass
+    lm.delete_adapter("a")
+    assert "a" not in lm.adapters
+    with lm.using("a"):
+        assert torch.equal(logits(lm, ids), refs["a"])
+    assert lm.cache.loads == 2 and lm.cache.resident == ("a",)
+
+
+def test_an_adapter_in_use_cannot_be_unregistered(root: Path) -> None:
+    """Unregistering deletes the adapter: refused while a call pins it, allowed once idle."""
+    lm = _registered(root, budget=None)
+    with lm.using("a"):
+        with pytest.raises(lk.AdapterNameError, match="in use"):
+            lm.cache.unregister("a")
+        assert "a" in lm.adapters
+    lm.cache.unregister("a")
+    assert "a" not in lm.adapters and not lm.cache.is_registered("a")

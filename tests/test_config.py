@@ -78,3 +78,24 @@ def test_rank_and_alpha_patterns_follow_peft_suffix_rule() -> None:
     assert config.scaling_for("bert.encoder.layer.0.attention.self.query") == 32 / 8
     rs = LoraConfig(r=16, alpha=8, use_rslora=True)
     assert math.isclose(rs.scaling_for("any"), 8 / 4)
+
+
+def test_first_matching_pattern_wins_and_survives_a_json_round_trip() -> None:
+    """PEFT's rule (``get_pattern_key``): the first key that matches wins, so key order is part
+    of the config. ``to_json`` sorted nested keys too, so a round trip could change a module's
+    rank and alpha (layer 1's value: rank 2 -> 4, alpha 4 -> 32). Exact: ints and dict lookups.
+    """
+    layer1, layer0 = "bert.encoder.layer.1.attention.self.value", "bert.encoder.layer.0.output"
+    config = LoraConfig(
+        r=8,
+        alpha=16,
+        rank_pattern={"value": 2, "layer\\.1\\..*value": 4},
+        alpha_pattern={"value": 4.0, "layer\\.1\\..*value": 32.0},
+    )
+    for again in (config, LoraConfig.from_json(config.to_json())):
+        assert again.rank_for(layer1) == 2 and again.alpha_for(layer1) == 4.0
+        assert again.scaling_for(layer1) == 4.0 / 2
+        assert again.rank_for(layer0) == 8 and again.alpha_for(layer0) == 16
+        assert list(again.rank_pattern) == ["value", "layer\\.1\\..*value"]
+    swapped = LoraConfig(r=8, rank_pattern={"layer\\.1\\..*value": 4, "value": 2})
+    assert swapped.rank_for(layer1) == 4  # the order, not the specificity, decides

@@ -101,3 +101,20 @@ def test_modules_of_different_shapes_are_not_compared(tmp_path: Path) -> None:
     by_name = {m.name: m for m in diff_adapters(a, b).modules}
     assert by_name["transformer.h.0.attn.c_attn"].relative_difference is None
     assert by_name["transformer.h.1.attn.c_attn"].relative_difference < 1e-12  # rounding only
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_slightly_different_update_is_not_identical(kind: str, tmp_path: Path) -> None:
+    """``identical`` means equal within 1e-12 (float64 rounding), not "close": one B element
+    nudged by 1e-6 of the largest gives a relative difference far below 1e-3 yet not equal."""
+    a = make_adapter(kind, tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    tensors = load_file(str(b / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith(".lora_B.weight"))
+    tensors[key][0, 0] += 1e-6 * float(tensors[key].abs().max())
+    save_file(tensors, str(b / "adapter_model.safetensors"))
+    result = diff_adapters(a, b)
+    assert not result.identical and not result.config
+    worst = max(m.relative_difference or 0.0 for m in result.modules)
+    assert 1e-12 < worst < 1e-4

@@ -175,3 +175,28 @@ def test_pull_online_falls_back_to_the_cache_when_unreachable(
     with pytest.raises(HubError, match=r"could not download 'org/other'.*check the network"):
         pull_adapter("org/other", tmp_path / "o2", cache_dir=cache, offline=False,
                      endpoint=UNREACHABLE)  # fmt: skip
+
+
+def test_pull_into_an_empty_existing_folder_needs_no_force(adapter: Path, tmp_path: Path) -> None:
+    """An empty directory at ``out`` (made by the user, or ``mkdir -p``) holds nothing to
+    lose: it is filled without ``force``; a non-empty one is refused."""
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache, "org/remote", adapter, COMMIT)
+    out = tmp_path / "lib" / "remote"
+    out.mkdir(parents=True)
+    pull_adapter("org/remote", out, cache_dir=cache, offline=True)
+    assert tree_hashes(out) == tree_hashes(adapter)
+
+
+def test_pull_leaves_out_hidden_files_of_the_snapshot(adapter: Path, tmp_path: Path) -> None:
+    """A Hub snapshot usually holds ``.gitattributes``; hidden files and folders are not part
+    of the adapter and are neither copied nor listed."""
+    source = tmp_path / "source"
+    shutil.copytree(adapter, source)
+    (source / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache, "org/remote", source, COMMIT)
+    out = tmp_path / "lib" / "remote"
+    result = pull_adapter("org/remote", out, cache_dir=cache, offline=True)
+    assert not (out / ".gitattributes").exists()
+    assert set(result.files) == set(tree_hashes(adapter)) == set(tree_hashes(out))

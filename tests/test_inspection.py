@@ -110,3 +110,14 @@ def test_bad_threshold_and_unpaired_factors_are_refused(tmp_path: Path) -> None:
     }
     with pytest.raises(AdapterFormatError, match="same r"):
         lora_modules(bad)
+
+
+def test_saved_modules_are_named_as_in_the_model_with_their_shapes(tmp_path: Path) -> None:
+    """``modules_to_save`` tensors are reported by their model name (PEFT's
+    ``base_model.model.`` prefix removed), with their shapes. BERT only: the tiny GPT-2 has no
+    head of its own to save (its lm_head is tied to the embeddings)."""
+    config = lk.LoraConfig(r=4, alpha=8, modules_to_save=("classifier",))
+    report = inspect_adapter(make_adapter("bert", tmp_path / "ad", config))
+    heads = {k: v for k, v in report.saved_modules.items() if k.startswith("classifier")}
+    assert heads and heads == report.saved_modules
+    assert [v for k, v in sorted(heads.items()) if k.endswith(".weight")] == [[3, 32]]

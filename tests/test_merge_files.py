@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import broken_copies, logits, randomize, tiny, with_adapters
+from merge_helpers import broken_copies, config, logits, randomize, tiny, with_adapters
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.pytorch_utils import Conv1D
 
 import lora_kit as lk
 from lora_kit.base_model import BaseModelError
@@ -223,8 +225,60 @@ def test_base_header_that_disagrees_with_its_data_is_refused(
     _rewrite_header(weights, shrink)
     with pytest.raises(BaseModelError, match=r"transformer\.wpe\.weight"):
         merge_files(base, adapters[:1], tmp_path / "out", dtype=dtype)
-    weights.write_bytes(good[:-100])
-    with pytest.raises(BaseModelError, match="truncated"):
-        merge_files(base, adapters[:1], tmp_path / "out", dtype=dtype)
+    for cut in (100, 1):  # 1: the last tensor ends one byte past the end of the file
+        weights.write_bytes(good[:-cut])
+        with pytest.raises(BaseModelError, match="truncated"):
+            merge_files(base, adapters[:1], tmp_path / "out", dtype=dtype)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# A square projection of the other kind: GPT-2's attn.c_proj as nn.Linear, a BERT attention
+# output dense as Conv1D (same [32, 32] shape either way, so the orientation is not in the shape).
+_SWAPPED = {
+    "gpt2": "transformer.h.0.attn.c_proj",
+    "bert": "bert.encoder.layer.0.attention.output.dense",
+}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_square_projections_of_both_kinds_in_one_adapter(tmp_path: Path, kind: str) -> None:
+    """One adapter over square Conv1D and square nn.Linear modules: adapter_config.json has a
+    single fan_in_fan_out flag (True if any target is Conv1D), so each square module's layout
+    comes from the fingerprint's per-module record; the flag alone would transpose some.
+    Bitwise against the in-memory merge: the same fp32 arithmetic, rounded once."""
+    model = tiny(kind)
+    name = _SWAPPED[kind]
+    old = model.get_submodule(name)
+    weight = old.weight.detach().t().contiguous()  # [in, out] <-> [out, in]
+    new: nn.Module = nn.Linear(32, 32) if kind == "gpt2" else Conv1D(32, 32)
+    new.weight = nn.Parameter(weight)
+    new.bias = old.bias
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    lm = lk.inject(model, config(kind), "a")
+    randomize(lm, "a", seed=3)
+    lm.save_adapter(tmp_path / "a", "a")
+    report = merge_files(base, [tmp_path / "a"], tmp_path / "out")
+    assert report.adapters[0].fingerprint == "match" and name in report.max_change
+    merged = lm.merge_and_unload("a").state_dict()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            assert torch.equal(f.get_tensor(key), merged[key]), key
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_output_dtype_is_recorded_under_the_base_configs_key(tmp_path: Path, key: str) -> None:
+    """A base config written by older transformers names ``torch_dtype``; the merged model's
+    config must then say the dtype it was written in, not the base's."""
+    base, adapters, _ = make_base_and_adapters(tmp_path, "gpt2")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("dtype", None)
+    cfg.pop("torch_dtype", None)
+    cfg[key] = "float32"
+    (base / "config.json").write_text(json.dumps(cfg))
+    merge_files(base, adapters[:1], tmp_path / "out", dtype="bfloat16")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out[key] == "bfloat16"

@@ -274,3 +274,20 @@ def test_stack_takes_the_task_type_of_the_input_whose_head_it_keeps(tmp_path: Pa
         want = stacked(input_ids=ids("bert")).logits
         got = merged(input_ids=ids("bert")).logits
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_base_config_naming_num_labels_gets_the_heads_count(tmp_path: Path, kind: str) -> None:
+    """transformers does not write ``num_labels``, but a hand-written base config may: the
+    output's must then be the head's count (3), not the base's stale 2, and the task model
+    must load with every tensor in place."""
+    base = headless(kind, tmp_path / "base")
+    head_adapter(kind, base, tmp_path / "ad")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_labels": 2}))
+    merge_files(base, [tmp_path / "ad"], tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_labels"] == len(LABELS) == len(written["id2label"])
+    merged, info = loading_info(tmp_path / "out")
+    assert merged.config.num_labels == len(LABELS)
+    assert not info["missing_keys"] and not info["mismatched_keys"]

@@ -140,6 +140,10 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda p: _raw_file(p, {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, F32),
         "do not hold F32",
     ),
+    "range longer than shape": (  # the bytes fit the tiling but hold more than the shape
+        lambda p: _raw_file(p, {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, F32),
+        "do not hold F32",
+    ),
     "gap": (
         lambda p: _raw_file(p, {"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, F32),
         "starts at byte 4, expected 0",

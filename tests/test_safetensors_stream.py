@@ -84,3 +84,27 @@ def test_wrong_range_size_and_truncated_source_are_refused(tmp_path: Path) -> No
     beyond = {"a": ByteRange(src, end - 40, end + 100)}
     with pytest.raises(LoraKitError, match="file ends before byte"):
         write_streaming(tmp_path / "o2", spec, lambda _: tensors["a"], {}, beyond)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffered"])
+def test_ranges_that_are_not_adjacent_are_copied_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool
+) -> None:
+    """Consecutive copies whose source ranges are not back to back (a base tensor left out in
+    between, or taken out of order) must not be joined into one range. Exact: a byte copy."""
+    src, tensors = _source(tmp_path)
+    if not kernel:
+
+        def refuse(*_args: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    ranges = _ranges(src)
+    order = sorted(ranges, key=lambda k: ranges[k].start)
+    kept = [order[0], order[2], order[3], order[1]]  # skip one, then go back for it
+    specs = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in kept]
+    out = tmp_path / "out.safetensors"
+    write_streaming(out, specs, lambda name: tensors[name], {}, ranges)
+    got = load_file(str(out))
+    assert set(got) == set(kept)
+    assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype for k in kept)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from torch import nn
 
 import lora_kit as lk
 from lora_kit.targets import find_targets, layer_index
@@ -73,3 +76,40 @@ def test_layer_index() -> None:
     assert layer_index("transformer.h.11.attn.c_attn") == 11
     assert layer_index("bert.encoder.layer.3.output.dense") == 3
     assert layer_index("classifier") is None
+
+
+@pytest.mark.parametrize(
+    ("build", "regex", "partial", "count"),
+    [
+        (tiny_gpt2, r"transformer\.h\.\d+\.attn\.c_attn", r"h\.0\.attn\.c_attn", 2),
+        (tiny_bert, r".*\.self\.(query|value)", r"query", 4),
+    ],
+    ids=["gpt2", "bert"],
+)
+def test_regex_targets_must_match_the_whole_name(
+    build: Callable[[], nn.Module], regex: str, partial: str, count: int
+) -> None:
+    """PEFT's rule for a string target: ``re.fullmatch``; a regex matching only part of a
+    name (a search hit) targets nothing."""
+    model = build()
+    assert len(find_targets(model, lk.LoraConfig(targets=regex))) == count
+    with pytest.raises(lk.NoTargetsError):
+        find_targets(model, lk.LoraConfig(targets=partial))
+
+
+@pytest.mark.parametrize(
+    ("build", "targets", "head"),
+    [
+        (tiny_gpt2, ["c_attn", "lm_head"], "lm_head"),
+        (tiny_bert, ["query", "classifier"], "classifier"),
+    ],
+    ids=["gpt2", "bert"],
+)
+def test_a_module_saved_whole_never_also_gets_an_adapter(
+    build: Callable[[], nn.Module], targets: list[str], head: str
+) -> None:
+    """A head listed in ``modules_to_save`` is skipped even when ``targets`` names it."""
+    model = build()
+    found = find_targets(model, lk.LoraConfig(targets=targets, modules_to_save=[head]))
+    assert found and head not in found and all(n.endswith(targets[0]) for n in found)
+    assert head in find_targets(model, lk.LoraConfig(targets=targets))  # without: targeted
