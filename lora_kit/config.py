@@ -29,6 +29,11 @@ def pattern_matches(pattern: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
 
 
+def ordered(value: Any) -> Any:
+    """``value``, with a dict as its list of items: equal only in the same order."""
+    return list(value.items()) if isinstance(value, dict) else value
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """Hyper-parameters of one LoRA adapter.
@@ -146,6 +151,15 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     # ---- JSON round-trip -----------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field, counting the order of ``rank_pattern``/``alpha_pattern`` keys (the
+        first matching key wins, so two orders of overlapping patterns are different configs)."""
+        if not isinstance(other, LoraConfig):
+            return NotImplemented
+        return all(
+            ordered(getattr(self, f.name)) == ordered(getattr(other, f.name)) for f in fields(self)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

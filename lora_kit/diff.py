@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .adapter_io import AdapterFiles, read_adapter
+from .config import ordered
 from .inspection import delta_norm, factored_core, lora_modules
 
 
@@ -119,7 +120,7 @@ def diff_files(first: AdapterFiles, second: AdapterFiles) -> AdapterDiff:
     config = {
         k: [config_a.get(k), config_b.get(k)]
         for k in sorted(set(config_a) | set(config_b))
-        if config_a.get(k) != config_b.get(k)
+        if ordered(config_a.get(k)) != ordered(config_b.get(k))  # pattern order counts
     }
     pairs_a, pairs_b = lora_modules(first.tensors), lora_modules(second.tensors)
     modules = []

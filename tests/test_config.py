@@ -99,3 +99,17 @@ def test_first_matching_pattern_wins_and_survives_a_json_round_trip() -> None:
         assert list(again.rank_pattern) == ["value", "layer\\.1\\..*value"]
     swapped = LoraConfig(r=8, rank_pattern={"layer\\.1\\..*value": 4, "value": 2})
     assert swapped.rank_for(layer1) == 4  # the order, not the specificity, decides
+
+
+def test_configs_differing_only_in_pattern_order_are_not_equal() -> None:
+    """Dict equality ignores order, so two configs whose overlapping patterns give layer 1 rank
+    2 and rank 4 compared equal."""
+    first = LoraConfig(r=8, rank_pattern={"value": 2, "layer\\.1\\..*value": 4})
+    second = LoraConfig(r=8, rank_pattern={"layer\\.1\\..*value": 4, "value": 2})
+    value = "bert.encoder.layer.1.attention.self.value"
+    assert first.rank_for(value) != second.rank_for(value)
+    assert first != second
+    assert first == LoraConfig.from_json(first.to_json())
+    assert LoraConfig(alpha_pattern={"a": 1.0, "b": 2.0}) != LoraConfig(
+        alpha_pattern={"b": 2.0, "a": 1.0}
+    )

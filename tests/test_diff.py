@@ -118,3 +118,17 @@ def test_a_slightly_different_update_is_not_identical(kind: str, tmp_path: Path)
     assert not result.identical and not result.config
     worst = max(m.relative_difference or 0.0 for m in result.modules)
     assert 1e-12 < worst < 1e-4
+
+
+def test_pattern_order_is_a_config_difference(tmp_path: Path) -> None:
+    """Overlapping patterns in another order give a module another alpha (the first match
+    wins); diff compared the pattern dicts ignoring order and called the configs the same."""
+    patterns = {"c_attn": 4.0, "h\\.0\\..*c_attn": 32.0}
+    config = lk.LoraConfig(r=4, alpha=8, targets=["c_attn"], alpha_pattern=patterns)
+    first = make_adapter("gpt2", tmp_path / "a", config)
+    reverse = dict(reversed(list(patterns.items())))
+    other = lk.LoraConfig(r=4, alpha=8, targets=["c_attn"], alpha_pattern=reverse)
+    second = make_adapter("gpt2", tmp_path / "b", other)  # same seed: same factors
+    result = diff_adapters(first, second)
+    assert "alpha_pattern" in result.config
+    assert not result.identical
