@@ -242,7 +242,7 @@ class LoraModel(nn.Module):
         if cache is None:
             self.router.default = self._selection(selection)
             return
-        self._selection(selection, registered=True)  # bad input: refused before anything loads
+        self._precheck(selection)  # bad input: refused before anything loads
         pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
         try:
             self.router.default = self._selection(selection)
