@@ -26,12 +26,17 @@ from torch import Tensor
 from ._version import __version__
 from .config import LoraConfig
 from .errors import AdapterFormatError, NonFiniteError
-from .peft_format import from_peft_dict
+from .peft_format import from_peft_dict, unknown_keys
 from .safetensors_read import (
     NATIVE_LITTLE_ENDIAN,
     SafetensorsFormatError,
-    read_safetensors_content,
+    SafetensorsRaw,
+    read_safetensors_raw,
 )
+
+# A weights file read by `read_raw_weights`: checked layout and flat runs, or (on a big-endian
+# machine) ``(tensors, metadata)`` from the safetensors library.
+Weights = SafetensorsRaw | tuple[dict[str, Tensor], dict[str, str]]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -73,6 +78,19 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:
             unreadable or truncated safetensors file, or non-floating tensors.
         NonFiniteError: A tensor holds NaN or infinity.
     """
+    root, peft_config, config = read_adapter_config(path)
+    weights_path = root / WEIGHTS_NAME
+    return adapter_files(root, peft_config, config, read_raw_weights(weights_path))
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], LoraConfig]:
+    """``(directory, raw adapter_config.json, LoraConfig)`` of an adapter directory.
+
+    Checks that the directory holds both files; the weights are not read.
+
+    Raises:
+        AdapterFormatError: As `read_adapter`, for the directory and its config.
+    """
     root = Path(path)
     if not root.exists():
         raise AdapterFormatError(f"adapter directory {str(root)!r} does not exist")
@@ -88,19 +106,75 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:
                 f"{str(root)!r} is not an adapter directory: {needed.name} is missing"
             )
     try:
-        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+        text = config_path.read_text(encoding="utf-8")
+        peft_config = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFormatError(f"{config_path}: not valid JSON ({exc})") from exc
     if not isinstance(peft_config, dict):
         raise AdapterFormatError(f"{config_path}: expected a JSON object")
-    config = from_peft_dict(peft_config, str(config_path))
-    tensors, raw_meta = _read_safetensors(weights_path)
-    metadata = _decode_metadata(raw_meta)
-    _check_fingerprint_metadata(metadata, weights_path)
+    return root, peft_config, _parsed_config(text, peft_config, str(config_path))
+
+
+# adapter_config.json text -> its LoraConfig (immutable), for a few recent texts: adapters
+# trained with one recipe share their config file byte for byte, and parsing it is a fair
+# part of a hot swap. Only clean parses are kept, so errors and unknown-key warnings repeat.
+_CONFIGS: dict[str, LoraConfig] = {}
+_CONFIGS_KEPT = 32
+
+
+def _parsed_config(text: str, peft_config: Mapping[str, Any], source: str) -> LoraConfig:
+    found = _CONFIGS.get(text)
+    if found is None:
+        found = from_peft_dict(peft_config, source)
+        if unknown_keys(peft_config):
+            return found
+        if len(_CONFIGS) >= _CONFIGS_KEPT:
+            _CONFIGS.pop(next(iter(_CONFIGS)))  # the oldest
+        _CONFIGS[text] = found
+    return found
+
+
+def read_raw_weights(path: Path) -> Weights:
+    """An adapter's weights file, read and its header checked; values not checked yet.
+
+    Returns the layout and flat runs (`SafetensorsRaw`) where tensors can view the file's
+    bytes (a little-endian machine), else ``(tensors, metadata)`` read by the ``safetensors``
+    library.
+
+    Raises:
+        AdapterFormatError: Unreadable, truncated or malformed file.
+    """
+    try:
+        if NATIVE_LITTLE_ENDIAN:
+            return read_safetensors_raw(path)
+        return _read_with_library(path)  # tensor views need native byte order; it swaps them
+    except (SafetensorsFormatError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(
+            f"{path}: unreadable safetensors file ({exc}); it may be truncated or corrupt: "
+            f"re-save or re-download the adapter"
+        ) from exc
+
+
+def adapter_files(
+    root: Path,
+    peft_config: dict[str, Any],
+    config: LoraConfig,
+    weights: Weights,
+) -> AdapterFiles:
+    """`AdapterFiles` from a directory's parsed config and its read weights, checked.
+
+    Raises:
+        AdapterFormatError: Non-floating tensors or malformed lora_kit metadata.
+        NonFiniteError: A tensor holds NaN or infinity.
+    """
+    path = root / WEIGHTS_NAME
+    tensors, raw_meta = _checked_tensors(path, weights)
+    metadata = decode_metadata(raw_meta)
+    check_fingerprint_metadata(metadata, path)
     return AdapterFiles(root, config, peft_config, tensors, metadata)
 
 
-def _check_fingerprint_metadata(metadata: Mapping[str, Any], path: Path) -> None:
+def check_fingerprint_metadata(metadata: Mapping[str, Any], path: Path) -> None:
     """Raise unless a recorded base fingerprint has the shape `fingerprint` writes.
 
     Raises:
@@ -131,23 +205,17 @@ def _check_fingerprint_metadata(metadata: Mapping[str, Any], path: Path) -> None
         )
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    try:
-        if NATIVE_LITTLE_ENDIAN:
-            content = read_safetensors_content(path)
-            tensors, metadata, values = content.tensors, content.metadata, list(content.runs)
-        else:  # tensor views need native little-endian bytes; the library swaps them
-            tensors, metadata = _read_with_library(path)
-            values = list(tensors.values())
-    except (SafetensorsFormatError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(
-            f"{path}: unreadable safetensors file ({exc}); it may be truncated or corrupt: "
-            f"re-save or re-download the adapter"
-        ) from exc
+def _checked_tensors(path: Path, weights: Weights) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if isinstance(weights, SafetensorsRaw):
+        tensors, metadata = weights.views(), dict(weights.layout.metadata)
+        values = list(weights.runs)
+    else:
+        tensors, metadata = weights
+        values = list(tensors.values())
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, not float")
-    if not _all_finite(values):  # every value of every tensor, in a few reductions
+    if not all_finite(values):  # every value of every tensor, in a few reductions
         for key, tensor in tensors.items():
             wide = tensor if tensor.dtype.itemsize > 1 else tensor.float()  # fp8: no isfinite
             if not bool(torch.isfinite(wide).all()):
@@ -162,7 +230,7 @@ def _read_with_library(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def all_finite(tensors: list[Tensor]) -> bool:
     """Fast test that no tensor holds NaN/inf: True is exact, False needs a per-tensor check.
 
     Any NaN or infinity makes a sum non-finite. Summing in fp32 or wider (one reduction per
@@ -181,7 +249,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(total.isfinite())
 
 
-def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
+def decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if not key.startswith(META_PREFIX):

@@ -189,6 +189,11 @@ def to_peft_dict(
     }
 
 
+def unknown_keys(data: Mapping[str, Any]) -> list[str]:
+    """The keys of an ``adapter_config.json`` lora_kit does not know (ignored with a warning)."""
+    return sorted(set(data) - _KNOWN_KEYS)
+
+
 def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     """Parse an ``adapter_config.json`` into a `LoraConfig`.
 
@@ -213,7 +218,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
             f"{source}: init_lora_weights={init!r} modifies the base weights (PiSSA/OLoRA/LoftQ "
             f"style); lora_kit needs the unmodified base. Use PEFT for this adapter."
         )
-    unknown = sorted(set(data) - _KNOWN_KEYS)
+    unknown = unknown_keys(data)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown adapter_config keys {unknown}", stacklevel=3)
     if "target_modules" not in data or data["target_modules"] is None:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,44 @@ def read_safetensors_content(path: Path) -> SafetensorsContent:
     Raises:
         SafetensorsFormatError, OSError: As `read_safetensors`.
     """
+    raw = read_safetensors_raw(path)
+    return SafetensorsContent(raw.views(), dict(raw.layout.metadata), raw.runs)
+
+
+@dataclass(frozen=True)
+class SafetensorsRaw:
+    """A read and checked file before any per-tensor view is made (see `read_safetensors_raw`).
+
+    Attributes:
+        layout: The checked header: entries in file order, same-dtype runs, metadata.
+        runs: One flat view of the file's buffer per run (as `SafetensorsContent.runs`).
+    """
+
+    layout: Layout
+    runs: tuple[Tensor, ...]
+
+    def views(self) -> dict[str, Tensor]:
+        """Name -> tensor, each a view of its run (an empty tensor for a zero-size entry)."""
+        tensors: dict[str, Tensor] = {}
+        runs = self.runs
+        for name, dtype, shape, strides, run, first in self.layout.entries:
+            if run < 0:  # no bytes: an empty tensor
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                flat = runs[run]
+                tensors[name] = flat.as_strided(shape, strides, flat.storage_offset() + first)
+        return tensors
+
+
+def read_safetensors_raw(path: Path) -> SafetensorsRaw:
+    """Read and check a file, returning its layout and flat runs without per-tensor views.
+
+    A reader that knows the layout it wants (a swap into a packed adapter) compares
+    ``layout.entries`` and works on the runs, skipping a hundred view constructions.
+
+    Raises:
+        SafetensorsFormatError, OSError: As `read_safetensors`.
+    """
     buffer = _read_bytes(path)
     size = buffer.numel()
     view = buffer.numpy().data
@@ -111,14 +150,7 @@ def read_safetensors_content(path: Path) -> SafetensorsContent:
         if raw.storage_offset() % dtype.itemsize or raw.data_ptr() % dtype.itemsize:
             raw = raw.clone()  # an odd offset: dtype views and CPU kernels need alignment
         runs.append(raw.view(dtype))  # [elements of the run]
-    tensors: dict[str, Tensor] = {}
-    for name, dtype, shape, strides, run, first in layout.entries:
-        if run < 0:  # no bytes: an empty tensor
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            flat = runs[run]
-            tensors[name] = flat.as_strided(shape, strides, flat.storage_offset() + first)
-    return SafetensorsContent(tensors, dict(layout.metadata), tuple(runs))
+    return SafetensorsRaw(layout, tuple(runs))
 
 
 def _read_bytes(path: Path) -> Tensor:
@@ -143,7 +175,7 @@ Entry = tuple[str, torch.dtype, tuple[int, ...], tuple[int, ...], int, int]
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """A checked header: where each tensor lies, the same-dtype runs, the metadata."""
 
     entries: tuple[Entry, ...]
@@ -157,14 +189,14 @@ MEMO_HEADER_BYTES = 1 << 18
 _LAYOUTS_KEPT = 32
 
 
-def _checked_layout(header: bytes, data_bytes: int) -> _Layout:
+def _checked_layout(header: bytes, data_bytes: int) -> Layout:
     """`_layout`, remembered for small headers: it depends on nothing but its two arguments."""
     if len(header) > MEMO_HEADER_BYTES:
         return _layout(header, data_bytes)
     return _memo_layout(header, data_bytes)
 
 
-def _layout(header: bytes, data_bytes: int) -> _Layout:
+def _layout(header: bytes, data_bytes: int) -> Layout:
     """Parse and check a header for a data area of ``data_bytes`` bytes.
 
     Raises:
@@ -205,10 +237,27 @@ def _layout(header: bytes, data_bytes: int) -> _Layout:
             f"tensor data ends at byte {position} but the file holds {data_bytes} bytes of data "
             f"(truncated or padded file)"
         )
-    return _Layout(tuple(entries), tuple(runs), tuple(metadata.items()))
+    return Layout(tuple(entries), tuple(runs), tuple(metadata.items()))
 
 
 _memo_layout = functools.lru_cache(maxsize=_LAYOUTS_KEPT)(_layout)
+
+
+def layout_for(tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> Layout:
+    """The layout a file holding ``(name, dtype, shape)`` back to back, in this order, has.
+
+    Built by checking the header such a file would carry, so it equals, entry for entry, what
+    reading that file gives (metadata aside: this one has none).
+    """
+    codes = {dtype: code for code, dtype in _DTYPES.items()}
+    header: dict[str, object] = {}
+    position = 0
+    for name, dtype, shape in tensors:
+        end = position + math.prod(shape) * dtype.itemsize
+        offsets = [position, end]
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": offsets}
+        position = end
+    return _layout(json.dumps(header).encode(), position)
 
 
 def _parse_header(raw: bytes) -> dict[str, object]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
 from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from tests.conftest import Arch, logits, randomize, state_copy
+from tests.conftest import GPT2, Arch, logits, randomize, state_copy
 
 
 def _saved(arch: Arch, tmp_path: Path, **overrides: object) -> tuple[lk.LoraModel, Path]:
@@ -353,3 +353,37 @@ def test_non_float_adapter_dtype_is_a_config_error_and_changes_nothing(
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     if lm is not None:
         assert set(lm.adapters) == {"default"}
+
+
+def test_config_text_is_parsed_once_and_reparsed_when_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Swapping among adapters of one recipe re-reads identical config files: parsed once."""
+    import lora_kit.adapter_io as adapter_io
+
+    _, path = _saved(GPT2, tmp_path)
+    calls: list[str] = []
+    real = adapter_io.from_peft_dict
+
+    def counting(data: dict[str, object], source: str) -> lk.LoraConfig:
+        calls.append(source)
+        return real(data, source)
+
+    monkeypatch.setattr(adapter_io, "from_peft_dict", counting)
+    monkeypatch.setattr(adapter_io, "_CONFIGS", {})
+    first, again = read_adapter(path), read_adapter(path)
+    assert len(calls) == 1 and again.config is first.config
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data["lora_alpha"] = 3.0
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    assert read_adapter(path).config.alpha == 3.0 and len(calls) == 2
+
+
+def test_unknown_config_keys_warn_on_every_read(tmp_path: Path) -> None:
+    _, path = _saved(GPT2, tmp_path)
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data["future_option"] = 1
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="future_option"):
+            read_adapter(path)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
 from lora_kit import safetensors_read
-from lora_kit.adapter_io import _all_finite
+from lora_kit.adapter_io import all_finite
 from lora_kit.safetensors_read import (
     SafetensorsFormatError,
     read_safetensors,
@@ -206,9 +206,9 @@ def test_malformed_adapter_file_is_an_adapter_format_error(tmp_path: Path) -> No
 def test_finite_check_on_half_precision_does_not_overflow() -> None:
     """fp16 values whose fp16 sum overflows are finite: the sum is taken in fp32."""
     big = torch.full((64,), 60000.0, dtype=torch.float16)
-    assert _all_finite([big, torch.ones(3, dtype=torch.bfloat16)])
-    assert not _all_finite([big, torch.tensor([float("nan")], dtype=torch.float16)])
-    assert not _all_finite([torch.tensor([1.0, float("-inf")])])
+    assert all_finite([big, torch.ones(3, dtype=torch.bfloat16)])
+    assert not all_finite([big, torch.tensor([float("nan")], dtype=torch.float16)])
+    assert not all_finite([torch.tensor([1.0, float("-inf")])])
 
 
 @pytest.mark.parametrize("case", list(BAD))
