@@ -43,6 +43,7 @@ from .surgery import (
     wrap_saved,
 )
 from .swap import check_max_rank, live_record, make_swappable, saved_factors, swap_in
+from .swap_packed import swap_from_directory
 from .swap_plan import forget_plans
 from .targets import (
     find_saved_modules,
@@ -717,21 +718,25 @@ class LoraModel(nn.Module):
         record = self.adapter_record(name)
         cache = self._adapter_cache()
         registered = cache is not None and cache.is_registered(name)
-        if isinstance(source, AdapterFiles):
-            files, origin = source, str(source.path)
-        elif isinstance(source, Mapping):
-            if registered:
-                raise AdapterNameError(
-                    f"adapter {name!r} is registered with the adapter cache, which reloads it "
-                    f"from its source after an eviction, and a state dict cannot be reloaded: "
-                    f"save it as an adapter directory and swap from that"
-                )
-            files = AdapterFiles(Path(f"<state dict for {name}>"), record.config, {}, dict(source))
-            origin = str(files.path)
-        else:
-            files, origin = read_adapter(resolve_adapter(source)), os.fspath(source)
-        swap_in(self, name, files, check_base=check_base)
-        self._adapters[name] = replace(record, config=files.config, source=str(files.path))
+        if isinstance(source, Mapping) and registered:
+            raise AdapterNameError(
+                f"adapter {name!r} is registered with the adapter cache, which reloads it "
+                f"from its source after an eviction, and a state dict cannot be reloaded: "
+                f"save it as an adapter directory and swap from that"
+            )
+        if isinstance(source, AdapterFiles | Mapping):
+            files = (
+                source
+                if isinstance(source, AdapterFiles)
+                else AdapterFiles(Path(f"<state dict for {name}>"), record.config, {}, dict(source))
+            )
+            swap_in(self, name, files, check_base=check_base)
+            config, path = files.config, files.path
+            origin = str(path)
+        else:  # a directory: one copy when it fits a packed adapter (see swap_packed)
+            origin, path = os.fspath(source), resolve_adapter(source)
+            config = swap_from_directory(self, name, path, check_base=check_base)
+        self._adapters[name] = replace(record, config=config, source=str(path))
         if cache is not None and registered:  # reload what it holds now, not what it held
             cache.set_source(name, origin)
 

@@ -184,16 +184,66 @@ class Layout:
 
 
 # Headers up to this size are remembered (at most _LAYOUTS_KEPT of them), so reading the same
-# adapter again skips parsing and checking its header (swapping between a few adapters).
+# adapter again skips parsing and checking its header (swapping between a few adapters), and
+# so are their tensor parts: another adapter of the same shape (same keys, dtypes, shapes)
+# differs only in its metadata, and is checked by parsing that alone.
 MEMO_HEADER_BYTES = 1 << 18
 _LAYOUTS_KEPT = 32
+_METADATA_FIRST = '{"__metadata__":'  # how the safetensors library writes a header
 
 
 def _checked_layout(header: bytes, data_bytes: int) -> Layout:
-    """`_layout`, remembered for small headers: it depends on nothing but its two arguments."""
+    """`_layout`, remembered for small headers: it depends on nothing but its two arguments.
+
+    A header that starts with its metadata (as the safetensors library writes them) is
+    remembered by its tensor part; any other, or one whose split fails, as a whole.
+    """
     if len(header) > MEMO_HEADER_BYTES:
         return _layout(header, data_bytes)
+    split = _split_metadata(header)
+    if split is not None:
+        metadata, tensor_part = split
+        tensors = _memo_layout(tensor_part, data_bytes)
+        if not tensors.metadata:  # else the tensor part holds another __metadata__: see below
+            return Layout(tensors.entries, tensors.runs, metadata)
     return _memo_layout(header, data_bytes)
+
+
+def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] | None:
+    """``(metadata, the header without it)`` for ``{"__metadata__":{...},<tensors>}``.
+
+    The second is ``{<tensors>}``, which parses to exactly the tensor entries the whole header
+    parses to, unless it also holds a ``__metadata__`` key (then the whole header's last one
+    wins: the caller falls back). Returns None where the split would not be exact: another
+    start, invalid UTF-8, metadata that is not an object of strings, or no valid
+    continuation (an invalid whole header is left for `_layout` to refuse, with its message).
+    """
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith(_METADATA_FIRST):
+        return None
+    try:
+        metadata, end = _DECODER.raw_decode(text, len(_METADATA_FIRST))
+    except json.JSONDecodeError:
+        return None
+    if type(metadata) is not dict or not all(
+        type(k) is str and type(v) is str for k, v in metadata.items()
+    ):
+        return None
+    rest = text[end:].rstrip(_JSON_SPACE)  # the padding differs with the metadata's length
+    if rest.startswith(","):  # members follow: "{" + them is the object of tensors
+        if rest[1:].lstrip(_JSON_SPACE).startswith("}"):
+            return None  # a trailing comma: invalid JSON as a whole
+        return tuple(metadata.items()), ("{" + rest[1:]).encode()
+    if rest.startswith("}"):  # metadata only
+        return tuple(metadata.items()), rest.encode().replace(b"}", b"{}", 1)
+    return None
+
+
+_DECODER = json.JSONDecoder()
+_JSON_SPACE = " \t\n\r"
 
 
 def _layout(header: bytes, data_bytes: int) -> Layout:

@@ -11,18 +11,18 @@ rank (up to the maximum) or alpha.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
 from .fingerprint import compare_fingerprint
 from .layers import LoraAdapter, LoRALinear, down_t
-from .peft_format import head_key
+from .peft_format import head_key, lora_keys
 from .swap_plan import forget_plans, swap_plan
 
 if TYPE_CHECKING:
@@ -149,9 +149,10 @@ def check_max_rank(ranks: Mapping[str, int], max_rank: int, source: str) -> None
 
 @torch.inference_mode(False)  # long-lived tensors (see loading.load_files)
 def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
-    """Re-store adapter ``name`` as `PaddedAdapter`s of rank ``max_rank`` (new tensors, once).
+    """Re-store adapter ``name`` as packed `PaddedAdapter`s of rank ``max_rank`` (see `pack`).
 
-    Do this before ``torch.compile``; later swaps keep these tensors.
+    New tensors, once: do this before ``torch.compile``; later swaps keep these tensors. An
+    adapter already packed at ``max_rank`` is left as it is (same tensors).
 
     Raises:
         AdapterNameError: Unknown adapter.
@@ -159,15 +160,15 @@ def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
     """
     record = lm.adapter_record(name)
     layers = {m: lm._layer(m) for m in record.modules}
-    check_max_rank({m: layer.adapter(name).r for m, layer in layers.items()}, max_rank, name)
-    padded: list[tuple[LoRALinear, PaddedAdapter]] = []
-    for layer in layers.values():  # every padded copy first: a failure here changes nothing
-        old = layer.adapter(name)
-        if isinstance(old, PaddedAdapter) and old.r == max_rank:
-            continue
+    current = {m: layer.adapter(name) for m, layer in layers.items()}
+    check_max_rank({m: adapter.r for m, adapter in current.items()}, max_rank, name)
+    if all(a.r == max_rank for a in current.values()) and find_packed(current) is not None:
+        return
+    padded: dict[str, PaddedAdapter] = {}
+    for module, old in current.items():  # every new adapter first: a failure changes nothing
         new = PaddedAdapter(
-            layer.in_features,
-            layer.out_features,
+            old.lora_A.shape[1],
+            old.lora_B.shape[0],
             max_rank=max_rank,
             scaling=old.scaling,
             dropout=old.dropout,
@@ -177,10 +178,12 @@ def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
         rank = old.rank if isinstance(old, PaddedAdapter) else old.r
         new.assign(old.lora_A[:rank], old.lora_B[:, :rank], old.scaling)
         new.train(old.training)
-        padded.append((layer, new))
+        padded[module] = new
+    pack(padded)
     replaced: list[tuple[LoRALinear, LoraAdapter]] = []
     try:  # then store them; put the old modules back if interrupted part-way
-        for layer, new in padded:
+        for module, new in padded.items():
+            layer = layers[module]
             replaced.append((layer, layer.adapter(name)))
             layer.adapters[name] = new
     except BaseException:
@@ -188,6 +191,112 @@ def make_swappable(lm: LoraModel, name: str, max_rank: int) -> None:
             layer.adapters[name] = old
         raise
     forget_plans(lm, name)  # it held the replaced adapter modules
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Where a packed adapter's tensors lie (see `pack`), as found by `find_packed`.
+
+    Attributes:
+        adapters: Module name -> its `PaddedAdapter`, modules sorted by name.
+        keys: The PEFT keys of the factors, in buffer order (sorted).
+        factors: ``[elements]``: every factor, back to back in ``keys`` order.
+        scales: ``[modules]``: every ``scale`` buffer, in ``adapters`` order.
+    """
+
+    adapters: dict[str, PaddedAdapter]
+    keys: tuple[str, ...]
+    factors: Tensor
+    scales: Tensor
+
+
+def pack(adapters: Mapping[str, PaddedAdapter]) -> None:
+    """Re-store the factors of ``adapters`` as views of one buffer, and the scales of another.
+
+    The factors lie back to back in the sorted order of their PEFT keys: the order in which a
+    safetensors file holds an adapter's tensors (its writer sorts tensors of one dtype by
+    name). A file saved at the padded rank over the same modules then holds, in its data
+    area, exactly the bytes of that buffer, and a swap copies them with one copy
+    (`lora_kit.swap_packed`). Adapters of mixed dtypes or devices are left as they are.
+    Call on adapters not yet in a model: it replaces their parameters.
+    """
+    items = sorted(adapters.items())
+    if not items:
+        return
+    first = items[0][1].lora_A
+    if any(a.lora_A.dtype != first.dtype or a.lora_A.device != first.device for _, a in items):
+        return
+    refs = _factor_refs(items)
+    flat = torch.empty(
+        sum(_tensor(adapter, attr).numel() for _, adapter, attr in refs),
+        dtype=first.dtype,
+        device=first.device,
+    )
+    offset = 0
+    with torch.no_grad():
+        for _, adapter, attr in refs:
+            old = _tensor(adapter, attr)
+            view = flat[offset : offset + old.numel()].view(old.shape)
+            view.copy_(old)
+            adapter._parameters[attr] = nn.Parameter(view, requires_grad=old.requires_grad)
+            offset += old.numel()
+        old_scales = [_tensor(adapter, "scale") for _, adapter in items]
+        scales = torch.stack(old_scales)  # [modules]
+        for index, (_, adapter) in enumerate(items):
+            adapter._buffers["scale"] = scales[index]  # a 0-dim view
+
+
+def find_packed(adapters: Mapping[str, LoraAdapter]) -> Packed | None:
+    """The packing of ``adapters`` (module -> adapter) if `pack` made it and it still holds.
+
+    It no longer holds once anything re-stored a tensor (``.to()``, ``.half()``, assigning a
+    parameter): the check is on the tensors themselves, not on a record of the packing.
+    """
+    items = sorted(adapters.items())
+    padded: dict[str, PaddedAdapter] = {}
+    for module, adapter in items:
+        if not isinstance(adapter, PaddedAdapter):
+            return None
+        padded[module] = adapter
+    if not padded:
+        return None
+    refs = _factor_refs(list(padded.items()))
+    factors = _one_run([_tensor(adapter, attr) for _, adapter, attr in refs])
+    scales = _one_run([_tensor(adapter, "scale") for adapter in padded.values()])
+    if factors is None or scales is None:
+        return None
+    return Packed(padded, tuple(key for key, _, _ in refs), factors, scales)
+
+
+def _factor_refs(
+    items: list[tuple[str, PaddedAdapter]],
+) -> list[tuple[str, PaddedAdapter, str]]:
+    """``(PEFT key, adapter, "lora_A" | "lora_B")`` of every factor, sorted by key."""
+    refs = [
+        (key, adapter, attr)
+        for module, adapter in items
+        for key, attr in zip(lora_keys(module), ("lora_A", "lora_B"), strict=True)
+    ]
+    refs.sort(key=lambda ref: ref[0])
+    return refs
+
+
+def _one_run(tensors: list[Tensor]) -> Tensor | None:
+    """A ``[elements]`` view over ``tensors`` if they lie back to back, in order, in one storage."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    start = offset = first.storage_offset()
+    for tensor in tensors:
+        if (
+            tensor.dtype != first.dtype
+            or tensor.device != first.device
+            or not tensor.is_contiguous()
+            or tensor.storage_offset() != offset
+            or tensor.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        offset += tensor.numel()
+    return first.detach().as_strided((offset - start,), (1,), start)
 
 
 def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) -> None:

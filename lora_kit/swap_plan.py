@@ -95,6 +95,8 @@ class SwapPlan:
     _fingerprints: dict[tuple[str, ...], WeightsSeen] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # What other modules remember per plan (`lora_kit.swap_packed`: the packing found).
+    memo: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def is_current(self, lm: LoraModel) -> bool:
         """Whether ``lm`` still wraps ``root`` and every link leads where it led."""

@@ -326,3 +326,71 @@ def test_huge_finite_values_are_accepted(tmp_path: Path) -> None:
     tensors = {"a.weight": torch.full((8,), 3e38), "b.weight": torch.full((4,), 3e38)}
     files = lk.read_adapter(_adapter_dir(tmp_path / "big", tensors))
     assert torch.equal(files.tensors["a.weight"], tensors["a.weight"])
+
+
+def test_another_file_of_the_same_shape_reuses_the_checked_tensor_part(tmp_path: Path) -> None:
+    """Adapters of one recipe differ only in their metadata: the second one's header is
+    checked by parsing its metadata alone, and each file keeps its own metadata."""
+    tensors = {k: v for k, v in _tensors().items() if v.is_floating_point()}
+    first, second = tmp_path / "1.safetensors", tmp_path / "2.safetensors"
+    save_file(tensors, str(first), metadata={"format": "pt", "created": "1"})
+    save_file(tensors, str(second), metadata={"format": "pt", "created": "2", "more": "x"})
+    safetensors_read._memo_layout.cache_clear()
+    _, meta_first = read_safetensors(first)
+    read, meta_second = read_safetensors(second)
+    info = safetensors_read._memo_layout.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert meta_first == {"format": "pt", "created": "1"}
+    assert meta_second == {"format": "pt", "created": "2", "more": "x"}
+    reference = load_file(str(second))
+    assert all(torch.equal(read[k], reference[k]) for k in reference)
+
+
+_X = '"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+
+
+@pytest.mark.parametrize(
+    ("header", "metadata"),
+    [
+        ('{"__metadata__":{"a":"1"},' + _X + "}", {"a": "1"}),
+        ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":{"a":"2"}}', {"a": "2"}),
+        ('{"__metadata__":null,' + _X + "}", {}),
+        ('{"__metadata__":{"a":"1"},' + _X + ",}", None),  # trailing comma
+        ('{"__metadata__":{"a":1},' + _X + "}", None),  # a non-string value
+        ('{"__metadata__":{"a":"1"} ,' + _X + "}", {"a": "1"}),  # spacing: no split
+        ('{"__metadata__":{"a":"1"}' + _X + "}", None),  # no comma
+    ],
+)
+def test_a_split_header_reads_as_the_whole_header_does(
+    tmp_path: Path, header: str, metadata: dict[str, str] | None
+) -> None:
+    """Exactly json.loads semantics (the last duplicate key wins), whether or not the tensor
+    part was checked before for another file."""
+    for warm in (False, True):
+        safetensors_read._memo_layout.cache_clear()
+        if warm:  # the same tensor part, from a valid file with other metadata
+            good = tmp_path / "good.safetensors"
+            _raw_text_file(good, '{"__metadata__":{"z":"0"},' + _X + "}", b"\0" * 4)
+            read_safetensors(good)
+        path = tmp_path / "t.safetensors"
+        _raw_text_file(path, header, struct.pack("<f", 2.5))
+        for _ in range(2):  # and again, remembered
+            if metadata is None:
+                with pytest.raises(SafetensorsFormatError):
+                    read_safetensors(path)
+            else:
+                tensors, found = read_safetensors(path)
+                assert found == metadata and tensors["x"].tolist() == [2.5]
+
+
+def test_metadata_only_header_reads(tmp_path: Path) -> None:
+    path = tmp_path / "empty.safetensors"
+    _raw_text_file(path, '{"__metadata__":{"a":"1"}}', b"")
+    for _ in range(2):
+        assert read_safetensors(path) == ({}, {"a": "1"})
+
+
+def _raw_text_file(path: Path, header: str, data: bytes) -> None:
+    raw = header.encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
