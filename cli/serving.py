@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from lora_kit import LoraModel
+from lora_kit.base_model import model_positions
 from lora_kit.errors import AdapterNameError
 
 BASE = "base"
@@ -82,9 +83,10 @@ def assign_rows(
 
 def position_limit(model: Any, tokenizer: Any) -> int | None:
     """The most tokens one row may hold: the model's positions, or the tokenizer's limit."""
-    config = getattr(model, "config", None)
-    limits = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
-    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [
+        model_positions(getattr(model, "config", None)),
+        getattr(tokenizer, "model_max_length", None),  # 1e30 when the tokenizer sets none
+    ]
     found = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000_000]
     return min(found) if found else None
 
