@@ -13,6 +13,11 @@ uses is *pinned* for the duration of the call (the model-wide default for as lon
 default), so an adapter is never evicted while a call is using it. Adapters added with
 ``add_adapter``/``load_adapter`` directly are not managed by the cache and never evicted; a
 registered name cannot be taken that way (the cache could no longer load it).
+
+A call that fails (a forward that raises, say) after the cache loaded an adapter for it leaves
+that adapter resident, as a call that succeeds does: it is unpinned on the way out, counts
+against the budget as the most recently used, and is evicted like any idle adapter. Unloading
+it at once would only make a retry load it again.
 """
 
 from __future__ import annotations

@@ -345,3 +345,20 @@ def test_an_adapter_in_use_cannot_be_unregistered(root: Path) -> None:
         assert "a" in lm.adapters
     lm.cache.unregister("a")
     assert "a" not in lm.adapters and not lm.cache.is_registered("a")
+
+
+def _fail_in_forward(lm: lk.LoraModel) -> None:
+    ids = torch.full((2, 4), 10_000)  # past the vocabulary: the embedding raises IndexError
+    lm(input_ids=ids, adapter_names=["a", "a"])
+
+
+def test_an_adapter_loaded_for_a_failed_call_stays_resident_and_evictable(root: Path) -> None:
+    """Documented: a failed call's adapter is not unloaded (a retry would reload it); it is
+    unpinned like any idle one and the budget evicts it as usual."""
+    lm = _registered(root, budget=1)
+    with pytest.raises(IndexError):
+        _fail_in_forward(lm)
+    assert lm.cache.resident == ("a",) and lm.cache.loads == 1
+    with lm.using("b"):
+        pass
+    assert lm.cache.resident == ("b",) and list(lm.adapters) == ["b"]
