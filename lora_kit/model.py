@@ -246,8 +246,8 @@ class LoraModel(nn.Module):
         pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
         try:
             self.router.default = self._selection(selection)
-        except BaseException:
-            cache.release(pinned)
+        except BaseException as error:
+            cache.release_after(pinned, error)
             raise
         cache.replace_default(pinned)
 
@@ -802,8 +802,10 @@ class LoraModel(nn.Module):
         pinned = cache.acquire(names)
         try:
             yield
-        finally:
-            cache.release(pinned)
+        except BaseException as error:  # the call's error, not a failed eviction's, propagates
+            cache.release_after(pinned, error)
+            raise
+        cache.release(pinned)
 
     @contextmanager
     def _rows(self, adapter_names: Sequence[str | None], rows: int | None) -> Iterator[None]:
