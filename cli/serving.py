@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from lora_kit import LoraModel
+from lora_kit.adapter_io import AdapterFiles
 from lora_kit.base_model import model_positions
 from lora_kit.errors import AdapterNameError
 
@@ -37,13 +38,25 @@ def parse_adapter(spec: str) -> tuple[str, str]:
     return Path(spec.rstrip("/")).name or spec, spec
 
 
-def load_adapters(lm: LoraModel, specs: list[str], *, check_base: bool) -> list[str]:
-    """Load every ``--adapter`` into ``lm``; returns their names in order."""
+def load_adapters(
+    lm: LoraModel,
+    specs: list[str],
+    *,
+    check_base: bool,
+    read: Mapping[str, AdapterFiles] | None = None,
+) -> list[str]:
+    """Load every ``--adapter`` into ``lm``; returns their names in order.
+
+    ``read`` holds the files of sources already read (by source), which are not read again.
+    """
     names = []
     for spec in specs:
         name, source = parse_adapter(spec)
+        files = (read or {}).get(source)
         try:
-            names.append(lm.load_adapter(source, name, check_base=check_base))
+            names.append(
+                lm.load_adapter(source if files is None else files, name, check_base=check_base)
+            )
         except AdapterNameError as exc:
             if "=" in spec:
                 raise
