@@ -21,8 +21,9 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 import lora_kit as lk
-from lora_kit import adapter_io
+from lora_kit import model as model_module
 from lora_kit.base_model import load_base
+from lora_kit_cli import predict as predict_cli
 from lora_kit_cli.app import app
 
 WORDS = ["[PAD]", "[UNK]", *(f"w{i}" for i in range(98))]
@@ -342,15 +343,15 @@ def test_predict_reads_each_adapters_files_once(
     lm.add_adapter("q", lk.LoraConfig(r=2, modules_to_save=("classifier",)))
     for name in ("p", "q"):
         lm.save_adapter(tmp_path / name, name)
-    reads: list[Path] = []
-    real = adapter_io.read_safetensors_content
+    reads: list[str] = []
 
-    def counting(path: Path) -> object:
-        reads.append(path)
-        return real(path)
+    def counting(path: Path) -> lk.AdapterFiles:
+        reads.append(Path(path).name)
+        return lk.read_adapter(path)
 
-    monkeypatch.setattr(adapter_io, "read_safetensors_content", counting)
+    for module in (predict_cli, model_module):  # every caller of read_adapter on this path
+        monkeypatch.setattr(module, "read_adapter", counting)
     args = ["predict", str(base), "-a", str(tmp_path / "p"), "-a", str(tmp_path / "q")]
     code, _, err = _run(*args, "-t", "w1 w2", "--text-adapter", "p")
     assert code == 0, err
-    assert sorted(p.parent.name for p in reads) == ["p", "q"]
+    assert sorted(reads) == ["p", "q"]
