@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ import typer
 from torch import nn
 
 from lora_kit import LoraModel
-from lora_kit.adapter_io import LABELS_NAME, read_adapter
+from lora_kit.adapter_io import LABELS_NAME, AdapterFiles, read_adapter
 from lora_kit.base_model import load_base, load_config, load_tokenizer, resolve_base
 from lora_kit.errors import LoraKitError
 from lora_kit.resolve import resolve_adapter
@@ -89,7 +90,8 @@ def _predict(
                 f"cannot be batched; set tokenizer.pad_token and save it next to the model"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    model, headless = _load_classifier(base, adapters)
+    read = {source: read_adapter(resolve_adapter(source)) for source in _sources(adapters)}
+    model, headless = _load_classifier(base, read)
     if headless:  # its head is untrained: only adapter rows mean anything
         if grid:
             kept = [i for i, row in enumerate(rows) if row is not None]
@@ -105,7 +107,7 @@ def _predict(
         config.pad_token_id = tokenizer.pad_token_id  # heads that read the last real token
     base_labels = getattr(config, "id2label", None) or {}
     lm = LoraModel(model)
-    names = load_adapters(lm, adapters, check_base=check_base)
+    names = load_adapters(lm, adapters, check_base=check_base, read=read)
     labels: dict[str | None, dict[int, str]] = {None: base_labels}
     for name in names:
         source = lm.adapter_record(name).source
@@ -137,12 +139,21 @@ def _predict(
     ]
 
 
-def _load_classifier(base: str, adapters: list[str]) -> tuple[nn.Module, bool]:
+def _sources(specs: list[str]) -> list[str]:
+    """The distinct adapter sources of ``--adapter`` specs, in order."""
+    return list(dict.fromkeys(parse_adapter(spec)[1] for spec in specs))
+
+
+def _load_classifier(base: str, adapters: Mapping[str, AdapterFiles]) -> tuple[nn.Module, bool]:
     """The base as a sequence classifier, and whether its head is new (a headless base).
 
     A checkpoint without a sequence-classification head (a bare ``BertModel``, or a masked-LM
     checkpoint such as bert-base-uncased) is built as one with as many labels as the adapters'
     heads have, as lorakit train built it; the adapters' trained heads then run their rows.
+
+    Args:
+        base: The base model folder or Hub id.
+        adapters: Each adapter's files, by source.
     """
     folder = resolve_base(base)
     architectures = getattr(load_config(folder), "architectures", None) or []
@@ -153,10 +164,7 @@ def _load_classifier(base: str, adapters: list[str]) -> tuple[nn.Module, bool]:
             f"base {base!r} ({', '.join(architectures) or 'no architecture listed'}) has no "
             f"sequence-classification head; give the classifier adapters trained on it (-a)"
         )
-    counts: dict[str, int] = {}
-    for spec in adapters:
-        source = parse_adapter(spec)[1]
-        counts[source] = len(classifier_labels(folder, read_adapter(resolve_adapter(source))))
+    counts = {source: len(classifier_labels(folder, files)) for source, files in adapters.items()}
     if len(set(counts.values())) != 1:
         raise LoraKitError(
             f"on a base without a classification head every adapter must bring a head of the "

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from lora_kit import LoraModel
+from lora_kit.adapter_io import AdapterFiles
+from lora_kit.base_model import model_positions
 from lora_kit.errors import AdapterNameError
 
 BASE = "base"
@@ -36,13 +38,25 @@ def parse_adapter(spec: str) -> tuple[str, str]:
     return Path(spec.rstrip("/")).name or spec, spec
 
 
-def load_adapters(lm: LoraModel, specs: list[str], *, check_base: bool) -> list[str]:
-    """Load every ``--adapter`` into ``lm``; returns their names in order."""
+def load_adapters(
+    lm: LoraModel,
+    specs: list[str],
+    *,
+    check_base: bool,
+    read: Mapping[str, AdapterFiles] | None = None,
+) -> list[str]:
+    """Load every ``--adapter`` into ``lm``; returns their names in order.
+
+    ``read`` holds the files of sources already read (by source), which are not read again.
+    """
     names = []
     for spec in specs:
         name, source = parse_adapter(spec)
+        files = (read or {}).get(source)
         try:
-            names.append(lm.load_adapter(source, name, check_base=check_base))
+            names.append(
+                lm.load_adapter(source if files is None else files, name, check_base=check_base)
+            )
         except AdapterNameError as exc:
             if "=" in spec:
                 raise
@@ -82,9 +96,10 @@ def assign_rows(
 
 def position_limit(model: Any, tokenizer: Any) -> int | None:
     """The most tokens one row may hold: the model's positions, or the tokenizer's limit."""
-    config = getattr(model, "config", None)
-    limits = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
-    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [
+        model_positions(getattr(model, "config", None)),
+        getattr(tokenizer, "model_max_length", None),  # 1e30 when the tokenizer sets none
+    ]
     found = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000_000]
     return min(found) if found else None
 

@@ -163,6 +163,17 @@ def load_config(folder: Path) -> Any:
         ) from exc
 
 
+def model_positions(config: Any) -> int | None:
+    """The most token positions a model with this config takes in one row, if it says.
+
+    Read from ``n_positions`` (GPT-2) or ``max_position_embeddings`` (BERT, Llama); the smaller
+    when both are set. None when neither is a positive int (e.g. a relative-position model).
+    """
+    limits = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
+    found = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(found) if found else None
+
+
 def load_tokenizer(spec: str | os.PathLike[str]) -> Any | None:
     """The tokenizer stored with base ``spec``, or None if it has none.
 

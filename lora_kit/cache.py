@@ -13,10 +13,17 @@ uses is *pinned* for the duration of the call (the model-wide default for as lon
 default), so an adapter is never evicted while a call is using it. Adapters added with
 ``add_adapter``/``load_adapter`` directly are not managed by the cache and never evicted; a
 registered name cannot be taken that way (the cache could no longer load it).
+
+A call that fails (a forward that raises, say) after the cache loaded an adapter for it leaves
+that adapter resident, as a call that succeeds does: it is unpinned on the way out, counts
+against the budget as the most recently used, and is evicted like any idle adapter. Unloading
+it at once would only make a retry load it again. When the eviction a release triggers raises,
+the failed call's own error propagates, with the eviction's as a note.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
@@ -183,8 +190,8 @@ class AdapterCache:
                     self._pins[name] += 1
                     pinned.append(name)
                 self._evict()
-            except BaseException:  # a failed load or eviction: nothing this call pinned stays
-                self.release(pinned)
+            except BaseException as error:  # a failed load or eviction: nothing stays pinned
+                self.release_after(pinned, error)
                 raise
         return tuple(pinned)
 
@@ -196,6 +203,24 @@ class AdapterCache:
                 if self._pins[name] <= 0:
                     del self._pins[name]
             self._evict()
+
+    def release_after(self, names: Iterable[str], error: BaseException) -> None:
+        """Unpin ``names`` on the way out of a call that raised ``error`` (then re-raise it).
+
+        Unpinning itself cannot fail, but the eviction it triggers can (deleting an adapter):
+        that failure is added to ``error`` as a note instead of replacing it, so the caller's
+        original error is the one that propagates. The adapter that could not be evicted stays
+        resident, unpinned, and is evicted by a later release.
+        """
+        names = tuple(names)
+        try:
+            self.release(names)
+        except Exception as failure:
+            note = f"releasing adapters {list(names)} after this error also failed: {failure!r}"
+            if sys.version_info >= (3, 11):
+                error.add_note(note)
+            else:  # what add_note does; Python 3.10 tracebacks do not print it
+                error.__notes__ = [*getattr(error, "__notes__", ()), note]
 
     def replace_default(self, pinned: tuple[str, ...]) -> None:
         """Make ``pinned`` (from :meth:`acquire`) the default's pins; unpin the previous ones."""

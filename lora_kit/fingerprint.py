@@ -69,6 +69,11 @@ class WeightsSeen:
         weights: The tensors, weakly held.
         state: Their `tensor_states` then.
         value: What was computed from them (a digest, a fingerprint).
+
+    ``lora_kit.rows._Seen`` applies the same rule to trainable adapter factors and is kept
+    apart on purpose: it also tracks scalings, empty slots and the optimizer step count (a
+    fused optimizer updates in place without bumping versions). Base weights are frozen, so
+    counting steps here would only make every checkpoint save during training rehash them.
     """
 
     weights: tuple[weakref.ref[Tensor], ...]

@@ -271,7 +271,7 @@ def model_card(report: AdapterReport, repo_id: str, metrics: dict[str, Any]) -> 
     """The ``README.md`` pushed with an adapter: front matter, usage, config, metrics."""
     base = report.peft_config.get("base_model_name_or_path")
     front = ["---", "library_name: peft", "tags:", "- lora", "- lora_kit", "- peft"]
-    if isinstance(base, str) and _REPO_RE.match(base):
+    if isinstance(base, str) and _is_hub_id(base):
         front.append(f"base_model: {base}")
     front.append("---")
     fp = report.provenance.get("base_fingerprint")
@@ -329,6 +329,16 @@ def model_card(report: AdapterReport, repo_id: str, metrics: dict[str, Any]) -> 
             f"weights sha256 `{fp.get('weights_sha256')}`"
         )
     return "\n".join(lines) + "\n"
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether a recorded base model name is a Hub id: written as one, and not a local folder.
+
+    A base loaded from ``models/gpt2`` (or ``gpt2`` in the working directory) records that
+    path, which reads like a Hub id; it is taken as local when it exists from where the push
+    runs. (A relative path recorded elsewhere that does not exist here cannot be told apart.)
+    """
+    return bool(_REPO_RE.match(name)) and not Path(name).exists()
 
 
 def _metrics(root: Path, metadata: dict[str, Any]) -> dict[str, Any]:

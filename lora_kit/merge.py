@@ -26,7 +26,7 @@ from .fingerprint import weight_digest
 from .layers import LoRALinear
 from .routing import Selection
 from .saved_modules import SavedModule
-from .surgery import set_submodule, submodule
+from .surgery import rewrap, unwrap, wrappers
 from .swap_plan import forget_plans
 
 if TYPE_CHECKING:
@@ -287,23 +287,17 @@ def merge_and_unload(lm: LoraModel, selection: AdapterSelection = None) -> nn.Mo
             "them, or lm.unmerge() first to merge another selection"
         )
     model = lm.model
-    wrappers = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, LoRALinear | SavedModule)
-    ]
+    found = wrappers(model)
     try:
-        for name, module in wrappers:
-            plain = module.base if isinstance(module, LoRALinear) else module.active_module()
-            set_submodule(model, name, plain)
+        for name, module in found:
+            unwrap(model, name, module)
     except BaseException:
-        for name, module in wrappers:
-            if submodule(model, name) is not module:
-                set_submodule(model, name, module)
+        for name, module in found:
+            rewrap(model, name, module)
         if merging:
             unmerge(lm)
         raise
-    for _, module in wrappers:
+    for _, module in found:
         if isinstance(module, LoRALinear):
             module.unmerged_weight = None  # the pre-merge weights are freed here
     lm._adapters.clear()

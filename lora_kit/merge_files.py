@@ -52,6 +52,7 @@ from .heads import choose_heads
 from .history import HEADER_KEY, History, HistorySource, Scalar, source_record
 from .merge import merge_update, weighted_delta
 from .peft_format import PREFIX, lora_pairs
+from .safetensors_read import MAX_HEADER_BYTES
 from .safetensors_stream import ByteRange, write_streaming
 from .task_head import TaskLayout, read_labels, task_layout
 
@@ -397,11 +398,14 @@ def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]
 
     Each tensor's byte range is checked against its dtype and shape and against the file's
     length, so a corrupt or truncated base is refused before anything is written.
+
+    Reads the header alone: `lora_kit.safetensors_read` has the stricter header check but only
+    behind public readers of the whole file, which would hold a whole base shard in memory.
     """
     try:
         with path.open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100_000_000:
+            if not 0 < size <= MAX_HEADER_BYTES:
                 raise ValueError(f"implausible header length {size}")
             header = json.loads(handle.read(size))
             length = os.fstat(handle.fileno()).st_size

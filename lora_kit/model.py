@@ -247,8 +247,8 @@ class LoraModel(nn.Module):
         pinned = cache.acquire(_selected_names(selection))  # loads registered adapters
         try:
             self.router.default = self._selection(selection)
-        except BaseException:
-            cache.release(pinned)
+        except BaseException as error:
+            cache.release_after(pinned, error)
             raise
         cache.replace_default(pinned)
 
@@ -384,7 +384,7 @@ class LoraModel(nn.Module):
 
     def load_adapter(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | AdapterFiles,
         name: str | None = None,
         *,
         check_base: bool = True,
@@ -398,7 +398,8 @@ class LoraModel(nn.Module):
 
         Args:
             path: The adapter directory, a name in the adapter library (``$LORA_KIT_ADAPTERS``
-                or ``./adapters``) or a Hub repo id (see `lora_kit.resolve`).
+                or ``./adapters``) or a Hub repo id (see `lora_kit.resolve`); or its files
+                already read (`lora_kit.read_adapter`), which are not read again.
             name: Name to give it; defaults to the directory's name (for a library name or a
                 Hub id, its last part: ``"someone/gpt2-lora"`` -> ``"gpt2-lora"``).
             check_base: Verify the base fingerprint recorded by lora_kit (if present).
@@ -415,9 +416,9 @@ class LoraModel(nn.Module):
             AdapterNameError: The name is taken.
         """
         self._refuse_if_merged("load_adapter")
-        files = read_adapter(resolve_adapter(path))
+        files = path if isinstance(path, AdapterFiles) else read_adapter(resolve_adapter(path))
         if name is None:  # a directory's own name; a library name's or Hub id's last part
-            source = Path(os.fspath(path))
+            source = files.path if isinstance(path, AdapterFiles) else Path(os.fspath(path))
             name = (files.path.resolve() if source.exists() else source).name
             if not _NAME_RE.match(name):
                 raise AdapterNameError(
@@ -807,8 +808,10 @@ class LoraModel(nn.Module):
         pinned = cache.acquire(names)
         try:
             yield
-        finally:
-            cache.release(pinned)
+        except BaseException as error:  # the call's error, not a failed eviction's, propagates
+            cache.release_after(pinned, error)
+            raise
+        cache.release(pinned)
 
     @contextmanager
     def _rows(self, adapter_names: Sequence[str | None], rows: int | None) -> Iterator[None]:

@@ -251,6 +251,12 @@ class _Seen:
     alive, and a new tensor at a recycled address never passes for the old one. The state
     (versions, data pointers, scaling) changes with any in-place update or swap; the optimizer
     step count changes with any step, also one that bumps no version (a fused optimizer).
+
+    Same identity rule as `lora_kit.fingerprint.WeightsSeen` (weak refs + versions/pointers),
+    kept apart on purpose: this one is for trainable adapter factors, so it also holds each
+    slot's scaling (a Python float, no tensor state), empty slots (None), and the optimizer
+    step count, which the frozen-base `WeightsSeen` must not hold (every step would rehash the
+    base); and it runs per layer and call, so it reads the modules' dictionaries directly.
     """
 
     __slots__ = ("refs", "state", "steps")

@@ -76,12 +76,28 @@ def refuse_adapted_heads(root: nn.Module, heads: tuple[str, ...] | list[str], wh
             )
 
 
+def wrappers(root: nn.Module) -> list[tuple[str, LoRALinear | SavedModule]]:
+    """Every lora_kit wrapper in ``root`` with its dotted path (walks the whole model)."""
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear | SavedModule)]
+
+
+def unwrap(root: nn.Module, name: str, wrapper: LoRALinear | SavedModule) -> None:
+    """Put the plain module that ``wrapper`` stands for at ``name``: a layer's base module, a
+    saved module's active (or merged) copy, which is its original once it holds no copy."""
+    plain = wrapper.base if isinstance(wrapper, LoRALinear) else wrapper.active_module()
+    set_submodule(root, name, plain)
+
+
+def rewrap(root: nn.Module, name: str, wrapper: LoRALinear | SavedModule) -> None:
+    """Put ``wrapper`` back at ``name`` if an `unwrap` took it out (undoing one)."""
+    if submodule(root, name) is not wrapper:
+        set_submodule(root, name, wrapper)
+
+
 def unwrap_if_empty(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put the original module back at ``name`` once no adapter uses its wrapper ``module``."""
-    if isinstance(module, LoRALinear) and not len(module.adapters):
-        set_submodule(root, name, module.base)
-    elif isinstance(module, SavedModule) and not len(module.copies):
-        set_submodule(root, name, module.original)
+    if isinstance(module, LoRALinear | SavedModule) and not len(entries(module)):
+        unwrap(root, name, module)
 
 
 def entries(wrapper: LoRALinear | SavedModule) -> nn.ModuleDict:
@@ -96,8 +112,7 @@ def strip_adapter(root: nn.Module, name: str) -> None:
     for it alone go, and the others lose its module. It walks the whole model, so it is for that
     failure path only. (Wrappers are never empty otherwise: deleting unwraps them.)
     """
-    wrappers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALinear | SavedModule)]
-    for module_name, wrapper in wrappers:
+    for module_name, wrapper in wrappers(root):
         held = entries(wrapper)
         if name in held:
             del held[name]
@@ -122,8 +137,7 @@ def put_back(
     """
     rank = {n: i for i, n in enumerate(order)}
     for path, wrapper, module in removed:
-        if submodule(root, path) is not wrapper:
-            set_submodule(root, path, wrapper)
+        rewrap(root, path, wrapper)
         held = entries(wrapper)
         held[name] = module
         ordered = sorted(held, key=lambda n: rank.get(n, len(rank)))

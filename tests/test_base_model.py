@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 import lora_kit as lk
-from lora_kit.base_model import INDEX, BaseModelError, load_base, weight_files
+from lora_kit.base_model import INDEX, BaseModelError, load_base, model_positions, weight_files
 from lora_kit.merge_files import merge_files
 from lora_kit.model_inspection import inspect_model
 from lora_kit_cli.app import app
-from tests.conftest import tiny_gpt2
+from tests.conftest import tiny_bert, tiny_gpt2
 
 
 @pytest.mark.parametrize(
@@ -105,3 +106,16 @@ def test_weight_files_lists_the_shards_or_the_single_file(tmp_path: Path) -> Non
     assert shards is not None and len(shards) > 1
     assert shards == sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
     assert weight_files(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("build", "positions"), [(tiny_gpt2, 64), (tiny_bert, 512)], ids=["gpt2", "bert"]
+)
+def test_model_positions_reads_either_config_name(build: Any, positions: int) -> None:
+    """GPT-2 says n_positions, BERT max_position_embeddings: one helper reads both."""
+    assert model_positions(build(0).config) == positions
+
+
+def test_model_positions_is_none_when_the_config_does_not_say() -> None:
+    assert model_positions(object()) is None
+    assert model_positions(None) is None

@@ -345,3 +345,62 @@ def test_an_adapter_in_use_cannot_be_unregistered(root: Path) -> None:
         assert "a" in lm.adapters
     lm.cache.unregister("a")
     assert "a" not in lm.adapters and not lm.cache.is_registered("a")
+
+
+def _fail_in_using(lm: lk.LoraModel) -> None:
+    with lm.using("a"):
+        raise ValueError("the call failed")
+
+
+def _fail_in_merge(lm: lk.LoraModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_merge(*args: object) -> None:
+        raise ValueError("the call failed")
+
+    monkeypatch.setattr("lora_kit.merge.merge", failing_merge)
+    lm.merge("a")
+
+
+def _fail_in_forward(lm: lk.LoraModel) -> None:
+    ids = torch.full((2, 4), 10_000)  # past the vocabulary: the embedding raises IndexError
+    lm(input_ids=ids, adapter_names=["a", "a"])
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [("using", ValueError), ("merge", ValueError), ("adapter_names", IndexError)],
+)
+def test_a_failed_eviction_on_release_does_not_hide_the_calls_error(
+    root: Path, monkeypatch: pytest.MonkeyPatch, call: str, expected: type[Exception]
+) -> None:
+    """A call that raised released its adapters on the way out; when that release evicted and
+    the eviction raised too, the eviction's error replaced the call's own."""
+    lm = _registered(root, budget=1)
+    lm.set_adapter("b")  # pinned as the default: "a" is the one evicted on release
+    broken = fail_on_call(lk.LoraModel.delete_adapter, 1, RuntimeError("eviction failed"))
+    monkeypatch.setattr(lk.LoraModel, "delete_adapter", broken)
+    with pytest.raises(expected) as raised:
+        if call == "using":
+            _fail_in_using(lm)
+        elif call == "merge":
+            _fail_in_merge(lm, monkeypatch)
+        else:
+            _fail_in_forward(lm)
+    notes = getattr(raised.value, "__notes__", [])
+    assert any("eviction failed" in note for note in notes), notes
+    monkeypatch.undo()
+    assert lm.cache.resident == ("b", "a")  # the failed eviction kept "a", unpinned:
+    with lm.using("c"):  # the next release evicts it
+        pass
+    assert lm.cache.resident == ("b",)
+
+
+def test_an_adapter_loaded_for_a_failed_call_stays_resident_and_evictable(root: Path) -> None:
+    """Documented: a failed call's adapter is not unloaded (a retry would reload it); it is
+    unpinned like any idle one and the budget evicts it as usual."""
+    lm = _registered(root, budget=1)
+    with pytest.raises(IndexError):
+        _fail_in_forward(lm)
+    assert lm.cache.resident == ("a",) and lm.cache.loads == 1
+    with lm.using("b"):
+        pass
+    assert lm.cache.resident == ("b",) and list(lm.adapters) == ["b"]

@@ -21,7 +21,9 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 import lora_kit as lk
+from lora_kit import model as model_module
 from lora_kit.base_model import load_base
+from lora_kit_cli import predict as predict_cli
 from lora_kit_cli.app import app
 
 WORDS = ["[PAD]", "[UNK]", *(f"w{i}" for i in range(98))]
@@ -325,3 +327,31 @@ def test_predict_on_a_headless_base_refuses_an_adapter_without_a_head(tmp_path: 
     code, out, err = _run("predict", str(base), "-a", str(tmp_path / "plain"), "-t", "w1")
     assert code == 1 and out == "", out
     assert err.startswith("error: ") and "saves no classifier head" in err
+
+
+@pytest.mark.parametrize("headless", [False, True], ids=["with-head", "headless"])
+def test_predict_reads_each_adapters_files_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, headless: bool
+) -> None:
+    """On a headless base, predict read every adapter's files twice: once to size the new
+    head from the adapters' heads, and again to load them."""
+    classifier = tiny_bert()
+    base = tmp_path / "base"
+    (classifier.bert if headless else classifier).save_pretrained(base)
+    _tokenizer().save_pretrained(base)
+    lm = lk.inject(classifier, lk.LoraConfig(r=4, modules_to_save=("classifier",)), "p")
+    lm.add_adapter("q", lk.LoraConfig(r=2, modules_to_save=("classifier",)))
+    for name in ("p", "q"):
+        lm.save_adapter(tmp_path / name, name)
+    reads: list[str] = []
+
+    def counting(path: Path) -> lk.AdapterFiles:
+        reads.append(Path(path).name)
+        return lk.read_adapter(path)
+
+    for module in (predict_cli, model_module):  # every caller of read_adapter on this path
+        monkeypatch.setattr(module, "read_adapter", counting)
+    args = ["predict", str(base), "-a", str(tmp_path / "p"), "-a", str(tmp_path / "q")]
+    code, _, err = _run(*args, "-t", "w1 w2", "--text-adapter", "p")
+    assert code == 0, err
+    assert sorted(reads) == ["p", "q"]

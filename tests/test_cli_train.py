@@ -182,3 +182,19 @@ def test_same_seed_gives_the_same_classifier(tmp_path: Path) -> None:
     assert any("classifier" in key for key in adapters[0])
     for key in adapters[0]:
         assert torch.equal(adapters[0][key], adapters[1][key]), key
+
+
+@pytest.mark.parametrize(("kind", "positions"), [("gpt2", 64), ("bert", 512)])
+def test_train_caps_max_length_at_the_models_positions(
+    tmp_path: Path, kind: str, positions: int
+) -> None:
+    """GPT-2 names its limit n_positions, BERT max_position_embeddings: both are honoured."""
+    base = _base(kind, tmp_path)
+    data = write_text(tmp_path / "c.txt") if kind == "gpt2" else write_cls(tmp_path / "d.jsonl")
+    result = runner.invoke(
+        app,
+        ["train", "--model", str(base), "--data", str(data), "--steps", "1",
+         "--max-length", str(positions + 1), "--out", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"exceeds the model's {positions} positions; using {positions}" in result.output

@@ -64,6 +64,36 @@ def test_push_plan_takes_metrics_and_keeps_an_own_card(adapter: Path, tmp_path: 
     assert readme.local_path == str(folder / "README.md")
 
 
+def _with_base(adapter: Path, folder: Path, base: str) -> Path:
+    """A copy of ``adapter`` whose config records ``base`` as its base model."""
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("base", ["models/gpt2", "gpt2"])
+def test_model_card_names_no_hub_base_for_a_local_folder(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str
+) -> None:
+    """A base loaded from a local folder whose path looks like a Hub id was written into the
+    card's front matter as ``base_model:``, linking the adapter to an unrelated Hub model."""
+    (tmp_path / base).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    card = plan_push(_with_base(adapter, tmp_path / "ad", base), "me/sst2").model_card
+    assert card is not None and "base_model:" not in card.split("\n---\n")[0]
+    assert f"for `{base}`" in card  # still named in the text
+
+
+def test_model_card_names_a_hub_base(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    card = plan_push(_with_base(adapter, tmp_path / "ad", "org/name"), "me/sst2").model_card
+    assert card is not None and "\nbase_model: org/name\n---\n" in card
+
+
 def test_push_refuses_bad_input_and_offline_mode(
     adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,6 +44,17 @@ def test_fast_load_equals_strict_load(saved: tuple[str, Path]) -> None:
         assert [p.shape for p in params] == [p.shape for p in reference.adapter_parameters(name)]
 
 
+def test_load_adapter_takes_files_already_read(saved: tuple[str, Path]) -> None:
+    """Files read once (``read_adapter``) load as the directory does, named after it."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    assert lm.load_adapter(lk.read_adapter(root / "a")) == "a"
+    reference = lk.LoraModel.from_pretrained(make_model(kind), root / "a", "a")
+    assert lm.adapter_record("a") == reference.adapter_record("a")
+    lm.set_adapter("a")
+    assert torch.equal(logits(lm, input_ids(2)), logits(reference, input_ids(2)))
+
+
 def test_failed_load_changes_nothing(saved: tuple[str, Path]) -> None:
     kind, root = saved
     other = "bert" if kind == "gpt2" else "gpt2"

@@ -315,7 +315,7 @@ def test_merge_and_unload_interrupted_part_way_leaves_the_handle_working(
     before = model_state(lm)
     broken = fail_on_call(set_submodule, 3, KeyboardInterrupt())
     with monkeypatch.context() as patch:
-        patch.setattr("lora_kit.merge.set_submodule", broken)
+        patch.setattr("lora_kit.surgery.set_submodule", broken)
         with pytest.raises(KeyboardInterrupt):
             lm.merge_and_unload(selection)
     assert model_state(lm) == before

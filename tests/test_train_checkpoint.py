@@ -1,4 +1,5 @@
-"""``lora_kit.train.checkpoint``: the final adapter published into a run directory.
+"""``lora_kit.train.checkpoint``: the final adapter published into a run directory, and what a
+checkpoint save cleans up.
 
 (Checkpoint writing and resuming are exercised through the trainer in test_train_loop.py.)
 """
@@ -6,13 +7,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from tooling_helpers import tree_hashes
 
 import lora_kit as lk
-from lora_kit.train.checkpoint import publish_adapter
+from lora_kit.train.checkpoint import publish_adapter, write_checkpoint
 from tests.conftest import Arch, randomize
 
 
@@ -48,3 +51,21 @@ def test_publish_failing_part_way_keeps_the_previous_adapter_whole(
     assert lk.read_adapter(run).config.r == 4
     publish_adapter(run, new, "default", {"labels.json": '{"x": 1}\n'})
     assert lk.read_adapter(run).config.r == 2
+
+
+def test_a_checkpoint_save_removes_what_dead_runs_set_aside(arch: Arch, tmp_path: Path) -> None:
+    """A save sets the previous checkpoint aside as .checkpoint.old-<pid> between its two
+    renames; a run killed there left it behind, and later saves (another pid) never removed it.
+    One of a process still running may be its only copy mid-save: that one stays."""
+    run = tmp_path / "run"
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=4, targets=arch.attn_preset))
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # reaped: its pid names no process
+    dead = run / f".checkpoint.old-{finished.pid}"
+    alive = run / f".checkpoint.old-{os.getppid()}"  # our parent: running
+    foreign = run / ".checkpoint.old-backup"  # not named by a save: not ours to remove
+    for folder in (dead, alive, foreign):
+        (folder / "adapter").mkdir(parents=True)
+        (folder / "trainer_state.pt").write_bytes(b"set aside")
+    write_checkpoint(run, lm, "default", {"step": 1})
+    assert sorted(p.name for p in run.iterdir()) == sorted(["checkpoint", alive.name, foreign.name])

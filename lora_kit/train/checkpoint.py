@@ -88,6 +88,9 @@ def write_checkpoint(
 ) -> Path:
     """Write ``<out>/checkpoint`` atomically (the previous one stays until the new one is whole).
 
+    Once it is in place, the previous checkpoints that runs killed mid-save set aside
+    (``.checkpoint.old-<pid>`` of processes no longer running) are removed.
+
     Args:
         out: The run's output directory.
         lm: The model (its parameters must be whole: call inside ``full_params``).
@@ -118,7 +121,36 @@ def write_checkpoint(
             os.replace(old, target)  # the previous checkpoint back in place
         raise
     shutil.rmtree(old, ignore_errors=True)
+    _remove_dead_runs_set_aside(root)
     return target
+
+
+def _remove_dead_runs_set_aside(root: Path) -> None:
+    """Remove the ``.checkpoint.old-<pid>`` folders of processes no longer running.
+
+    Called once a new checkpoint is in place, so none is needed to recover one. A folder of a
+    process still running is kept: it may be that process's only copy between its two renames
+    (two runs sharing ``--out``). A pid reused by an unrelated process keeps a stale folder,
+    which is harmless; where liveness cannot be checked (not POSIX), nothing is removed.
+    """
+    prefix = f".{CHECKPOINT_DIR}.old-"
+    for folder in root.glob(f"{prefix}*"):
+        pid = folder.name[len(prefix) :]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists (True when that cannot be told)."""
+    if os.name != "posix" or pid <= 0:
+        return True  # on Windows os.kill would terminate it; pid 0 means our process group
+    try:
+        os.kill(pid, 0)  # signal 0: existence and permission check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    return True
 
 
 def _recover_set_aside(root: Path) -> None:

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 import transformers
 
-from ..base_model import BaseModelError, load_base, load_config, load_tokenizer, resolve_base
+from ..base_model import (
+    BaseModelError,
+    load_base,
+    load_config,
+    load_tokenizer,
+    model_positions,
+    resolve_base,
+)
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..model import inject
@@ -101,7 +108,7 @@ def run_job(job: TrainJob) -> dict[str, Any] | None:
             f"{folder}: no tokenizer found beside the model; save one there "
             f"(tokenizer.save_pretrained) so the data can be tokenised"
         )
-    limit = _position_limit(base_config)
+    limit = model_positions(base_config)
     max_length = job.config.max_length
     if limit is not None and max_length > limit:
         log.notice(
@@ -163,14 +170,6 @@ def run_job(job: TrainJob) -> dict[str, Any] | None:
         "task": task,
         "merge_command": f"lorakit merge {job.model} {result.adapter_path} -o {merged}",
     }
-
-
-def _position_limit(config: Any) -> int | None:
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _load_data(job: TrainJob, task: str, tokenizer: Any, max_length: int) -> Dataset:
