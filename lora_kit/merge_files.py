@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -52,7 +51,7 @@ from .heads import choose_heads
 from .history import HEADER_KEY, History, HistorySource, Scalar, source_record
 from .merge import merge_update, weighted_delta
 from .peft_format import PREFIX, lora_pairs
-from .safetensors_read import MAX_HEADER_BYTES
+from .safetensors_read import SafetensorsFormatError, read_header
 from .safetensors_stream import ByteRange, write_streaming
 from .task_head import TaskLayout, read_labels, task_layout
 
@@ -345,8 +344,8 @@ class _Base:
                 f"lorakit merge streams safetensors only: re-save the base with "
                 f"save_pretrained(safe_serialization=True)"
             )
-        # key -> (file, dtype code, shape, absolute start, end)
-        self.entries: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
+        # key -> (file, dtype, shape, absolute start, end)
+        self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
         for name in files:
             for key, entry in _read_header(folder / name).items():
                 self.entries[key] = (name, *entry)
@@ -358,8 +357,8 @@ class _Base:
 
     def load(self, key: str) -> Tensor:
         """The tensor ``key`` (a fresh CPU tensor)."""
-        name, code, shape, begin, end = self.entries[key]
-        dtype = self._stored(key, code)
+        name, stored, shape, begin, end = self.entries[key]
+        dtype = self._stored(key, stored)
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         raw = torch.empty(end - begin, dtype=torch.uint8)  # not zeroed: readinto fills it
@@ -387,50 +386,27 @@ class _Base:
         stored = self._stored(key, self.entries[key][1])
         return out if out is not None and stored.is_floating_point else stored
 
-    def _stored(self, key: str, code: str) -> torch.dtype:
-        if code not in _STORED:
-            raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {code}, unsupported")
-        return _STORED[code]
+    def _stored(self, key: str, dtype: torch.dtype) -> torch.dtype:
+        if dtype not in _STORED:
+            raise BaseModelError(f"{self.folder}: tensor {key!r} has dtype {dtype}, unsupported")
+        return dtype
 
 
-def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """``key -> (dtype code, shape, start, end)`` (absolute offsets) of a safetensors file.
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """``key -> (dtype, shape, start, end)`` (absolute offsets), checked against the file.
 
-    Each tensor's byte range is checked against its dtype and shape and against the file's
-    length, so a corrupt or truncated base is refused before anything is written.
-
-    Reads the header alone: `lora_kit.safetensors_read` has the stricter header check but only
-    behind public readers of the whole file, which would hold a whole base shard in memory.
+    Raises:
+        BaseModelError: A malformed, truncated or corrupt file, before anything is written.
     """
     try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= MAX_HEADER_BYTES:
-                raise ValueError(f"implausible header length {size}")
-            header = json.loads(handle.read(size))
-            length = os.fstat(handle.fileno()).st_size
-        out = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            code, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-            known = _STORED.get(code)
-            if known is not None and end - begin != math.prod(shape) * known.itemsize:
-                raise ValueError(
-                    f"tensor {key!r}: {end - begin} bytes cannot hold {code}{list(shape)}"
-                )
-            if not 0 <= begin <= end or 8 + size + end > length:
-                raise ValueError(f"truncated: tensor {key!r} ends past the end of the file")
-            out[key] = (code, shape, 8 + size + begin, 8 + size + end)
-        return out
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return read_header(path)
+    except (OSError, SafetensorsFormatError) as exc:
         raise BaseModelError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
-_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+# The dtypes the streamed writer handles (no fp8 or unsigned wider than a byte).
+_STORED = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}  # fmt: skip
 
 
 def _base_key(module: str, shards: dict[str, str], source: str) -> str:

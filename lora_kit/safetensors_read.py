@@ -100,6 +100,41 @@ def read_safetensors_content(path: Path) -> SafetensorsContent:
     return SafetensorsContent(raw.views(), dict(raw.layout.metadata), raw.runs)
 
 
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """``name -> (dtype, shape, start, end)`` of a file's tensors, from its header alone.
+
+    ``start``/``end`` are absolute byte offsets in the file. The header gets the same check as
+    a whole read (`read_safetensors`) against the file's length, without reading the data: a
+    reader of one tensor at a time (a streamed merge) holds no more than that tensor.
+
+    Raises:
+        SafetensorsFormatError, OSError: As `read_safetensors`.
+    """
+    with path.open("rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        first = handle.read(8)
+        if len(first) < 8:
+            raise SafetensorsFormatError(f"file of {size} bytes is shorter than its header length")
+        header_len = int.from_bytes(first, "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise SafetensorsFormatError(
+                f"header length {header_len} does not fit a file of {size} bytes"
+            )
+        header = handle.read(header_len)
+        if len(header) != header_len:
+            raise SafetensorsFormatError(f"file ended inside its {header_len}-byte header")
+    data_start = 8 + header_len
+    layout = _checked_layout(header, size - data_start)
+    spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    for name, dtype, shape, _, run, first_element in layout.entries:
+        if run < 0:  # no bytes
+            spans[name] = (dtype, shape, data_start, data_start)
+            continue
+        begin = data_start + layout.runs[run][1] + first_element * dtype.itemsize
+        spans[name] = (dtype, shape, begin, begin + math.prod(shape) * dtype.itemsize)
+    return spans
+
+
 @dataclass(frozen=True)
 class SafetensorsRaw:
     """A read and checked file before any per-tensor view is made (see `read_safetensors_raw`).

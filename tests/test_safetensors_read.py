@@ -394,3 +394,35 @@ def _raw_text_file(path: Path, header: str, data: bytes) -> None:
     raw = header.encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_read_header_gives_each_tensors_bytes_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    save_file(_tensors(), str(path), metadata={"format": "pt"})
+    spans = safetensors_read.read_header(path)
+    raw = path.read_bytes()
+    reference = load_file(str(path))
+    assert set(spans) == set(reference)
+    for key, (dtype, shape, start, end) in spans.items():
+        want = reference[key]
+        assert (dtype, shape) == (want.dtype, tuple(want.shape)), key
+        assert raw[start:end] == want.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "gap", "short"])
+def test_read_header_refuses_what_a_whole_read_refuses(tmp_path: Path, spoil: str) -> None:
+    path = tmp_path / "t.safetensors"
+    if spoil == "gap":  # bytes between two tensors: refused like the library does
+        header = {
+            "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "y": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+        }
+        _raw_file(path, header, b"\0" * 12)
+    else:
+        save_file(_tensors(), str(path))
+        raw = path.read_bytes()
+        path.write_bytes(raw[:-1] if spoil == "truncated" else raw[:20])
+    with pytest.raises(SafetensorsFormatError):
+        read_safetensors(path)
+    with pytest.raises(SafetensorsFormatError):
+        safetensors_read.read_header(path)
