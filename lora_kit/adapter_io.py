@@ -129,7 +129,7 @@ def _parsed_config(text: str, peft_config: Mapping[str, Any], source: str) -> Lo
         if unknown_keys(peft_config):
             return found
         if len(_CONFIGS) >= _CONFIGS_KEPT:
-            _CONFIGS.pop(next(iter(_CONFIGS)))  # the oldest
+            _CONFIGS.clear()  # bounded; no iteration another thread could disturb
         _CONFIGS[text] = found
     return found
 
