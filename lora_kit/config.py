@@ -49,7 +49,8 @@ class LoraConfig:
             for ``model.config.model_type``.
         exclude: Modules never targeted, in the same forms as ``targets`` (no presets).
         layers: Block indices to touch (the first integer in a module's dotted name);
-            ``None`` means every block.
+            ``None`` means every block. As in PEFT, it filters suffix matches only: a module
+            that a ``targets`` list names in full is adapted whatever its block.
         rank_pattern: Per-module rank overrides; keys are regexes matched against a dot-separated
             suffix of the module name (PEFT's rule); the first matching key wins.
         alpha_pattern: Per-module alpha overrides, same matching rule.

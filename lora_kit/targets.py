@@ -111,6 +111,12 @@ def spec_matches(spec: str | tuple[str, ...], name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def named_in_full(spec: str | tuple[str, ...], name: str) -> bool:
+    """Whether a target list names ``name`` in full: such a module is targeted whatever
+    ``layers`` says (PEFT's rule; the layer filter applies to suffix matches only)."""
+    return not isinstance(spec, str) and name in spec
+
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -165,7 +171,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if inside_any(name, config.modules_to_save):
             continue  # a head trained whole never also gets an adapter (PEFT's rule too)
-        if wanted_layers is not None and layer_index(name) not in wanted_layers:
+        if (
+            wanted_layers is not None
+            and not named_in_full(spec, name)
+            and layer_index(name) not in wanted_layers
+        ):
             continue
         if not is_supported:
             # A regex may sweep up containers ("h.0.attn") and parameter-free leaves (dropout,

@@ -113,3 +113,15 @@ def test_a_module_saved_whole_never_also_gets_an_adapter(
     found = find_targets(model, lk.LoraConfig(targets=targets, modules_to_save=[head]))
     assert found and head not in found and all(n.endswith(targets[0]) for n in found)
     assert head in find_targets(model, lk.LoraConfig(targets=targets))  # without: targeted
+
+
+def test_layers_filter_suffix_matches_only_not_modules_named_in_full() -> None:
+    """PEFT's rule: ``layers_to_transform`` never drops a module named in full in the list."""
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    config = lk.LoraConfig(targets=["transformer.h.0.attn.c_attn", "c_fc"], layers=[1])
+    assert find_targets(tiny_gpt2(), config) == names
+    # ... but exclude still wins, and a regex is a filter like any suffix
+    excluded = lk.LoraConfig(targets=config.targets, layers=[1], exclude=["attn.c_attn"])
+    assert find_targets(tiny_gpt2(), excluded) == names[1:]
+    regex = lk.LoraConfig(targets=r"transformer\.h\.0\.attn\.c_attn|.*c_fc", layers=[1])
+    assert find_targets(tiny_gpt2(), regex) == names[1:]
