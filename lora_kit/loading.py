@@ -62,7 +62,13 @@ def check_adapter_dtype(dtype: object) -> None:
 
 def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
     """`find_targets` memoised per model and target specification."""
-    key: Hashable = (config.targets, config.exclude, config.layers, config.modules_to_save)
+    key: Hashable = (
+        config.targets,
+        config.exclude,
+        config.layers,
+        config.layers_pattern,
+        config.modules_to_save,
+    )
     per_model = _TARGETS.setdefault(model, {})
     found = per_model.get(key)
     if found is None:
@@ -183,6 +189,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
         config.targets,
         config.exclude,
         config.layers,
+        config.layers_pattern,
         config.modules_to_save,
         config.r,
         tuple(config.rank_pattern.items()),

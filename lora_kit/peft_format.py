@@ -226,6 +226,14 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     layers = data.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    # PEFT reads layers_pattern only with a non-empty layers_to_transform, and an empty one
+    # ("", []) as no pattern; a pattern without layers it refuses.
+    layers_pattern = data.get("layers_pattern") or None
+    if layers_pattern is not None and layers is None:
+        raise AdapterFormatError(
+            f"{source}: layers_pattern={layers_pattern!r} without layers_to_transform; PEFT "
+            f"refuses this config too. Set layers_to_transform or drop layers_pattern"
+        )
     modules_to_save = data.get("modules_to_save") or ()  # a list; a string is refused
     try:
         return LoraConfig(
@@ -235,6 +243,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
             targets=data["target_modules"],
             exclude=data.get("exclude_modules") or None,
             layers=tuple(layers) if layers else None,
+            layers_pattern=layers_pattern if layers else None,
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)),

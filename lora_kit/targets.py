@@ -120,10 +120,23 @@ def named_in_full(spec: str | tuple[str, ...], name: str) -> bool:
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def layer_index(name: str) -> int | None:
-    """The block index of a module: the first integer component of its dotted name."""
-    match = _LAYER_INDEX.search(name)
-    return int(match.group(1)) if match else None
+def layer_index(name: str, patterns: tuple[str, ...] | None = None) -> int | None:
+    """The block index of a module.
+
+    Without ``patterns``, the first integer component of its dotted name. With them (PEFT's
+    ``layers_pattern``), the integer component that follows the earliest part of the name
+    matching a pattern, trying the patterns in order; ``None`` when none matches.
+    """
+    if patterns is None:
+        match = _LAYER_INDEX.search(name)
+        return int(match.group(1)) if match else None
+    for pattern in patterns:
+        # the pattern starts at the name's start or after a dot (shortest prefix first), and
+        # is followed by ".<index>." (an index is never the name's last part)
+        match = re.match(rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -174,7 +187,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if (
             wanted_layers is not None
             and not named_in_full(spec, name)
-            and layer_index(name) not in wanted_layers
+            and layer_index(name, config.layers_pattern) not in wanted_layers
         ):
             continue
         if not is_supported:
@@ -189,10 +202,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched.append(name)
     if not matched:
         shown = ", ".join(_short_names(candidates))
+        pattern = f", layers_pattern={config.layers_pattern}" if config.layers_pattern else ""
         raise NoTargetsError(
-            f"targets {spec!r} (layers={config.layers}, exclude={config.exclude!r}) matched no "
-            f"Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D modules are: "
-            f"{shown}. Pass one of these suffixes or a preset: {sorted(PRESETS)}"
+            f"targets {spec!r} (layers={config.layers}{pattern}, exclude={config.exclude!r}) "
+            f"matched no Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D "
+            f"modules are: {shown}. Pass one of these suffixes or a preset: {sorted(PRESETS)}"
         )
     return matched
 

@@ -125,3 +125,28 @@ def test_layers_filter_suffix_matches_only_not_modules_named_in_full() -> None:
     assert find_targets(tiny_gpt2(), excluded) == names[1:]
     regex = lk.LoraConfig(targets=r"transformer\.h\.0\.attn\.c_attn|.*c_fc", layers=[1])
     assert find_targets(tiny_gpt2(), regex) == names[1:]
+
+
+def test_layer_index_with_layers_pattern_takes_the_index_after_the_pattern() -> None:
+    name = "model.layers.3.experts.1.w1"
+    assert layer_index(name) == 3
+    assert layer_index(name, ("layers",)) == 3
+    assert layer_index(name, ("experts",)) == 1
+    assert layer_index(name, ("blocks", "experts", "layers")) == 1  # the first pattern that fits
+    assert layer_index(name, ("blocks",)) is None
+    assert layer_index("model.layers.3", ("layers",)) is None  # an index is never the last part
+    assert layer_index("h.0.attn.c_attn", ("h",)) == 0  # at the start of the name too
+
+
+def test_layers_pattern_picks_the_module_list() -> None:
+    model = tiny_gpt2()
+    same = lk.LoraConfig(targets=["c_attn"], layers=[1], layers_pattern="h")
+    assert find_targets(model, same) == ["transformer.h.1.attn.c_attn"]
+    other = lk.LoraConfig(targets=["transformer.h.0.attn.c_attn", "c_fc"], layers=[1])
+    assert find_targets(
+        model, lk.LoraConfig(**{**other.to_dict(), "layers_pattern": "layers"})
+    ) == [
+        "transformer.h.0.attn.c_attn"  # no "layers.<i>." in GPT-2: only the name given in full
+    ]
+    with pytest.raises(lk.NoTargetsError, match="layers_pattern"):
+        find_targets(model, lk.LoraConfig(targets=["c_attn"], layers=[1], layers_pattern="layers"))
