@@ -63,7 +63,8 @@ class LoraConfig:
         init: ``"zero_b"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op) or
             ``"gaussian"`` (A normal with std ``1/r``, B zero).
         modules_to_save: Module-name suffixes of whole modules (e.g. a classification head
-            ``"classifier"``) trained and saved with the adapter as full copies.
+            ``"classifier"``) trained and saved with the adapter as full copies. As in PEFT, a
+            module is saved when its name ends with one, on a dot boundary or not.
     """
 
     r: int = 8

@@ -213,12 +213,16 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def find_saved_modules(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
     """Names of the modules matched by ``modules_to_save`` suffixes (missing ones are skipped,
-    as PEFT does for its task defaults such as ``"score"`` on a BERT model)."""
+    as PEFT does for its task defaults such as ``"score"`` on a BERT model).
+
+    PEFT's rule: a module whose name ends with the string, on a dot boundary or not (``"fier"``
+    saves ``classifier``); modules without weights are left out (saving them changes nothing).
+    """
     from .saved_modules import SavedModule
 
     found = []
     for name, module in iter_layers(model):
-        matched = bool(name) and any(name == s or name.endswith("." + s) for s in suffixes)
+        matched = bool(name) and name.endswith(suffixes)
         if matched and (isinstance(module, SavedModule) or any(True for _ in module.parameters())):
             found.append(name)
     return found

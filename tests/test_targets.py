@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 import lora_kit as lk
-from lora_kit.targets import find_targets, layer_index
+from lora_kit.targets import find_saved_modules, find_targets, layer_index
 from tests.conftest import tiny_bert, tiny_gpt2
 
 
@@ -150,3 +150,11 @@ def test_layers_pattern_picks_the_module_list() -> None:
     ]
     with pytest.raises(lk.NoTargetsError, match="layers_pattern"):
         find_targets(model, lk.LoraConfig(targets=["c_attn"], layers=[1], layers_pattern="layers"))
+
+
+def test_modules_to_save_match_the_end_of_the_name_as_in_peft() -> None:
+    model = tiny_bert()
+    assert find_saved_modules(model, ("classifier",)) == ["classifier"]
+    assert find_saved_modules(model, ("fier",)) == ["classifier"]  # not only on a dot boundary
+    assert find_saved_modules(model, ("pooler",)) == ["bert.pooler"]
+    assert find_saved_modules(model, ("dropout", "score")) == []  # no weights / no such module
