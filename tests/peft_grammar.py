@@ -41,9 +41,11 @@ GPT2_POOLS = Pools(
         "h.0.mlp.c_fc",
         "transformer.h.0.attn.c_proj",
         "transformer.h.1.mlp.c_proj",
+        "lm_head",  # tied to the embeddings: PEFT saves its base weight too
     ),
     regexes=(
         r".*\.c_attn",
+        r".*\.1\.mlp\.c_fc|lm_head",
         r".*\.h\.1\..*c_(fc|proj)",
         r".*(c_attn|c_fc)",
         r"transformer\.h\.0\.attn\.c_proj",

@@ -34,6 +34,7 @@ from peft import LoraConfig as PeftConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora_kit as lk
@@ -255,6 +256,10 @@ FOUND: list[tuple[Arch, dict[str, Any]]] = [
     ),
     # a modules_to_save entry is a plain name suffix: "fier" saves the classifier
     (BERT, {"target_modules": ["query"], "modules_to_save": ["fier"]}),
+    # targeting lm_head (tied to the embeddings) makes PEFT save its base weight beside the
+    # adapter (lm_head.base_layer.weight), which PEFT loads back: unchanged, that is a no-op
+    (GPT2, {"target_modules": ["c_attn", "lm_head"]}),
+    (GPT2, {"target_modules": r".*\.1\.mlp\.c_fc|lm_head"}),
 ]
 
 
@@ -267,3 +272,25 @@ def test_found_disagreements_stay_fixed(
     peft_model = _build_peft(arch, {"r": 4, "lora_alpha": 8, **options})
     _randomize_peft(peft_model, 0)
     check_peft_file(arch, options, peft_model, tmp_path / "p")
+
+
+def test_a_changed_base_weight_saved_beside_a_targeted_lm_head_is_refused(tmp_path: Path) -> None:
+    """PEFT would write it into the (tied) base weights; lora_kit never changes a base. Loading
+    and swapping in place both refuse, and the swap changes nothing."""
+    peft_model = _build_peft(GPT2, {"r": 4, "target_modules": ["c_attn", "lm_head"]})
+    _randomize_peft(peft_model, 0)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    _save_peft(peft_model, good)
+    _save_peft(peft_model, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, bad / "adapter_model.safetensors")
+    message = r"lm_head\.base_layer\.weight.*differs"
+    with pytest.raises(lk.AdapterMismatchError, match=message):
+        lk.LoraModel.from_pretrained(_base(GPT2), bad)
+    lm = lk.LoraModel.from_pretrained(_base(GPT2), good)
+    before = logits(lm, GPT2.inputs())
+    with pytest.raises(lk.AdapterMismatchError, match=message):
+        lm.swap_adapter("default", bad)
+    assert torch.equal(logits(lm, GPT2.inputs()), before)
