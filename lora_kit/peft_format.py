@@ -216,13 +216,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     unknown = sorted(set(data) - _KNOWN_KEYS)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown adapter_config keys {unknown}", stacklevel=3)
-    if "target_modules" not in data or data["target_modules"] is None:
-        raise AdapterFormatError(f"{source}: adapter_config.json has no target_modules")
-    if data["target_modules"] == "all-linear":
-        raise AdapterFormatError(
-            f"{source}: target_modules='all-linear' depends on PEFT's model-specific expansion; "
-            f"re-save the adapter with an explicit module list"
-        )
+    _check_target_modules(data, source)
     layers = data.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
@@ -252,3 +246,24 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
         )
     except ConfigError as exc:
         raise AdapterFormatError(f"{source}: invalid adapter_config.json: {exc}") from exc
+
+
+def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
+    """Refuse target_modules that lora_kit would read otherwise than PEFT.
+
+    Raises:
+        AdapterFormatError: Missing; ``all-linear`` (in any case: PEFT's model-specific
+            expansion); a lora_kit preset name (PEFT reads a string as a regex over whole
+            module names); a regex with ``layers_to_transform``/``layers_pattern`` (PEFT
+            refuses that config).
+    """
+    targets = data.get("target_modules")
+    if targets is None:
+        raise AdapterFormatError(f"{source}: adapter_config.json has no target_modules")
+    if not isinstance(targets, str):
+        return
+    if targets.lower() == "all-linear":
+        raise AdapterFormatError(
+            f"{source}: target_modules={targets!r} depends on PEFT's model-specific expansion; "
+            f"re-save the adapter with an explicit module list"
+        )

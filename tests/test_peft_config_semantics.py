@@ -294,3 +294,33 @@ def test_a_changed_base_weight_saved_beside_a_targeted_lm_head_is_refused(tmp_pa
     with pytest.raises(lk.AdapterMismatchError, match=message):
         lm.swap_adapter("default", bad)
     assert torch.equal(logits(lm, GPT2.inputs()), before)
+
+
+# adapter_config.json edits lora_kit must refuse naming the field, with whether PEFT refuses too:
+# each of these was loaded with another meaning, or refused naming lora_kit's own field name.
+REFUSED: dict[str, tuple[Arch, dict[str, Any], str, bool]] = {
+    "zero rank in rank_pattern": (BERT, {"rank_pattern": {"query": 0}}, "rank_pattern", True),
+    # PEFT expands any casing of all-linear; lora_kit refused only 'all-linear' (NoTargetsError)
+    "all-linear in capitals": (BERT, {"target_modules": "ALL-LINEAR"}, "target_modules", False),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_configs_lora_kit_cannot_read_as_peft_does_are_refused_naming_the_field(
+    case: str, tmp_path: Path
+) -> None:
+    arch, edits, field, peft_refuses = REFUSED[case]
+    target = ["c_attn"] if arch is GPT2 else ["query"]
+    peft_model = _build_peft(arch, {"r": 4, "target_modules": target})
+    path = tmp_path / "p"
+    _save_peft(peft_model, path)
+    config_path = path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edits}))
+    with pytest.raises(lk.AdapterFormatError, match=rf"\b{field}\b"):
+        lk.LoraModel.from_pretrained(_base(arch), path)
+    try:
+        _peft_reload(arch, path)
+    except (ValueError, RuntimeError):
+        assert peft_refuses
+    else:
+        assert not peft_refuses
