@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import LoraConfig
 from .errors import AdapterFormatError, ConfigError
+from .targets import PRESETS
 
 PREFIX = "base_model.model."
 
@@ -266,4 +267,10 @@ def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
         raise AdapterFormatError(
             f"{source}: target_modules={targets!r} depends on PEFT's model-specific expansion; "
             f"re-save the adapter with an explicit module list"
+        )
+    if targets in PRESETS:
+        raise AdapterFormatError(
+            f"{source}: target_modules={targets!r} is a lora_kit preset name, but in an "
+            f"adapter_config.json a string is a regex over whole module names (PEFT adapts "
+            f"nothing with it); write the module list instead: {list(PRESETS[targets].suffixes)}"
         )

@@ -302,6 +302,8 @@ REFUSED: dict[str, tuple[Arch, dict[str, Any], str, bool]] = {
     "zero rank in rank_pattern": (BERT, {"rank_pattern": {"query": 0}}, "rank_pattern", True),
     # PEFT expands any casing of all-linear; lora_kit refused only 'all-linear' (NoTargetsError)
     "all-linear in capitals": (BERT, {"target_modules": "ALL-LINEAR"}, "target_modules", False),
+    # PEFT: a regex that matches no module; lora_kit read it as its preset (adapted c_attn)
+    "preset name": (GPT2, {"target_modules": "gpt2-attn"}, "target_modules", True),
 }
 
 
