@@ -274,3 +274,9 @@ def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
             f"adapter_config.json a string is a regex over whole module names (PEFT adapts "
             f"nothing with it); write the module list instead: {list(PRESETS[targets].suffixes)}"
         )
+    for key in ("layers_to_transform", "layers_pattern"):
+        if data.get(key) is not None:
+            raise AdapterFormatError(
+                f"{source}: {key}={data[key]!r} with a regex target_modules; PEFT refuses this "
+                f"config too (the regex alone says which modules): fold the layers into it"
+            )

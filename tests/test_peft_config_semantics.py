@@ -304,6 +304,14 @@ REFUSED: dict[str, tuple[Arch, dict[str, Any], str, bool]] = {
     "all-linear in capitals": (BERT, {"target_modules": "ALL-LINEAR"}, "target_modules", False),
     # PEFT: a regex that matches no module; lora_kit read it as its preset (adapted c_attn)
     "preset name": (GPT2, {"target_modules": "gpt2-attn"}, "target_modules", True),
+    # PEFT: "layers_to_transform cannot be used when target_modules is a str"; lora_kit applied
+    # the layers to the regex
+    "regex with layers": (
+        GPT2,
+        {"target_modules": r".*c_attn", "layers_to_transform": [0]},
+        "layers_to_transform",
+        True,
+    ),
 }
 
 
