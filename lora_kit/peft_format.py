@@ -8,6 +8,7 @@ older PEFT releases (which reject unknown keys) read our files too.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -246,7 +247,20 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
             modules_to_save=modules_to_save,
         )
     except ConfigError as exc:
-        raise AdapterFormatError(f"{source}: invalid adapter_config.json: {exc}") from exc
+        named = re.search(r"LoraConfig\.(\w+)", str(exc))
+        json_key = _PEFT_NAMES.get(named.group(1), named.group(1)) if named else None
+        what = f"invalid {json_key}" if json_key else "invalid adapter_config.json"
+        raise AdapterFormatError(f"{source}: {what}: {exc}") from exc
+
+
+# LoraConfig field -> the adapter_config.json key it is read from (where the names differ).
+_PEFT_NAMES = {
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "exclude": "exclude_modules",
+    "layers": "layers_to_transform",
+}
 
 
 def _check_target_modules(data: Mapping[str, Any], source: str) -> None:

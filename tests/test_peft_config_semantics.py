@@ -312,6 +312,9 @@ REFUSED: dict[str, tuple[Arch, dict[str, Any], str, bool]] = {
         "layers_to_transform",
         True,
     ),
+    # PEFT takes these; lora_kit refuses them, but named LoraConfig.alpha / LoraConfig.layers
+    "negative alpha": (GPT2, {"lora_alpha": -8}, "lora_alpha", False),
+    "negative layer": (BERT, {"layers_to_transform": [0, -1]}, "layers_to_transform", False),
 }
 
 
