@@ -72,7 +72,7 @@ GPT2_POOLS = Pools(
     ),
     layers_patterns=("h", ["h"], ["layers", "h"], "layers", "transformer.h"),
     presets=("gpt2-attn", "gpt2-all"),
-    heads=((),),
+    heads=((), (), ("ln_f",)),
 )
 
 BERT_POOLS = Pools(
@@ -125,6 +125,7 @@ BERT_POOLS = Pools(
         ("classifier", "pooler"),
         ("fier",),
         ("pooler.dense",),
+        ("layer.1",),  # a whole block: no adapter inside it either
     ),
 )
 
@@ -187,18 +188,18 @@ def peft_options(arch: str, rng: random.Random) -> dict[str, Any]:
         "alpha_pattern": _patterns(rng, pools, ALPHAS),
         "use_rslora": rng.random() < 0.3,
     }
-    if isinstance(targets, list) and rng.random() < 0.45:
+    if isinstance(targets, list) and rng.random() < 0.6:
         options["layers_to_transform"] = _layers(rng)
         if rng.random() < 0.4:
             options["layers_pattern"] = rng.choice(pools.layers_patterns)
     if arch == "bert":
         options["task_type"] = rng.choice(("SEQ_CLS", "SEQ_CLS", None))
         if rng.random() < 0.3:
-            options["modules_to_save"] = rng.choice(
-                (["classifier"], ["pooler"], ["fier"], ["pooler.dense"])
-            )
+            options["modules_to_save"] = list(rng.choice(BERT_POOLS.heads[1:]))
     else:
         options["task_type"] = rng.choice(("CAUSAL_LM", None))
+        if rng.random() < 0.15:
+            options["modules_to_save"] = ["ln_f"]
     return options
 
 
@@ -222,4 +223,6 @@ def lora_kit_options(arch: str, rng: random.Random) -> dict[str, Any]:
     if rng.random() < 0.4:
         layers = _layers(rng)
         options["layers"] = [layers] if isinstance(layers, int) else layers
+        if rng.random() < 0.3:
+            options["layers_pattern"] = rng.choice(pools.layers_patterns)
     return options
