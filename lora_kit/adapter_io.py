@@ -56,6 +56,10 @@ class AdapterFiles:
         tensors: PEFT tensor key -> tensor (CPU).
         metadata: lora_kit's header metadata, prefix stripped, JSON values decoded
             (empty for an adapter saved by PEFT).
+        base_weights: Copies of base weights saved beside an adapted module
+            (``<module>.base_layer.<param>``: PEFT saves those of an embedding or output layer
+            it targets, such as a tied ``lm_head``), kept out of ``tensors``; loading checks
+            they equal the model's own (PEFT writes them into the base).
     """
 
     path: Path
@@ -63,6 +67,7 @@ class AdapterFiles:
     peft_config: dict[str, Any]
     tensors: dict[str, Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    base_weights: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def origin(self) -> str:
@@ -171,7 +176,14 @@ def adapter_files(
     tensors, raw_meta = _checked_tensors(path, weights)
     metadata = decode_metadata(raw_meta)
     check_fingerprint_metadata(metadata, path)
-    return AdapterFiles(root, config, peft_config, tensors, metadata)
+    base_weights = {k: tensors.pop(k) for k in [k for k in tensors if is_base_copy(k, tensors)]}
+    return AdapterFiles(root, config, peft_config, tensors, metadata, base_weights)
+
+
+def is_base_copy(key: str, tensors: Mapping[str, Tensor]) -> bool:
+    """Whether ``key`` is a base weight saved beside the adapter of the same module."""
+    module, found, _ = key.rpartition(".base_layer.")
+    return bool(found) and f"{module}.lora_A.weight" in tensors
 
 
 def check_fingerprint_metadata(metadata: Mapping[str, Any], path: Path) -> None:

@@ -49,7 +49,13 @@ class LoraConfig:
             for ``model.config.model_type``.
         exclude: Modules never targeted, in the same forms as ``targets`` (no presets).
         layers: Block indices to touch (the first integer in a module's dotted name);
-            ``None`` means every block.
+            ``None`` means every block. As in PEFT, it filters suffix matches only: a module
+            that a ``targets`` list names in full is adapted whatever its block.
+        layers_pattern: With ``layers``, regexes for the module list whose index is the block
+            (PEFT's ``layers_pattern``, e.g. ``"h"`` or ``"layers"``): a module's block is the
+            integer right after the first dotted part of its name matching the first pattern
+            that matches anywhere; a module no pattern matches is in no block. ``None``: the
+            first integer in the name.
         rank_pattern: Per-module rank overrides; keys are regexes matched against a dot-separated
             suffix of the module name (PEFT's rule); the first matching key wins.
         alpha_pattern: Per-module alpha overrides, same matching rule.
@@ -57,7 +63,8 @@ class LoraConfig:
         init: ``"zero_b"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op) or
             ``"gaussian"`` (A normal with std ``1/r``, B zero).
         modules_to_save: Module-name suffixes of whole modules (e.g. a classification head
-            ``"classifier"``) trained and saved with the adapter as full copies.
+            ``"classifier"``) trained and saved with the adapter as full copies. As in PEFT, a
+            module is saved when its name ends with one, on a dot boundary or not.
     """
 
     r: int = 8
@@ -66,6 +73,7 @@ class LoraConfig:
     targets: Targets = None
     exclude: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     use_rslora: bool = False
@@ -74,10 +82,12 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so the config stays immutable and hashable-ish.
-        for name in ("targets", "exclude", "layers", "modules_to_save"):
+        for name in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
+        if isinstance(self.layers_pattern, str):
+            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
@@ -109,6 +119,7 @@ class LoraConfig:
                 f"LoraConfig.layers must be None or a non-empty list of block indices >= 0, "
                 f"got {self.layers!r}"
             )
+        self._validate_layers_pattern()
         for key, rank in self.rank_pattern.items():
             _check_regex("rank_pattern", key)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -128,6 +139,30 @@ class LoraConfig:
                 f"LoraConfig.modules_to_save must be a list of module-name suffixes "
                 f"(e.g. ['classifier']), got {self.modules_to_save!r}"
             )
+
+    def _validate_layers_pattern(self) -> None:
+        patterns = self.layers_pattern
+        if patterns is None:
+            return
+        if not isinstance(patterns, tuple) or not patterns:
+            raise ConfigError(
+                f"LoraConfig.layers_pattern must be None, a regex or a non-empty list of regexes "
+                f"(e.g. 'layers'), got {patterns!r}"
+            )
+        if self.layers is None:
+            raise ConfigError(
+                f"LoraConfig.layers_pattern={patterns!r} only says where block indices are: set "
+                f"layers too, or drop layers_pattern"
+            )
+        for pattern in patterns:
+            _check_regex("layers_pattern", pattern)
+            if "|" in pattern:
+                # PEFT splices the pattern into a larger regex unbracketed, so an alternation
+                # there means something else than it says; a list is the portable form.
+                raise ConfigError(
+                    f"LoraConfig.layers_pattern: {pattern!r} uses '|'; give the alternatives as "
+                    f"a list instead, e.g. {pattern.split('|')!r}"
+                )
 
     # ---- per-module values -------------------------------------------------------------
 
@@ -164,7 +199,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         out = asdict(self)
-        for name in ("targets", "exclude", "layers", "modules_to_save"):
+        for name in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out

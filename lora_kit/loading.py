@@ -26,7 +26,7 @@ from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
 from .fingerprint import check_fingerprint, describe
 from .layers import LoraAdapter, LoRALinear
-from .peft_format import head_key, lora_keys
+from .peft_format import PREFIX, head_key, lora_keys
 from .saved_modules import SavedModule
 from .surgery import refuse_adapted_heads, submodule, wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets
@@ -62,7 +62,13 @@ def check_adapter_dtype(dtype: object) -> None:
 
 def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
     """`find_targets` memoised per model and target specification."""
-    key: Hashable = (config.targets, config.exclude, config.layers, config.modules_to_save)
+    key: Hashable = (
+        config.targets,
+        config.exclude,
+        config.layers,
+        config.layers_pattern,
+        config.modules_to_save,
+    )
     per_model = _TARGETS.setdefault(model, {})
     found = per_model.get(key)
     if found is None:
@@ -110,6 +116,7 @@ def load_files(
     refuse_adapted_heads(model, heads, source)
     check_keys(expected, files.tensors, source)
     modules = {target: submodule(model, target) for target in targets}  # resolved once
+    check_base_weights(modules, files.base_weights, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         check_fingerprint(fp, model, modules, source)
@@ -183,6 +190,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
         config.targets,
         config.exclude,
         config.layers,
+        config.layers_pattern,
         config.modules_to_save,
         config.r,
         tuple(config.rank_pattern.items()),
@@ -210,6 +218,40 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
         for key, value in original.state_dict().items():
             expected[head_key(head, key)] = tuple(value.shape)
     return targets, heads, MappingProxyType(expected)
+
+
+def check_base_weights(
+    modules: Mapping[str, nn.Module], base_weights: Mapping[str, Tensor], source: str
+) -> None:
+    """Raise unless every base weight saved beside the adapter equals the model's own.
+
+    PEFT saves the base weight of an embedding or output layer it adapts (a tied ``lm_head``)
+    and writes it into the model on loading: a no-op exactly when it is the model's weight,
+    which lora_kit then need not do either. It never replaces base weights.
+
+    Raises:
+        AdapterMismatchError: A copy is of a module not adapted, or differs from the weight.
+    """
+    for key, saved in base_weights.items():
+        module_name, _, param = key.removeprefix(PREFIX).rpartition(".base_layer.")
+        module = modules.get(module_name)
+        base = module.base if isinstance(module, LoRALinear) else module
+        current = getattr(base, param, None) if base is not None else None
+        if not isinstance(current, Tensor):
+            raise AdapterMismatchError(
+                f"{source}: holds base weight {key!r}, but {module_name!r} is not a module the "
+                f"adapter adapts in this model"
+            )
+        same = tuple(current.shape) == tuple(saved.shape) and torch.equal(
+            current.detach().cpu(), saved.to(current.dtype)
+        )
+        if not same:
+            raise AdapterMismatchError(
+                f"{source}: {key} (a base weight PEFT saves beside an adapted embedding or output "
+                f"layer, and writes into the model when loading) differs from this model's "
+                f"{module_name}.{param}; lora_kit never changes base weights: load the adapter "
+                f"into the base it was trained with"
+            )
 
 
 def check_keys(

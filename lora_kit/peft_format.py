@@ -8,12 +8,14 @@ older PEFT releases (which reject unknown keys) read our files too.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .config import LoraConfig
 from .errors import AdapterFormatError, ConfigError
+from .targets import PRESETS
 
 PREFIX = "base_model.model."
 
@@ -221,16 +223,18 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     unknown = unknown_keys(data)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown adapter_config keys {unknown}", stacklevel=3)
-    if "target_modules" not in data or data["target_modules"] is None:
-        raise AdapterFormatError(f"{source}: adapter_config.json has no target_modules")
-    if data["target_modules"] == "all-linear":
-        raise AdapterFormatError(
-            f"{source}: target_modules='all-linear' depends on PEFT's model-specific expansion; "
-            f"re-save the adapter with an explicit module list"
-        )
+    _check_target_modules(data, source)
     layers = data.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    # PEFT reads layers_pattern only with a non-empty layers_to_transform, and an empty one
+    # ("", []) as no pattern; a pattern without layers it refuses.
+    layers_pattern = data.get("layers_pattern") or None
+    if layers_pattern is not None and layers is None:
+        raise AdapterFormatError(
+            f"{source}: layers_pattern={layers_pattern!r} without layers_to_transform; PEFT "
+            f"refuses this config too. Set layers_to_transform or drop layers_pattern"
+        )
     modules_to_save = data.get("modules_to_save") or ()  # a list; a string is refused
     try:
         return LoraConfig(
@@ -240,6 +244,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
             targets=data["target_modules"],
             exclude=data.get("exclude_modules") or None,
             layers=tuple(layers) if layers else None,
+            layers_pattern=layers_pattern if layers else None,
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)),
@@ -247,4 +252,50 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
             modules_to_save=modules_to_save,
         )
     except ConfigError as exc:
-        raise AdapterFormatError(f"{source}: invalid adapter_config.json: {exc}") from exc
+        named = re.search(r"LoraConfig\.(\w+)", str(exc))
+        json_key = _PEFT_NAMES.get(named.group(1), named.group(1)) if named else None
+        what = f"invalid {json_key}" if json_key else "invalid adapter_config.json"
+        raise AdapterFormatError(f"{source}: {what}: {exc}") from exc
+
+
+# LoraConfig field -> the adapter_config.json key it is read from (where the names differ).
+_PEFT_NAMES = {
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "exclude": "exclude_modules",
+    "layers": "layers_to_transform",
+}
+
+
+def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
+    """Refuse target_modules that lora_kit would read otherwise than PEFT.
+
+    Raises:
+        AdapterFormatError: Missing; ``all-linear`` (in any case: PEFT's model-specific
+            expansion); a lora_kit preset name (PEFT reads a string as a regex over whole
+            module names); a regex with ``layers_to_transform``/``layers_pattern`` (PEFT
+            refuses that config).
+    """
+    targets = data.get("target_modules")
+    if targets is None:
+        raise AdapterFormatError(f"{source}: adapter_config.json has no target_modules")
+    if not isinstance(targets, str):
+        return
+    if targets.lower() == "all-linear":
+        raise AdapterFormatError(
+            f"{source}: target_modules={targets!r} depends on PEFT's model-specific expansion; "
+            f"re-save the adapter with an explicit module list"
+        )
+    if targets in PRESETS:
+        raise AdapterFormatError(
+            f"{source}: target_modules={targets!r} is a lora_kit preset name, but in an "
+            f"adapter_config.json a string is a regex over whole module names (PEFT adapts "
+            f"nothing with it); write the module list instead: {list(PRESETS[targets].suffixes)}"
+        )
+    for key in ("layers_to_transform", "layers_pattern"):
+        if data.get(key) is not None:
+            raise AdapterFormatError(
+                f"{source}: {key}={data[key]!r} with a regex target_modules; PEFT refuses this "
+                f"config too (the regex alone says which modules): fold the layers into it"
+            )

@@ -313,7 +313,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
         AdapterMismatchError: The new adapter targets modules ``name`` does not, has too large a
             rank, a different head set, wrong shapes, or another base.
     """
-    from .loading import check_keys, expected_tensors
+    from .loading import check_base_weights, check_keys, expected_tensors
 
     record = lm.adapter_record(name)
     source = str(files.path)
@@ -353,6 +353,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
                 f"there (load the adapter to be swapped with max_rank >= {rank})"
             )
     check_keys(expected, files.tensors, source)
+    check_base_weights({t: plan.layers[t] for t in targets}, files.base_weights, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):
         compare_fingerprint(fp, plan.fingerprint(targets), source)

@@ -111,13 +111,32 @@ def spec_matches(spec: str | tuple[str, ...], name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def named_in_full(spec: str | tuple[str, ...], name: str) -> bool:
+    """Whether a target list names ``name`` in full: such a module is targeted whatever
+    ``layers`` says (PEFT's rule; the layer filter applies to suffix matches only)."""
+    return not isinstance(spec, str) and name in spec
+
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def layer_index(name: str) -> int | None:
-    """The block index of a module: the first integer component of its dotted name."""
-    match = _LAYER_INDEX.search(name)
-    return int(match.group(1)) if match else None
+def layer_index(name: str, patterns: tuple[str, ...] | None = None) -> int | None:
+    """The block index of a module.
+
+    Without ``patterns``, the first integer component of its dotted name. With them (PEFT's
+    ``layers_pattern``), the integer component that follows the earliest part of the name
+    matching a pattern, trying the patterns in order; ``None`` when none matches.
+    """
+    if patterns is None:
+        match = _LAYER_INDEX.search(name)
+        return int(match.group(1)) if match else None
+    for pattern in patterns:
+        # the pattern starts at the name's start or after a dot (shortest prefix first), and
+        # is followed by ".<index>." (an index is never the name's last part)
+        match = re.match(rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -165,7 +184,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if inside_any(name, config.modules_to_save):
             continue  # a head trained whole never also gets an adapter (PEFT's rule too)
-        if wanted_layers is not None and layer_index(name) not in wanted_layers:
+        if (
+            wanted_layers is not None
+            and not named_in_full(spec, name)
+            and layer_index(name, config.layers_pattern) not in wanted_layers
+        ):
             continue
         if not is_supported:
             # A regex may sweep up containers ("h.0.attn") and parameter-free leaves (dropout,
@@ -179,22 +202,27 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched.append(name)
     if not matched:
         shown = ", ".join(_short_names(candidates))
+        pattern = f", layers_pattern={config.layers_pattern}" if config.layers_pattern else ""
         raise NoTargetsError(
-            f"targets {spec!r} (layers={config.layers}, exclude={config.exclude!r}) matched no "
-            f"Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D modules are: "
-            f"{shown}. Pass one of these suffixes or a preset: {sorted(PRESETS)}"
+            f"targets {spec!r} (layers={config.layers}{pattern}, exclude={config.exclude!r}) "
+            f"matched no Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D "
+            f"modules are: {shown}. Pass one of these suffixes or a preset: {sorted(PRESETS)}"
         )
     return matched
 
 
 def find_saved_modules(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
     """Names of the modules matched by ``modules_to_save`` suffixes (missing ones are skipped,
-    as PEFT does for its task defaults such as ``"score"`` on a BERT model)."""
+    as PEFT does for its task defaults such as ``"score"`` on a BERT model).
+
+    PEFT's rule: a module whose name ends with the string, on a dot boundary or not (``"fier"``
+    saves ``classifier``); modules without weights are left out (saving them changes nothing).
+    """
     from .saved_modules import SavedModule
 
     found = []
     for name, module in iter_layers(model):
-        matched = bool(name) and any(name == s or name.endswith("." + s) for s in suffixes)
+        matched = bool(name) and name.endswith(suffixes)
         if matched and (isinstance(module, SavedModule) or any(True for _ in module.parameters())):
             found.append(name)
     return found

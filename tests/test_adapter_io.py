@@ -151,6 +151,11 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         lk.AdapterFormatError,
         "modules_to_save",
     ),
+    "layers_pattern without layers_to_transform": (  # PEFT refuses it too
+        _edit_config("layers_pattern", "h"),
+        lk.AdapterFormatError,
+        "layers_pattern='h' without layers_to_transform",
+    ),
 }
 
 

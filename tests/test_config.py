@@ -17,6 +17,7 @@ def test_json_round_trip_keeps_every_field() -> None:
         targets=["c_attn", "mlp.c_fc"],
         exclude="h\\.1\\..*",
         layers=[0, 1],
+        layers_pattern=["h", "layers"],
         rank_pattern={"c_fc": 2},
         alpha_pattern={"c_attn": 3.5},
         use_rslora=True,
@@ -26,6 +27,7 @@ def test_json_round_trip_keeps_every_field() -> None:
     again = LoraConfig.from_json(config.to_json())
     assert again == config
     assert again.targets == ("c_attn", "mlp.c_fc")  # lists normalised to tuples
+    assert LoraConfig(layers=[1], layers_pattern="h").layers_pattern == ("h",)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,10 @@ def test_json_round_trip_keeps_every_field() -> None:
         ({"layers": 3}, "layers"),
         ({"rank_pattern": ["abc"]}, "rank_pattern"),
         ({"alpha_pattern": None}, "alpha_pattern"),
+        ({"layers_pattern": "h"}, "layers_pattern"),  # says where indices are, but no layers
+        ({"layers": [0], "layers_pattern": []}, "layers_pattern"),
+        ({"layers": [0], "layers_pattern": "h|layer"}, "layers_pattern"),  # PEFT splices it
+        ({"layers": [0], "layers_pattern": ["(h"]}, "layers_pattern"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 import lora_kit as lk
-from lora_kit.targets import find_targets, layer_index
+from lora_kit.targets import find_saved_modules, find_targets, layer_index
 from tests.conftest import tiny_bert, tiny_gpt2
 
 
@@ -113,3 +113,48 @@ def test_a_module_saved_whole_never_also_gets_an_adapter(
     found = find_targets(model, lk.LoraConfig(targets=targets, modules_to_save=[head]))
     assert found and head not in found and all(n.endswith(targets[0]) for n in found)
     assert head in find_targets(model, lk.LoraConfig(targets=targets))  # without: targeted
+
+
+def test_layers_filter_suffix_matches_only_not_modules_named_in_full() -> None:
+    """PEFT's rule: ``layers_to_transform`` never drops a module named in full in the list."""
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    config = lk.LoraConfig(targets=["transformer.h.0.attn.c_attn", "c_fc"], layers=[1])
+    assert find_targets(tiny_gpt2(), config) == names
+    # ... but exclude still wins, and a regex is a filter like any suffix
+    excluded = lk.LoraConfig(targets=config.targets, layers=[1], exclude=["attn.c_attn"])
+    assert find_targets(tiny_gpt2(), excluded) == names[1:]
+    regex = lk.LoraConfig(targets=r"transformer\.h\.0\.attn\.c_attn|.*c_fc", layers=[1])
+    assert find_targets(tiny_gpt2(), regex) == names[1:]
+
+
+def test_layer_index_with_layers_pattern_takes_the_index_after_the_pattern() -> None:
+    name = "model.layers.3.experts.1.w1"
+    assert layer_index(name) == 3
+    assert layer_index(name, ("layers",)) == 3
+    assert layer_index(name, ("experts",)) == 1
+    assert layer_index(name, ("blocks", "experts", "layers")) == 1  # the first pattern that fits
+    assert layer_index(name, ("blocks",)) is None
+    assert layer_index("model.layers.3", ("layers",)) is None  # an index is never the last part
+    assert layer_index("h.0.attn.c_attn", ("h",)) == 0  # at the start of the name too
+
+
+def test_layers_pattern_picks_the_module_list() -> None:
+    model = tiny_gpt2()
+    same = lk.LoraConfig(targets=["c_attn"], layers=[1], layers_pattern="h")
+    assert find_targets(model, same) == ["transformer.h.1.attn.c_attn"]
+    other = lk.LoraConfig(targets=["transformer.h.0.attn.c_attn", "c_fc"], layers=[1])
+    assert find_targets(
+        model, lk.LoraConfig(**{**other.to_dict(), "layers_pattern": "layers"})
+    ) == [
+        "transformer.h.0.attn.c_attn"  # no "layers.<i>." in GPT-2: only the name given in full
+    ]
+    with pytest.raises(lk.NoTargetsError, match="layers_pattern"):
+        find_targets(model, lk.LoraConfig(targets=["c_attn"], layers=[1], layers_pattern="layers"))
+
+
+def test_modules_to_save_match_the_end_of_the_name_as_in_peft() -> None:
+    model = tiny_bert()
+    assert find_saved_modules(model, ("classifier",)) == ["classifier"]
+    assert find_saved_modules(model, ("fier",)) == ["classifier"]  # not only on a dot boundary
+    assert find_saved_modules(model, ("pooler",)) == ["bert.pooler"]
+    assert find_saved_modules(model, ("dropout", "score")) == []  # no weights / no such module
