@@ -239,8 +239,7 @@ def _checked_layout(header: bytes, data_bytes: int) -> Layout:
     if split is not None:
         metadata, tensor_part = split
         tensors = _memo_layout(tensor_part, data_bytes)
-        if not tensors.metadata:  # else the tensor part holds another __metadata__: see below
-            return Layout(tensors.entries, tensors.runs, metadata)
+        return Layout(tensors.entries, tensors.runs, metadata)
     return _memo_layout(header, data_bytes)
 
 
@@ -248,10 +247,12 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
     """``(metadata, the header without it)`` for ``{"__metadata__":{...},<tensors>}``.
 
     The second is ``{<tensors>}``, which parses to exactly the tensor entries the whole header
-    parses to, unless it also holds a ``__metadata__`` key (then the whole header's last one
-    wins: the caller falls back). Returns None where the split would not be exact: another
-    start, invalid UTF-8, metadata that is not an object of strings, or no valid
-    continuation (an invalid whole header is left for `_layout` to refuse, with its message).
+    parses to. Returns None where the split would not be exact: another start, invalid UTF-8,
+    metadata that is not an object of strings, no valid continuation (an invalid whole header
+    is left for `_layout` to refuse, with its message), or a rest that may hold another
+    ``__metadata__`` key: the whole header's last one wins, even an empty or null one (which
+    parsing the rest alone cannot tell from none), and a key spelled with escapes
+    (``"\\u005f_metadata__"``) needs a backslash.
     """
     try:
         text = header.decode("utf-8")
@@ -268,6 +269,8 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
     ):
         return None
     rest = text[end:].rstrip(_JSON_SPACE)  # the padding differs with the metadata's length
+    if "__metadata__" in rest or "\\" in rest:  # maybe a later __metadata__: no split
+        return None
     if rest.startswith(","):  # members follow: "{" + them is the object of tensors
         if rest[1:].lstrip(_JSON_SPACE).startswith("}"):
             return None  # a trailing comma: invalid JSON as a whole

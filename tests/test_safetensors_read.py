@@ -354,6 +354,11 @@ _X = '"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
     [
         ('{"__metadata__":{"a":"1"},' + _X + "}", {"a": "1"}),
         ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":{"a":"2"}}', {"a": "2"}),
+        # a later empty or null __metadata__ wins too (json.loads: the last duplicate key)
+        ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":{}}', {}),
+        ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":null}', {}),
+        ('{"__metadata__":{"a":"1"},"__metadata__":{},' + _X + "}", {}),
+        ('{"__metadata__":{"a":"1"},' + _X + ',"\\u005f_metadata__":{}}', {}),  # escaped key
         ('{"__metadata__":null,' + _X + "}", {}),
         ('{"__metadata__":{"a":"1"},' + _X + ",}", None),  # trailing comma
         ('{"__metadata__":{"a":1},' + _X + "}", None),  # a non-string value
