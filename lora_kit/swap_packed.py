@@ -222,6 +222,8 @@ def _fit(lm: LoraModel, record: AdapterRecord, packed: Packed, config: LoraConfi
                 return _Fit(config)
             specs.append((key, dtype, tuple(value.shape)))
             head_params[key] = (head, param)
+    if len(specs) != len(expected):  # a copy without a tensor of its original: not this file
+        return _Fit(config)
     specs.sort(key=lambda spec: spec[0])  # the file's order (one dtype: by name)
     layout = layout_for(specs)
     first = next(i for i, spec in enumerate(specs) if spec[0] == packed.keys[0])

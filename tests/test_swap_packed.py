@@ -260,3 +260,21 @@ def test_a_packed_adapter_saves_and_reloads_exactly(arch: Arch, tmp_path: Path) 
     fresh.load_adapter(path, "live")
     fresh.set_adapter("live")
     assert torch.equal(logits(lm, arch.inputs()), logits(fresh, arch.inputs()))
+
+
+def test_a_file_missing_a_tensor_of_the_original_head_is_refused(tmp_path: Path) -> None:
+    """The one-copy layout is built from the adapter's head copy; a file must still hold every
+    tensor of the original head, as the general path requires (BERT: GPT-2 saves no head).
+    Here the copy lost its bias by hand, so a file saved from it has no head bias."""
+    from tests.conftest import BERT
+
+    lm = _live(BERT, _save(BERT, tmp_path, seed=1))
+    lm._saved("classifier").copies["live"].bias = None
+    lm.swap_adapter("live", _save(BERT, tmp_path, seed=2))  # memos warm
+    spoilt = lm.save_adapter(tmp_path / "no-bias", "live")
+    with pytest.raises(lk.AdapterMismatchError, match="missing tensor"):
+        lm.swap_adapter("live", read_adapter(spoilt))  # the general path
+    before = model_state(lm)
+    with pytest.raises(lk.AdapterMismatchError, match="missing tensor"):
+        lm.swap_adapter("live", spoilt)
+    assert model_state(lm) == before
