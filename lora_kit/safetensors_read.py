@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -112,7 +113,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int
     """
     with path.open("rb", buffering=0) as handle:
         size = os.fstat(handle.fileno()).st_size
-        first = handle.read(8)
+        first = _read_exactly(handle, 8)
         if len(first) < 8:
             raise SafetensorsFormatError(f"file of {size} bytes is shorter than its header length")
         header_len = int.from_bytes(first, "little")
@@ -120,7 +121,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int
             raise SafetensorsFormatError(
                 f"header length {header_len} does not fit a file of {size} bytes"
             )
-        header = handle.read(header_len)
+        header = _read_exactly(handle, header_len)
         if len(header) != header_len:
             raise SafetensorsFormatError(f"file ended inside its {header_len}-byte header")
     data_start = 8 + header_len
@@ -133,6 +134,20 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int
         begin = data_start + layout.runs[run][1] + first_element * dtype.itemsize
         spans[name] = (dtype, shape, begin, begin + math.prod(shape) * dtype.itemsize)
     return spans
+
+
+def _read_exactly(handle: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes, fewer only at the end of the file: a raw read may return less
+    than asked before it (e.g. on a pipe or NFS), as in `_read_bytes`."""
+    chunks: list[bytes] = []
+    left = count
+    while left:
+        chunk = handle.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@ computed.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -431,3 +433,37 @@ def test_read_header_refuses_what_a_whole_read_refuses(tmp_path: Path, spoil: st
         read_safetensors(path)
     with pytest.raises(SafetensorsFormatError):
         safetensors_read.read_header(path)
+
+
+class _Trickle(io.RawIOBase):
+    """A file that gives at most 5 bytes per read, as a raw read may (a pipe, NFS, FUSE)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = io.FileIO(path, "r")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(memoryview(buffer)[:5])
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def test_short_reads_are_read_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw read may return fewer bytes than asked before the end of the file: the readers
+    read on instead of calling a whole file truncated."""
+    path = tmp_path / "t.safetensors"
+    save_file(_tensors(), str(path), metadata={"format": "pt"})
+    spans = safetensors_read.read_header(path)
+    tensors, metadata = read_safetensors(path)
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: _Trickle(self))
+    assert safetensors_read.read_header(path) == spans
+    trickled, trickled_metadata = read_safetensors(path)
+    assert trickled_metadata == metadata
+    assert all(torch.equal(trickled[k], tensors[k]) for k in tensors)
