@@ -297,3 +297,30 @@ def test_a_head_copy_changed_after_a_swap_is_not_written_from_a_stale_fit(
     fast.swap_adapter("live", third)
     general.swap_adapter("live", read_adapter(third))
     assert model_state(fast)["tensors"] == model_state(general)["tensors"]
+
+
+def test_one_copy_swaps_do_not_recompile(
+    arch: Arch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tests/test_swap.py` compiles through general-path swaps only (other ranks, fewer
+    modules); here every swap is a one-copy swap. One compiled layer (the guards are per layer)."""
+    from torch._dynamo.testing import CompileCounter
+
+    files = [_save(arch, tmp_path, seed=s, alpha=a) for s, a in ((2, 3.0), (3, 8), (4, 1.5))]
+    lm = _live(arch, _save(arch, tmp_path, seed=1))
+    layer = lm._layer(lm.adapter_record("live").modules[-1])
+    calls = _general_calls(monkeypatch)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled(x)
+        frames = counter.frame_count
+        for path in files:
+            lm.swap_adapter("live", path)
+            out = compiled(x)
+            assert counter.frame_count == frames, "a one-copy swap triggered a recompile"
+            assert torch.equal(out, layer(x))  # the compiled layer sees the new weights
+    assert calls == []
+    torch._dynamo.reset()
