@@ -20,7 +20,7 @@ import lora_kit as lk
 import lora_kit.swap_packed as swap_packed
 from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from lora_kit.swap import PaddedAdapter, find_packed
-from tests.conftest import Arch, logits, model_state, randomize
+from tests.conftest import BERT, Arch, logits, model_state, randomize
 
 RANK = 4
 
@@ -266,8 +266,6 @@ def test_a_file_missing_a_tensor_of_the_original_head_is_refused(tmp_path: Path)
     """The one-copy layout is built from the adapter's head copy; a file must still hold every
     tensor of the original head, as the general path requires (BERT: GPT-2 saves no head).
     Here the copy lost its bias by hand, so a file saved from it has no head bias."""
-    from tests.conftest import BERT
-
     lm = _live(BERT, _save(BERT, tmp_path, seed=1))
     lm._saved("classifier").copies["live"].bias = None
     lm.swap_adapter("live", _save(BERT, tmp_path, seed=2))  # memos warm
@@ -286,8 +284,6 @@ def test_a_head_copy_changed_after_a_swap_is_not_written_from_a_stale_fit(
     """The fit of a config is remembered per plan, which the head copies are not part of: a
     copy edited since (its bias removed by hand) must not fail a later one-copy swap half-way;
     the swap gives what the general path gives (BERT: GPT-2 saves no head)."""
-    from tests.conftest import BERT
-
     first, second = _save(BERT, tmp_path, seed=1), _save(BERT, tmp_path, seed=2)
     fast, general = _live(BERT, first), _live(BERT, first)
     fast.swap_adapter("live", second)  # the fit of this config, with the head's bias
