@@ -306,7 +306,9 @@ def _layout(header: bytes, data_bytes: int) -> Layout:
         SafetensorsFormatError: Anything malformed (see `read_safetensors`).
     """
     parsed = _parse_header(header)
-    metadata = parsed.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is None:  # null or absent: none (false, 0, "" or [] are refused below)
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         type(k) is str and type(v) is str for k, v in metadata.items()
     ):

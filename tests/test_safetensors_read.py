@@ -181,6 +181,21 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
         ),
         "__metadata__ must map strings to strings",
     ),
+    # not an object (null is none, as for the safetensors library, which refuses these too)
+    **{
+        f"metadata {value!r}": (
+            lambda p, value=value: _raw_file(
+                p,
+                {
+                    "__metadata__": value,
+                    "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                },
+                F32,
+            ),
+            "__metadata__ must map strings to strings",
+        )
+        for value in (False, 0, "", [])
+    },
 }
 
 
