@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -112,7 +113,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int
     """
     with path.open("rb", buffering=0) as handle:
         size = os.fstat(handle.fileno()).st_size
-        first = handle.read(8)
+        first = _read_exactly(handle, 8)
         if len(first) < 8:
             raise SafetensorsFormatError(f"file of {size} bytes is shorter than its header length")
         header_len = int.from_bytes(first, "little")
@@ -120,7 +121,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int
             raise SafetensorsFormatError(
                 f"header length {header_len} does not fit a file of {size} bytes"
             )
-        header = handle.read(header_len)
+        header = _read_exactly(handle, header_len)
         if len(header) != header_len:
             raise SafetensorsFormatError(f"file ended inside its {header_len}-byte header")
     data_start = 8 + header_len
@@ -133,6 +134,20 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int
         begin = data_start + layout.runs[run][1] + first_element * dtype.itemsize
         spans[name] = (dtype, shape, begin, begin + math.prod(shape) * dtype.itemsize)
     return spans
+
+
+def _read_exactly(handle: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes, fewer only at the end of the file: a raw read may return less
+    than asked before it (e.g. on a pipe or NFS), as in `_read_bytes`."""
+    chunks: list[bytes] = []
+    left = count
+    while left:
+        chunk = handle.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -239,8 +254,7 @@ def _checked_layout(header: bytes, data_bytes: int) -> Layout:
     if split is not None:
         metadata, tensor_part = split
         tensors = _memo_layout(tensor_part, data_bytes)
-        if not tensors.metadata:  # else the tensor part holds another __metadata__: see below
-            return Layout(tensors.entries, tensors.runs, metadata)
+        return Layout(tensors.entries, tensors.runs, metadata)
     return _memo_layout(header, data_bytes)
 
 
@@ -248,10 +262,12 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
     """``(metadata, the header without it)`` for ``{"__metadata__":{...},<tensors>}``.
 
     The second is ``{<tensors>}``, which parses to exactly the tensor entries the whole header
-    parses to, unless it also holds a ``__metadata__`` key (then the whole header's last one
-    wins: the caller falls back). Returns None where the split would not be exact: another
-    start, invalid UTF-8, metadata that is not an object of strings, or no valid
-    continuation (an invalid whole header is left for `_layout` to refuse, with its message).
+    parses to. Returns None where the split would not be exact: another start, invalid UTF-8,
+    metadata that is not an object of strings, no valid continuation (an invalid whole header
+    is left for `_layout` to refuse, with its message), or a rest that may hold another
+    ``__metadata__`` key: the whole header's last one wins, even an empty or null one (which
+    parsing the rest alone cannot tell from none), and a key spelled with escapes
+    (``"\\u005f_metadata__"``) needs a backslash.
     """
     try:
         text = header.decode("utf-8")
@@ -268,6 +284,8 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
     ):
         return None
     rest = text[end:].rstrip(_JSON_SPACE)  # the padding differs with the metadata's length
+    if "__metadata__" in rest or "\\" in rest:  # maybe a later __metadata__: no split
+        return None
     if rest.startswith(","):  # members follow: "{" + them is the object of tensors
         if rest[1:].lstrip(_JSON_SPACE).startswith("}"):
             return None  # a trailing comma: invalid JSON as a whole
@@ -288,7 +306,9 @@ def _layout(header: bytes, data_bytes: int) -> Layout:
         SafetensorsFormatError: Anything malformed (see `read_safetensors`).
     """
     parsed = _parse_header(header)
-    metadata = parsed.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is None:  # null or absent: none (false, 0, "" or [] are refused below)
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         type(k) is str and type(v) is str for k, v in metadata.items()
     ):

@@ -123,21 +123,42 @@ def _swap_packed(
         fit = memo.fits[id(config)] = _fit(lm, record, memo.packed, config)
     if fit.layout is None or fit.scales is None or weights.layout.entries != fit.layout.entries:
         return False
+    run = weights.runs[0]  # [elements]: the whole data area (one dtype)
+    heads = _head_copies(lm, record.name, fit, run)
+    if heads is None:
+        return False
     if not all_finite(list(weights.runs)):
         return False  # the general path names the tensor
     _check_fingerprint(memo, plan, fit, weights, root, check_base=check_base)
     packed = memo.packed
-    run = weights.runs[0]  # [elements]: the whole data area (one dtype)
     with torch.no_grad():  # everything is checked: mutate from here on
         packed.factors.copy_(run[fit.start : fit.start + packed.factors.numel()])
         packed.scales.copy_(fit.scales)
         for adapter in packed.adapters.values():
             _set_rank(adapter, _tensor(adapter, "lora_A").shape[0])
-        for head, param, start, shape in fit.heads:
-            copy = lm._saved(head).copies[record.name]
-            target = copy.state_dict()[param]
-            target.copy_(run[start : start + target.numel()].view(shape))
+        for target, value in heads:
+            target.copy_(value)
     return True
+
+
+def _head_copies(
+    lm: LoraModel, name: str, fit: _Fit, run: Tensor
+) -> list[tuple[Tensor, Tensor]] | None:
+    """``(head copy tensor, its value in the file)`` pairs, or None where a head copy no longer
+    has the tensors the fit was made for (edited since: the plan does not cover head copies)."""
+    states: dict[str, dict[str, Tensor]] = {}
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for head, param, start, shape in fit.heads:
+        state = states.get(head)
+        if state is None:
+            state = states[head] = lm._saved(head).copies[name].state_dict()
+        target = state.get(param)
+        if target is None or tuple(target.shape) != shape:
+            return None
+        pairs.append((target, run[start : start + target.numel()].view(shape)))
+    if sum(map(len, states.values())) != len(pairs):  # a tensor the fit does not know
+        return None
+    return pairs
 
 
 def _check_fingerprint(
@@ -222,6 +243,8 @@ def _fit(lm: LoraModel, record: AdapterRecord, packed: Packed, config: LoraConfi
                 return _Fit(config)
             specs.append((key, dtype, tuple(value.shape)))
             head_params[key] = (head, param)
+    if len(specs) != len(expected):  # a copy without a tensor of its original: not this file
+        return _Fit(config)
     specs.sort(key=lambda spec: spec[0])  # the file's order (one dtype: by name)
     layout = layout_for(specs)
     first = next(i for i, spec in enumerate(specs) if spec[0] == packed.keys[0])

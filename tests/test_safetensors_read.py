@@ -6,15 +6,18 @@ computed.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 import lora_kit as lk
 from lora_kit import safetensors_read
@@ -178,6 +181,21 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
         ),
         "__metadata__ must map strings to strings",
     ),
+    # not an object (null is none, as for the safetensors library, which refuses these too)
+    **{
+        f"metadata {value!r}": (
+            lambda p, value=value: _raw_file(
+                p,
+                {
+                    "__metadata__": value,
+                    "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                },
+                F32,
+            ),
+            "__metadata__ must map strings to strings",
+        )
+        for value in (False, 0, "", [])
+    },
 }
 
 
@@ -354,6 +372,11 @@ _X = '"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
     [
         ('{"__metadata__":{"a":"1"},' + _X + "}", {"a": "1"}),
         ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":{"a":"2"}}', {"a": "2"}),
+        # a later empty or null __metadata__ wins too (json.loads: the last duplicate key)
+        ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":{}}', {}),
+        ('{"__metadata__":{"a":"1"},' + _X + ',"__metadata__":null}', {}),
+        ('{"__metadata__":{"a":"1"},"__metadata__":{},' + _X + "}", {}),
+        ('{"__metadata__":{"a":"1"},' + _X + ',"\\u005f_metadata__":{}}', {}),  # escaped key
         ('{"__metadata__":null,' + _X + "}", {}),
         ('{"__metadata__":{"a":"1"},' + _X + ",}", None),  # trailing comma
         ('{"__metadata__":{"a":1},' + _X + "}", None),  # a non-string value
@@ -426,3 +449,84 @@ def test_read_header_refuses_what_a_whole_read_refuses(tmp_path: Path, spoil: st
         read_safetensors(path)
     with pytest.raises(SafetensorsFormatError):
         safetensors_read.read_header(path)
+
+
+class _Trickle(io.RawIOBase):
+    """A file that gives at most 5 bytes per read, as a raw read may (a pipe, NFS, FUSE)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = io.FileIO(path, "r")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(memoryview(buffer)[:5])
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def test_short_reads_are_read_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw read may return fewer bytes than asked before the end of the file: the readers
+    read on instead of calling a whole file truncated."""
+    path = tmp_path / "t.safetensors"
+    save_file(_tensors(), str(path), metadata={"format": "pt"})
+    spans = safetensors_read.read_header(path)
+    tensors, metadata = read_safetensors(path)
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: _Trickle(self))
+    assert safetensors_read.read_header(path) == spans
+    trickled, trickled_metadata = read_safetensors(path)
+    assert trickled_metadata == metadata
+    assert all(torch.equal(trickled[k], tensors[k]) for k in tensors)
+
+
+_TOKENS = [b'"', b",", b"{", b"}", b":", b" ", b"\\", b"u", b"_", b"__metadata__", b"\\u005f",
+           b',"__metadata__":{}', b',"__metadata__":null', b"\xff", b"\xc3\xa9", b"[", b"]",
+           b"0", b"\n", b"null"]  # fmt: skip
+
+
+def _outcome(
+    read: Callable[[bytes, int], safetensors_read.Layout], header: bytes, size: int
+) -> Any:
+    try:
+        layout = read(header, size)
+    except SafetensorsFormatError:
+        return "refused"
+    return layout.entries, layout.runs, layout.metadata
+
+
+def test_split_headers_read_as_json_loads_reads_the_whole_one_under_random_edits() -> None:
+    """Random edits of a real header (JSON punctuation, escapes, duplicate or null
+    ``__metadata__``, invalid UTF-8; half of them just after a ``}``, where a member may
+    follow): the split, memoised read gives exactly what parsing the whole header gives (same
+    layout and metadata, or a refusal), with the memo cold or warm."""
+    data = save(
+        {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)},
+        metadata={"format": "pt", "lora_kit.x": '{"k": "v\\u00e9"}'},
+    )
+    length = int.from_bytes(data[:8], "little")
+    base, size = data[8 : 8 + length].rstrip(b" "), len(data) - 8 - length
+    rng = random.Random(0)
+    for _ in range(3000):
+        header = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            token = rng.choice(_TOKENS)
+            ends = [i + 1 for i, byte in enumerate(header) if byte == ord("}")]
+            at = rng.choice(ends) if ends and rng.random() < 0.5 else rng.randint(0, len(header))
+            action = rng.random()
+            if action < 0.4:
+                header[at:at] = token
+            elif action < 0.7:
+                del header[at : at + rng.randint(1, 4)]
+            else:
+                header[at : at + len(token)] = token
+        edited = bytes(header) + b" " * rng.randint(0, 3)
+        if rng.random() < 0.5:
+            safetensors_read._memo_layout.cache_clear()
+        expected = _outcome(safetensors_read._layout, edited, size)
+        assert _outcome(safetensors_read._checked_layout, edited, size) == expected, edited

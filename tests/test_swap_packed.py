@@ -20,7 +20,7 @@ import lora_kit as lk
 import lora_kit.swap_packed as swap_packed
 from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from lora_kit.swap import PaddedAdapter, find_packed
-from tests.conftest import Arch, logits, model_state, randomize
+from tests.conftest import BERT, Arch, logits, model_state, randomize
 
 RANK = 4
 
@@ -260,3 +260,63 @@ def test_a_packed_adapter_saves_and_reloads_exactly(arch: Arch, tmp_path: Path) 
     fresh.load_adapter(path, "live")
     fresh.set_adapter("live")
     assert torch.equal(logits(lm, arch.inputs()), logits(fresh, arch.inputs()))
+
+
+def test_a_file_missing_a_tensor_of_the_original_head_is_refused(tmp_path: Path) -> None:
+    """The one-copy layout is built from the adapter's head copy; a file must still hold every
+    tensor of the original head, as the general path requires (BERT: GPT-2 saves no head).
+    Here the copy lost its bias by hand, so a file saved from it has no head bias."""
+    lm = _live(BERT, _save(BERT, tmp_path, seed=1))
+    lm._saved("classifier").copies["live"].bias = None
+    lm.swap_adapter("live", _save(BERT, tmp_path, seed=2))  # memos warm
+    spoilt = lm.save_adapter(tmp_path / "no-bias", "live")
+    with pytest.raises(lk.AdapterMismatchError, match="missing tensor"):
+        lm.swap_adapter("live", read_adapter(spoilt))  # the general path
+    before = model_state(lm)
+    with pytest.raises(lk.AdapterMismatchError, match="missing tensor"):
+        lm.swap_adapter("live", spoilt)
+    assert model_state(lm) == before
+
+
+def test_a_head_copy_changed_after_a_swap_is_not_written_from_a_stale_fit(
+    tmp_path: Path,
+) -> None:
+    """The fit of a config is remembered per plan, which the head copies are not part of: a
+    copy edited since (its bias removed by hand) must not fail a later one-copy swap half-way;
+    the swap gives what the general path gives (BERT: GPT-2 saves no head)."""
+    first, second = _save(BERT, tmp_path, seed=1), _save(BERT, tmp_path, seed=2)
+    fast, general = _live(BERT, first), _live(BERT, first)
+    fast.swap_adapter("live", second)  # the fit of this config, with the head's bias
+    for lm in (fast, general):
+        lm._saved("classifier").copies["live"].bias = None
+    third = _save(BERT, tmp_path, seed=3)
+    fast.swap_adapter("live", third)
+    general.swap_adapter("live", read_adapter(third))
+    assert model_state(fast)["tensors"] == model_state(general)["tensors"]
+
+
+def test_one_copy_swaps_do_not_recompile(
+    arch: Arch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tests/test_swap.py` compiles through general-path swaps only (other ranks, fewer
+    modules); here every swap is a one-copy swap. One compiled layer (the guards are per layer)."""
+    from torch._dynamo.testing import CompileCounter
+
+    files = [_save(arch, tmp_path, seed=s, alpha=a) for s, a in ((2, 3.0), (3, 8), (4, 1.5))]
+    lm = _live(arch, _save(arch, tmp_path, seed=1))
+    layer = lm._layer(lm.adapter_record("live").modules[-1])
+    calls = _general_calls(monkeypatch)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled(x)
+        frames = counter.frame_count
+        for path in files:
+            lm.swap_adapter("live", path)
+            out = compiled(x)
+            assert counter.frame_count == frames, "a one-copy swap triggered a recompile"
+            assert torch.equal(out, layer(x))  # the compiled layer sees the new weights
+    assert calls == []
+    torch._dynamo.reset()
