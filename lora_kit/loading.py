@@ -60,15 +60,20 @@ def check_adapter_dtype(dtype: object) -> None:
         )
 
 
-def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
-    """`find_targets` memoised per model and target specification."""
-    key: Hashable = (
+def _target_spec(config: LoraConfig) -> Hashable:
+    """The config fields that decide which modules are targeted and saved (a memo key)."""
+    return (
         config.targets,
         config.exclude,
         config.layers,
         config.layers_pattern,
         config.modules_to_save,
     )
+
+
+def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
+    """`find_targets` memoised per model and target specification."""
+    key = _target_spec(config)
     per_model = _TARGETS.setdefault(model, {})
     found = per_model.get(key)
     if found is None:
@@ -186,15 +191,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
     Raises:
         NoTargetsError, UnsupportedModuleError: ``config`` targets nothing usable in ``model``.
     """
-    key: Hashable = (
-        config.targets,
-        config.exclude,
-        config.layers,
-        config.layers_pattern,
-        config.modules_to_save,
-        config.r,
-        tuple(config.rank_pattern.items()),
-    )
+    key: Hashable = (_target_spec(config), config.r, tuple(config.rank_pattern.items()))
     per_model = _EXPECTED.setdefault(model, {})
     found = per_model.get(key)
     if found is None:
