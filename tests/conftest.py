@@ -159,3 +159,18 @@ def fail_on_call(function: Callable[..., Any], n: int, error: BaseException) -> 
         return function(*args, **kwargs)
 
     return wrapped
+
+
+def compile_counted(layer: nn.Module) -> tuple[Callable[..., Any], Any, torch.Tensor]:
+    """``(compiled layer, its dynamo frame counter, an input)``, after resetting dynamo.
+
+    One compiled LoRA layer (whole-model compiles take ~15 s here; the guards are per layer).
+    """
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    width = int(layer.in_features)  # type: ignore[arg-type]
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0))
+    return compiled, counter, x

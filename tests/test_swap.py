@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from hotswap_helpers import config_for, input_ids, logits, make_model, randomize
-from torch._dynamo.testing import CompileCounter
 
 import lora_kit as lk
 from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS
 from lora_kit.swap import PaddedAdapter
-from tests.conftest import fail_on_call, model_state
+from tests.conftest import compile_counted, fail_on_call, model_state
 
 
 @functools.cache  # references are never mutated; saves model builds
@@ -90,16 +89,13 @@ def test_padded_adapter_adds_what_the_plain_one_adds(tokens: int) -> None:
 def test_swap_does_not_recompile(saved: tuple[str, Path]) -> None:
     """One compiled LoRA layer (whole-model compiles take ~15 s here; the guards are per layer)."""
     kind, root = saved
-    torch._dynamo.reset()
     lm = lk.LoraModel(make_model(kind))
     lm.load_adapter(root / "a", "live", max_rank=8)
     lm.set_adapter("live")
     # A module "a" and "c" adapt but "b" does not (so swapping "b" in must zero it).
     module = {"gpt2": "transformer.h.0.mlp.c_fc", "bert": "bert.encoder.layer.0.intermediate.dense"}
     layer = lm._layer(module[kind])
-    counter = CompileCounter()
-    compiled = torch.compile(layer, backend=counter)
-    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    compiled, counter, x = compile_counted(layer)
     with torch.no_grad():
         compiled(x)
         frames = counter.frame_count

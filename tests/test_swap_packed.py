@@ -20,7 +20,7 @@ import lora_kit as lk
 import lora_kit.swap_packed as swap_packed
 from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from lora_kit.swap import PaddedAdapter, find_packed
-from tests.conftest import BERT, Arch, logits, model_state, randomize
+from tests.conftest import BERT, Arch, compile_counted, logits, model_state, randomize
 
 RANK = 4
 
@@ -300,16 +300,11 @@ def test_one_copy_swaps_do_not_recompile(
 ) -> None:
     """`tests/test_swap.py` compiles through general-path swaps only (other ranks, fewer
     modules); here every swap is a one-copy swap. One compiled layer (the guards are per layer)."""
-    from torch._dynamo.testing import CompileCounter
-
     files = [_save(arch, tmp_path, seed=s, alpha=a) for s, a in ((2, 3.0), (3, 8), (4, 1.5))]
     lm = _live(arch, _save(arch, tmp_path, seed=1))
     layer = lm._layer(lm.adapter_record("live").modules[-1])
     calls = _general_calls(monkeypatch)
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(layer, backend=counter)
-    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    compiled, counter, x = compile_counted(layer)
     with torch.no_grad():
         compiled(x)
         frames = counter.frame_count
