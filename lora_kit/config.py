@@ -58,7 +58,9 @@ class LoraConfig:
             first integer in the name.
         rank_pattern: Per-module rank overrides; keys are regexes matched against a dot-separated
             suffix of the module name (PEFT's rule); the first matching key wins.
-        alpha_pattern: Per-module alpha overrides, same matching rule.
+        alpha_pattern: Per-module alpha overrides, same matching rule. Like every field, the
+            two pattern mappings are not to be edited in place: configs read from identical
+            ``adapter_config.json`` texts share one object.
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
         init: ``"zero_b"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op) or
             ``"gaussian"`` (A normal with std ``1/r``, B zero).
