@@ -11,8 +11,10 @@ header is checked as strictly as the ``safetensors`` library does: known dtypes,
 integer shapes, byte ranges that match the shapes and tile the data area exactly (no gaps,
 overlaps or bytes past the end), string-only metadata. The check depends on nothing but the
 header's bytes and the data area's length, so its result is remembered for a few recent small
-headers: reading the same file again (hot-swapping between adapters) re-reads and re-views all
-the bytes but skips re-parsing an identical header.
+headers, by their tensor part where the metadata comes first (as the library writes it):
+another file of the same shape (an adapter of the same recipe, or the same file again) has
+all its bytes read and its metadata parsed and checked, but skips re-checking the tensors.
+`read_header` checks a header without reading the data (for a streamed merge).
 """
 
 from __future__ import annotations
