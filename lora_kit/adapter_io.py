@@ -254,7 +254,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
     """Fast test that no tensor holds NaN/inf: True is exact, False needs a per-tensor check.
 
     Any NaN or infinity makes a sum non-finite. Summing in fp32 or wider (one reduction per
-    tensor; `read_safetensors_content` hands over the whole data area as one flat run per
+    tensor; `read_safetensors_raw` hands over the whole data area as one flat run per
     dtype, so a file of one dtype is one reduction) can also overflow on huge finite values;
     the caller then checks each tensor exactly.
     """

@@ -71,36 +71,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             ranges that do not match the shapes or do not tile the data area.
         OSError: The file cannot be read.
     """
-    content = read_safetensors_content(path)
-    return content.tensors, content.metadata
-
-
-@dataclass(frozen=True)
-class SafetensorsContent:
-    """What `read_safetensors_content` returns.
-
-    Attributes:
-        tensors: Name -> CPU tensor (views of the file's buffer, see `read_safetensors`).
-        metadata: The header's ``__metadata__`` (a fresh dict).
-        runs: Flat 1-D views that together hold every tensor's elements exactly once: one per
-            maximal run of same-dtype tensors lying back to back in the data area (a single
-            view for a file of one dtype). A check over every value (finiteness) is one
-            reduction per run instead of one per tensor.
-    """
-
-    tensors: dict[str, Tensor]
-    metadata: dict[str, str]
-    runs: tuple[Tensor, ...]
-
-
-def read_safetensors_content(path: Path) -> SafetensorsContent:
-    """As `read_safetensors`, also returning the data area as flat per-dtype runs.
-
-    Raises:
-        SafetensorsFormatError, OSError: As `read_safetensors`.
-    """
     raw = read_safetensors_raw(path)
-    return SafetensorsContent(raw.views(), dict(raw.layout.metadata), raw.runs)
+    return raw.views(), dict(raw.layout.metadata)
 
 
 def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
@@ -158,7 +130,10 @@ class SafetensorsRaw:
 
     Attributes:
         layout: The checked header: entries in file order, same-dtype runs, metadata.
-        runs: One flat view of the file's buffer per run (as `SafetensorsContent.runs`).
+        runs: Flat 1-D views of the file's buffer that together hold every tensor's elements
+            exactly once: one per maximal run of same-dtype tensors lying back to back in the
+            data area (a single view for a file of one dtype). A check over every value
+            (finiteness) is one reduction per run instead of one per tensor.
     """
 
     layout: Layout

@@ -25,7 +25,7 @@ from lora_kit.adapter_io import all_finite
 from lora_kit.safetensors_read import (
     SafetensorsFormatError,
     read_safetensors,
-    read_safetensors_content,
+    read_safetensors_raw,
 )
 
 
@@ -282,19 +282,20 @@ def test_runs_hold_every_value_once(tmp_path: Path) -> None:
     """The flat runs cover exactly the tensors' bytes: one run per same-dtype stretch."""
     path = tmp_path / "t.safetensors"
     save_file(_tensors(), str(path))
-    content = read_safetensors_content(path)
-    assert sum(r.numel() * r.element_size() for r in content.runs) == sum(
-        t.numel() * t.element_size() for t in content.tensors.values()
+    raw = read_safetensors_raw(path)
+    tensors = raw.views()
+    assert sum(r.numel() * r.element_size() for r in raw.runs) == sum(
+        t.numel() * t.element_size() for t in tensors.values()
     )
-    for run in content.runs:
+    for run in raw.runs:
         assert run.dim() == 1 and run.is_contiguous()
     spans = {
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
-        for t in content.tensors.values()
+        for t in tensors.values()
         if t.numel()
     }
     covered = sorted(spans)
-    runs = sorted((r.data_ptr(), r.data_ptr() + r.numel() * r.element_size()) for r in content.runs)
+    runs = sorted((r.data_ptr(), r.data_ptr() + r.numel() * r.element_size()) for r in raw.runs)
     assert covered[0][0] == runs[0][0] and covered[-1][1] == runs[-1][1]
     for (_, end), (begin, _) in itertools.pairwise(covered):
         assert end == begin  # back to back: the runs are exactly these bytes
@@ -304,9 +305,9 @@ def test_one_dtype_file_is_one_run(tmp_path: Path) -> None:
     path = tmp_path / "t.safetensors"
     tensors = {f"m{i}.weight": torch.randn(3, i + 1) for i in range(5)}
     save_file(tensors, str(path))
-    content = read_safetensors_content(path)
-    assert len(content.runs) == 1
-    assert content.runs[0].numel() == sum(t.numel() for t in tensors.values())
+    raw = read_safetensors_raw(path)
+    assert len(raw.runs) == 1
+    assert raw.runs[0].numel() == sum(t.numel() for t in tensors.values())
 
 
 def _adapter_dir(root: Path, tensors: dict[str, torch.Tensor]) -> Path:
