@@ -199,15 +199,21 @@ class Packed:
 
     Attributes:
         adapters: Module name -> its `PaddedAdapter`, modules sorted by name.
-        keys: The PEFT keys of the factors, in buffer order (sorted).
-        factors: ``[elements]``: every factor, back to back in ``keys`` order.
+        order: ``(PEFT key, module, "lora_A" | "lora_B")`` of each factor, in buffer order
+            (sorted by key).
+        factors: ``[elements]``: every factor, back to back in ``order``.
         scales: ``[modules]``: every ``scale`` buffer, in ``adapters`` order.
     """
 
     adapters: dict[str, PaddedAdapter]
-    keys: tuple[str, ...]
+    order: tuple[tuple[str, str, str], ...]
     factors: Tensor
     scales: Tensor
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The PEFT keys of the factors, in buffer order."""
+        return tuple(key for key, _, _ in self.order)
 
 
 def pack(adapters: Mapping[str, PaddedAdapter]) -> None:
@@ -226,15 +232,16 @@ def pack(adapters: Mapping[str, PaddedAdapter]) -> None:
     first = items[0][1].lora_A
     if any(a.lora_A.dtype != first.dtype or a.lora_A.device != first.device for _, a in items):
         return
-    refs = _factor_refs(items)
+    order = _factor_order(items)
     flat = torch.empty(
-        sum(_tensor(adapter, attr).numel() for _, adapter, attr in refs),
+        sum(_tensor(adapters[module], attr).numel() for _, module, attr in order),
         dtype=first.dtype,
         device=first.device,
     )
     offset = 0
     with torch.no_grad():
-        for _, adapter, attr in refs:
+        for _, module, attr in order:
+            adapter = adapters[module]
             old = _tensor(adapter, attr)
             view = flat[offset : offset + old.numel()].view(old.shape)
             view.copy_(old)
@@ -260,25 +267,22 @@ def find_packed(adapters: Mapping[str, LoraAdapter]) -> Packed | None:
         padded[module] = adapter
     if not padded:
         return None
-    refs = _factor_refs(list(padded.items()))
-    factors = _one_run([_tensor(adapter, attr) for _, adapter, attr in refs])
+    order = _factor_order(list(padded.items()))
+    factors = _one_run([_tensor(padded[module], attr) for _, module, attr in order])
     scales = _one_run([_tensor(adapter, "scale") for adapter in padded.values()])
     if factors is None or scales is None:
         return None
-    return Packed(padded, tuple(key for key, _, _ in refs), factors, scales)
+    return Packed(padded, order, factors, scales)
 
 
-def _factor_refs(
-    items: list[tuple[str, PaddedAdapter]],
-) -> list[tuple[str, PaddedAdapter, str]]:
-    """``(PEFT key, adapter, "lora_A" | "lora_B")`` of every factor, sorted by key."""
-    refs = [
-        (key, adapter, attr)
-        for module, adapter in items
+def _factor_order(items: list[tuple[str, PaddedAdapter]]) -> tuple[tuple[str, str, str], ...]:
+    """``(PEFT key, module, "lora_A" | "lora_B")`` of every factor, sorted by key."""
+    order = [
+        (key, module, attr)
+        for module, _ in items
         for key, attr in zip(lora_keys(module), ("lora_A", "lora_B"), strict=True)
     ]
-    refs.sort(key=lambda ref: ref[0])
-    return refs
+    return tuple(sorted(order))
 
 
 def _one_run(tensors: list[Tensor]) -> Tensor | None:

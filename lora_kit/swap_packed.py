@@ -35,7 +35,7 @@ from .config import LoraConfig
 from .errors import LoraKitError
 from .fingerprint import compare_fingerprint
 from .loading import expected_tensors
-from .peft_format import head_key, lora_keys
+from .peft_format import head_key
 from .safetensors_read import Layout, SafetensorsRaw, layout_for
 from .swap import Packed, _set_rank, _tensor, find_packed, swap_in
 from .swap_plan import SwapPlan, swap_plan
@@ -178,11 +178,12 @@ def _check_fingerprint(
         AdapterFormatError: The recorded fingerprint is malformed.
         AdapterMismatchError: It differs from this base's (with ``check_base``).
     """
-    raw = dict(weights.layout.metadata).get(META_PREFIX + "base_fingerprint")
+    raw_metadata = dict(weights.layout.metadata)
+    raw = raw_metadata.get(META_PREFIX + "base_fingerprint")
     actual = plan.fingerprint(fit.targets) if check_base and raw is not None else None
     if raw is not None and actual is not None and memo.fingerprints.get(raw) is actual:
         return
-    metadata = decode_metadata(dict(weights.layout.metadata))
+    metadata = decode_metadata(raw_metadata)
     check_fingerprint_metadata(metadata, root / WEIGHTS_NAME)
     recorded = metadata.get("base_fingerprint")
     if actual is not None and isinstance(recorded, dict):
@@ -207,9 +208,8 @@ def _memo(plan: SwapPlan) -> _PlanMemo:
     names: list[str] = []
     for slot in plan.slots.values():
         adapter = slot.adapter
-        for table, name in ((adapter._parameters, "lora_A"), (adapter._parameters, "lora_B")):
-            dicts.append(table)
-            names.append(name)
+        dicts += [adapter._parameters, adapter._parameters]
+        names += ["lora_A", "lora_B"]
         if "scale" in adapter._buffers:
             dicts.append(adapter._buffers)
             names.append("scale")
@@ -230,7 +230,7 @@ def _fit(lm: LoraModel, record: AdapterRecord, packed: Packed, config: LoraConfi
         return _Fit(config)
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     dtype = packed.factors.dtype
-    for key, module, attr in _factor_keys(packed):
+    for key, module, attr in packed.order:
         shape = tuple(_tensor(packed.adapters[module], attr).shape)
         if expected.get(key) != shape:
             return _Fit(config)  # another rank: the general path pads it
@@ -247,8 +247,9 @@ def _fit(lm: LoraModel, record: AdapterRecord, packed: Packed, config: LoraConfi
         return _Fit(config)
     specs.sort(key=lambda spec: spec[0])  # the file's order (one dtype: by name)
     layout = layout_for(specs)
-    first = next(i for i, spec in enumerate(specs) if spec[0] == packed.keys[0])
-    if tuple(spec[0] for spec in specs[first : first + len(packed.keys)]) != packed.keys:
+    keys = packed.keys
+    first = next(i for i, spec in enumerate(specs) if spec[0] == keys[0])
+    if tuple(spec[0] for spec in specs[first : first + len(keys)]) != keys:
         return _Fit(config)  # a head's key sorts between factors: not one block
     head_slices = [
         (*head_params[entry[0]], entry[5], entry[2])
@@ -262,12 +263,3 @@ def _fit(lm: LoraModel, record: AdapterRecord, packed: Packed, config: LoraConfi
         device=packed.scales.device,
     )
     return _Fit(config, tuple(targets), layout, start, scales, head_slices)
-
-
-def _factor_keys(packed: Packed) -> list[tuple[str, str, str]]:
-    """``(PEFT key, module, "lora_A" | "lora_B")`` of the packed factors, in buffer order."""
-    owner: dict[str, tuple[str, str]] = {}
-    for module in packed.adapters:
-        key_a, key_b = lora_keys(module)
-        owner[key_a], owner[key_b] = (module, "lora_A"), (module, "lora_B")
-    return [(key, *owner[key]) for key in packed.keys]
