@@ -1,8 +1,8 @@
 """Hot-swapping and multi-adapter inference: lora_kit vs PEFT, side by side in one process.
 
 Run: ``python -m benchmarks.bench_hotswap [--models gpt2,bert] [--repeats N] [--clock cpu]``
-(``--only-mixed``, ``--only-forward`` or ``--only-swap`` for one part; ``--only-mixed --device
-cuda`` for the mixed-batch figures on a GPU).
+(``--only-mixed``, ``--only-forward`` or ``--only-swap`` for one part; ``--only-mixed`` or
+``--only-swap`` with ``--device cuda`` for those figures on a GPU).
 
 GPT-2 small and BERT-base are built from their default configs (random weights: timings do not
 depend on the values), on CPU with one thread, LoRA r=8 on every attention and MLP projection.
@@ -214,7 +214,7 @@ def run(
         _forward_overhead(kind, lm, pm, plain, paths, repeats, forward_shape, out)
         return
     if only == "swap":
-        _swap(kind, lm, pm, paths, repeats, out)
+        _swap(kind, lm, pm, paths, repeats, out, device)
         return
     if only is None:
         out["load_speedup_1"], stats = compare_loads(1, repeats * 4)
@@ -273,7 +273,7 @@ def run(
     # -- load from disk with 8 resident ---------------------------------------------------------
     out["load_speedup"], _ = compare_loads(8, repeats * 2)
 
-    _swap(kind, lm, pm, paths, repeats, out)
+    _swap(kind, lm, pm, paths, repeats, out, device)
 
     # -- set_adapter latency vs adapter count ---------------------------------------------------
     calls = 2000
@@ -446,7 +446,13 @@ def _forward_overhead(
 
 
 def _swap(
-    kind: str, lm: lk.LoraModel, pm: Any, paths: list[Path], repeats: int, out: dict[str, Any]
+    kind: str,
+    lm: lk.LoraModel,
+    pm: Any,
+    paths: list[Path],
+    repeats: int,
+    out: dict[str, Any],
+    device: str = "cpu",
 ) -> None:
     """In-place swap from disk: lora_kit ``swap_adapter`` vs PEFT ``hotswap_adapter``.
 
@@ -460,6 +466,8 @@ def _swap(
     - "first of its recipe": forgets all of that first (the worst case);
     - "rank 4 into max_rank 8": another rank, so the general path (padding), from disk;
     - "parsed AdapterFiles": the general path from tensors already in memory.
+
+    On a GPU (``device``) each swap waits for the device's copies to finish.
     """
     from peft.utils.hotswap import hotswap_adapter
 
@@ -500,7 +508,7 @@ def _swap(
     }
     if kind == "gpt2":  # PEFT's hotswap_adapter does not handle modules_to_save (BERT's head)
         swaps["PEFT hotswap_adapter (from disk)"] = peft_swap
-    stats = interleaved(swaps, repeats * 4)
+    stats = interleaved({n: _synced(fn, device) for n, fn in swaps.items()}, repeats * 4)
     show("in-place swap from disk", stats)
     out["swap_ms"] = stats["lora_kit swap_adapter (from disk)"]["median"] * 1e3
     out["swap_first_ms"] = (
@@ -633,11 +641,12 @@ def main() -> None:
     parser.add_argument(
         "--device",
         default="cpu",
-        help="Run the mixed-batch figures (--only-mixed) on this device, e.g. cuda (wall clock)",
+        help="Run --only-mixed or --only-swap on this device, e.g. cuda (wall clock)",
     )
     args = parser.parse_args()
-    if args.device != "cpu" and not (args.only_mixed and args.clock == "wall"):
-        parser.error("--device other than cpu runs --only-mixed, with --clock wall")
+    on_device = (args.only_mixed or args.only_swap) and args.clock == "wall"
+    if args.device != "cpu" and not on_device:
+        parser.error("--device other than cpu runs --only-mixed or --only-swap, with --clock wall")
     global clock
     clock = CLOCKS[args.clock]
     print(f"clock: {args.clock}, torch {torch.__version__}, 1 thread, device {args.device}")
