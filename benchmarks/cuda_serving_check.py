@@ -114,7 +114,7 @@ def library_with_full_rank8(kind: str, root: Path) -> Path:
         source.add_adapter(name, dataclasses.replace(config_for(kind, "a"), r=8, alpha=16))
         randomize(source, name, seed=7 + seed)
         source.save_adapter(library / name, name)
-    return library
+    return Path(library)
 
 
 def swaps(kind: str, device: str, root: Path) -> None:
@@ -159,7 +159,7 @@ def compiled_swap(device: str, root: Path) -> None:
 
     def counting(gm: torch.fx.GraphModule, example: list[torch.Tensor]) -> Callable[..., Any]:
         frames[0] += 1
-        return inductor(gm, example)  # type: ignore[no-any-return]
+        return inductor(gm, example)
 
     torch._dynamo.reset()
     compiled = torch.compile(lm.model, backend=counting)
