@@ -159,8 +159,10 @@ class RowPlan:
         batch, device = x.shape[0], x.device
         members = self.members(batch)  # raises on a batch that does not fit the names
         stack = None
-        if len(members) > 1 and _can_gather(layer, self.distinct, grad):
-            stack = stacked_factors(layer, self.distinct, x)
+        if len(members) > 1 and not grad:
+            adapters = _adapters(layer, self.distinct)
+            if _can_gather(adapters):
+                stack = _stacked(layer, self.distinct, adapters, x)
         # The gathered path needs no per-adapter index tensors: its kernels are the same
         # whatever the number of distinct adapters.
         groups = self.groups(batch, device) if stack is None else ()
@@ -247,64 +249,69 @@ def clear_stacks(model: nn.Module) -> None:
 class _Seen:
     """What a stack was built from: per slot, the factor tensors and their state.
 
-    Tensors are held by weak reference: a cached stack never keeps a deleted adapter's tensors
-    alive, and a new tensor at a recycled address never passes for the old one. The state
-    (versions, data pointers, scaling) changes with any in-place update or swap; the optimizer
-    step count changes with any step, also one that bumps no version (a fused optimizer).
+    The state holds each tensor's identity, version and data pointer, and the scaling: any
+    in-place update, swap or reassignment changes it; the optimizer step count changes with any
+    step, also one that bumps no version (a fused optimizer). Tensors are held by weak
+    reference: a cached stack never keeps a deleted adapter's tensors alive, and once one of
+    them dies the record is stale for good (its ``id`` could pass to a new tensor).
 
-    Same identity rule as `lora_kit.fingerprint.WeightsSeen` (weak refs + versions/pointers),
+    Same identity rule as `lora_kit.fingerprint.WeightsSeen` (identity + versions/pointers),
     kept apart on purpose: this one is for trainable adapter factors, so it also holds each
     slot's scaling (a Python float, no tensor state), empty slots (None), and the optimizer
     step count, which the frozen-base `WeightsSeen` must not hold (every step would rehash the
-    base); and it runs per layer and call, so it reads the modules' dictionaries directly.
+    base); and it runs per layer and call (one state tuple compared), so it reads the modules'
+    dictionaries directly.
     """
 
-    __slots__ = ("refs", "state", "steps")
+    __slots__ = ("alive", "refs", "state", "steps")
 
     def __init__(self, adapters: list[LoraAdapter | None]) -> None:
-        refs: list[tuple[weakref.ref[Tensor], ...] | None] = []
-        state: list[Hashable] = []
-        for adapter in adapters:
-            if adapter is None:
-                refs.append(None)
-                state.append(None)
-                continue
-            tensors, observed = _observe(adapter)
-            refs.append(tuple(weakref.ref(t) for t in tensors))
-            state.append(observed)
-        self.refs, self.state = tuple(refs), tuple(state)
-        self.steps = _steps_taken()
+        alive = [True]
+
+        def died(_: weakref.ref[Tensor], alive: list[bool] = alive) -> None:
+            alive[0] = False
+
+        tensors = [t for a in adapters if a is not None for t in _tensors(a)]
+        self.refs = tuple(weakref.ref(t, died) for t in tensors)  # kept: their callbacks fire
+        self.alive, self.state, self.steps = alive, _state(adapters), _steps_taken()
 
     def still(self, adapters: list[LoraAdapter | None]) -> bool:
         """Whether ``adapters`` hold the same tensors, unchanged since the stack was built."""
-        if len(adapters) != len(self.refs) or self.steps != _optimizer_steps:
+        if self.steps != _optimizer_steps or _state(adapters) != self.state:
             return False
-        for adapter, refs, state in zip(adapters, self.refs, self.state, strict=True):
-            if adapter is None or refs is None:
-                if adapter is not None or refs is not None:
-                    return False
-                continue
-            tensors, observed = _observe(adapter)
-            if observed != state or len(tensors) != len(refs):
-                return False
-            for ref, tensor in zip(refs, tensors, strict=True):
-                if ref() is not tensor:
-                    return False
-        return True
+        # Read after the state: an id seen there that belonged to a dead tensor means the
+        # tensor died first, so its callback has run. While all are alive, equal ids are the
+        # same tensors.
+        return self.alive[0]
 
 
-def _observe(adapter: LoraAdapter) -> tuple[tuple[Tensor, ...], Hashable]:
-    """An adapter's A, B (and scale buffer) and their versions, data pointers and scaling.
-
-    Read through the module's dictionaries directly: this runs per layer and call.
-    """
-    params = adapter._parameters
+def _tensors(adapter: LoraAdapter) -> tuple[Tensor, ...]:
+    """An adapter's A, B (and scale buffer, if it has one)."""
+    params, scale = adapter._parameters, adapter._buffers.get("scale")
     a, b = cast(Tensor, params["lora_A"]), cast(Tensor, params["lora_B"])
-    scale = adapter._buffers.get("scale")
-    if scale is None:  # a plain adapter: the scaling is a Python float
-        return (a, b), (a._version, a.data_ptr(), b._version, b.data_ptr(), adapter.scaling)
-    state = (a._version, a.data_ptr(), b._version, b.data_ptr(), scale._version, scale.data_ptr())
-    return (a, b, scale), state
+    return (a, b) if scale is None else (a, b, scale)
+
+
+def _state(adapters: list[LoraAdapter | None]) -> tuple[Hashable, ...]:
+    """Per slot: A's and B's identity, version and data pointer, and the scaling (a float, or
+    the scale buffer's identity, version and data pointer); None for an empty slot.
+
+    Read through the modules' dictionaries directly: this runs per layer and call.
+    """
+    state: list[Hashable] = []
+    for adapter in adapters:
+        if adapter is None:
+            state.append(None)
+            continue
+        params = adapter._parameters
+        a, b = cast(Tensor, params["lora_A"]), cast(Tensor, params["lora_B"])
+        scale = adapter._buffers.get("scale")
+        factors = (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr())
+        if scale is None:  # a plain adapter: the scaling is a Python float
+            state.append((*factors, adapter.scaling))
+        else:
+            state.append((*factors, id(scale), scale._version, scale.data_ptr()))
+    return tuple(state)
 
 
 def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor) -> Stack:
@@ -317,20 +324,34 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
         ``(A^T [n, in, R], B^T [n, R, out])``, the layouts ``bmm``/``baddbmm_`` run fastest
         with (A^T as a transposed view, B^T contiguous).
     """
-    modules = layer.adapters._modules
-    adapters = [
-        cast("LoraAdapter | None", modules.get(n)) if n is not None else None for n in names
-    ]
+    return _stacked(layer, names, _adapters(layer, names), x)
+
+
+def _adapters(layer: LoRALinear, names: tuple[str | None, ...]) -> list[LoraAdapter | None]:
+    """``layer``'s adapter of each name (None for None or a name it does not hold)."""
+    get = layer.adapters._modules.get
+    return [get(n) if n is not None else None for n in names]  # type: ignore[misc]
+
+
+def _stacked(
+    layer: LoRALinear,
+    names: tuple[str | None, ...],
+    adapters: list[LoraAdapter | None],
+    x: Tensor,
+) -> Stack:
+    """`stacked_factors`, given ``layer``'s adapters of ``names``."""
     key: Hashable = (names, x.device, x.dtype)
     with _STACK_LOCK:
         per_layer = _STACK_CACHE.get(layer)
         if per_layer is None:
             per_layer = _STACK_CACHE.setdefault(layer, OrderedDict())
         hit = per_layer.get(key)
+        latest = hit is not None and next(reversed(per_layer)) == key
     if hit is not None and hit[0].still(adapters):  # validated outside the lock
-        with _STACK_LOCK:
-            if key in per_layer:  # another thread may have evicted it meanwhile
-                per_layer.move_to_end(key)
+        if not latest:
+            with _STACK_LOCK:
+                if key in per_layer:  # another thread may have evicted it meanwhile
+                    per_layer.move_to_end(key)
         return hit[1]
     seen = _Seen(adapters)
     present = [a for a in adapters if a is not None]
@@ -399,12 +420,9 @@ def add_rows(layer: LoRALinear, out: Tensor, x: Tensor, plan: RowPlan) -> Tensor
     return out
 
 
-def _can_gather(layer: LoRALinear, names: tuple[str | None, ...], grad: bool) -> bool:
-    if grad:
-        return False
-    modules = layer.adapters._modules
-    for name in names:
-        adapter = cast("LoraAdapter | None", modules.get(name)) if name is not None else None
+def _can_gather(adapters: list[LoraAdapter | None]) -> bool:
+    """Whether no adapter applies dropout (the batched GEMMs have none): inference only."""
+    for adapter in adapters:
         if adapter is not None and adapter.dropout > 0.0 and adapter.training:
             return False
     return True

@@ -305,6 +305,35 @@ def test_fp32_rows_keep_fp32_beside_a_bf16_adapter(saved: tuple[str, Path]) -> N
     torch.testing.assert_close(mixed[1:], _alone(lm, ids[1:], names[1:]), atol=1e-5, rtol=1e-5)
 
 
+def test_stack_record_goes_stale_for_good_once_a_tensor_dies() -> None:
+    """A cached stack is checked by tensor identity; once a tensor it was built from dies, its
+    ``id`` may pass to a new tensor, so the record must never match again."""
+    import gc
+
+    from lora_kit import rows
+
+    lm = model_with_adapters("gpt2")
+    layer = next(
+        m for m in lm.model.modules() if isinstance(m, lk.LoRALinear) and "b" in m.adapters
+    )
+    adapters = rows._adapters(layer, ("a", "b", None))
+    seen = rows._Seen(adapters)
+    assert seen.still(adapters)
+    b = layer.adapter("b")
+    old = b.lora_A
+    b.lora_A = torch.nn.Parameter(old.detach().clone())  # same values, another tensor
+    assert not seen.still(adapters)
+    b.lora_A = old  # the very tensor again
+    assert seen.still(adapters)
+    with torch.no_grad():
+        old.add_(1.0)  # in place: a new version
+    assert not seen.still(adapters)
+    b.lora_A = torch.nn.Parameter(old.detach().clone())
+    del old
+    gc.collect()
+    assert not seen.alive[0]  # the record is dead, whatever ids later tensors get
+
+
 def test_clear_stacks_after_a_data_write() -> None:
     """Writes through ``.data`` bump no version counter; ``clear_stacks`` is the documented fix."""
     from lora_kit.rows import clear_stacks
