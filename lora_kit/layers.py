@@ -199,7 +199,7 @@ class LoraAdapter(nn.Module):
         Returns:
             ``h^T`` (``[r, tokens]``, after dropout, see `down_t`) and ``alpha``.
         """
-        a = self.lora_A
+        a = cast(Tensor, self._parameters["lora_A"])  # per call: no nn.Module attribute lookup
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if self.dropout > 0.0:
@@ -218,7 +218,7 @@ class LoraAdapter(nn.Module):
             weight: Extra factor (weighted stacking; negative subtracts).
         """
         h_t, alpha = self.project(x, weight)  # [r, tokens]
-        return add_low_rank_(out, h_t, self.lora_B, alpha)
+        return add_low_rank_(out, h_t, cast(Tensor, self._parameters["lora_B"]), alpha)
 
     def delta(self, x: Tensor) -> Tensor:
         """This adapter's contribution ``scaling * B(A(dropout(x)))`` alone, ``[..., out]``."""
@@ -297,17 +297,24 @@ class LoRALinear(nn.Module):
                     "lm.unmerge() first (or lm.eval() / torch.no_grad() for inference)"
                 )
             return self.base(x)  # type: ignore[no-any-return]
+        # This runs per layer and call: the submodules are read from the module dictionaries
+        # directly (nn.Module attribute lookups cost a few microseconds each, as much as a
+        # small GPU kernel's launch).
+        modules = self._modules
+        base = cast(nn.Module, modules["base"])
         selection = self.router.current
         if selection.rows is not None:  # mixed batch: one adapter per row
-            return add_rows(self, self.base(x), x, selection.rows)
-        adapters = self.adapters
-        active = [(self.adapter(n), w) for n, w in selection.weights if n in adapters]
+            return add_rows(self, base(x), x, selection.rows)
+        adapters = cast(nn.Module, modules["adapters"])._modules
+        active = [
+            (cast(LoraAdapter, adapters[n]), w) for n, w in selection.weights if n in adapters
+        ]
         if not active:
-            return self.base(x)  # type: ignore[no-any-return]
+            return base(x)  # type: ignore[no-any-return]
         tokens = x.numel() // self.in_features
         if tokens * self.out_features >= FUSE_MIN_OUTPUTS and self._fusable(x, active):
             return self._fused_forward(x, active)
-        out: Tensor = self.base(x)  # [..., out]
+        out: Tensor = base(x)  # [..., out]
         for adapter, weight in active:
             out = adapter.add_to(out, x, weight)
         return out

@@ -299,18 +299,19 @@ def _state(adapters: list[LoraAdapter | None]) -> tuple[Hashable, ...]:
     Read through the modules' dictionaries directly: this runs per layer and call.
     """
     state: list[Hashable] = []
+    append = state.append
     for adapter in adapters:
         if adapter is None:
-            state.append(None)
+            append(None)
             continue
         params = adapter._parameters
-        a, b = cast(Tensor, params["lora_A"]), cast(Tensor, params["lora_B"])
+        a, b = params["lora_A"], params["lora_B"]
+        if a is None or b is None:  # never: LoraAdapter registers both (narrows the types)
+            raise LoraKitError("a LoRA adapter lost its lora_A/lora_B parameter")
         scale = adapter._buffers.get("scale")
-        factors = (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr())
-        if scale is None:  # a plain adapter: the scaling is a Python float
-            state.append((*factors, adapter.scaling))
-        else:
-            state.append((*factors, id(scale), scale._version, scale.data_ptr()))
+        # The scaling: a Python float, or the scale buffer's identity, version and pointer.
+        last = adapter.scaling if scale is None else (id(scale), scale._version, scale.data_ptr())
+        append((id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), last))
     return tuple(state)
 
 
