@@ -199,7 +199,12 @@ class LoraAdapter(nn.Module):
         Returns:
             ``h^T`` (``[r, tokens]``, after dropout, see `down_t`) and ``alpha``.
         """
-        a = cast(Tensor, self._parameters["lora_A"])  # per call: no nn.Module attribute lookup
+        # Per layer and call: read from the parameter dict, not through nn.Module's attribute
+        # lookup (microseconds); a parametrized factor (torch.nn.utils.parametrize) is only an
+        # attribute.
+        a = self._parameters.get("lora_A")
+        if a is None:
+            a = self.lora_A
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         if self.dropout > 0.0:
@@ -218,7 +223,8 @@ class LoraAdapter(nn.Module):
             weight: Extra factor (weighted stacking; negative subtracts).
         """
         h_t, alpha = self.project(x, weight)  # [r, tokens]
-        return add_low_rank_(out, h_t, cast(Tensor, self._parameters["lora_B"]), alpha)
+        b = self._parameters.get("lora_B")  # as in `project`
+        return add_low_rank_(out, h_t, self.lora_B if b is None else b, alpha)
 
     def delta(self, x: Tensor) -> Tensor:
         """This adapter's contribution ``scaling * B(A(dropout(x)))`` alone, ``[..., out]``."""

@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -287,9 +287,20 @@ class _Seen:
 
 def _tensors(adapter: LoraAdapter) -> tuple[Tensor, ...]:
     """An adapter's A, B (and scale buffer, if it has one)."""
-    params, scale = adapter._parameters, adapter._buffers.get("scale")
-    a, b = cast(Tensor, params["lora_A"]), cast(Tensor, params["lora_B"])
+    a, b = _factors(adapter)
+    scale = adapter._buffers.get("scale")
     return (a, b) if scale is None else (a, b, scale)
+
+
+def _factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
+    """A and B from the parameter dict (per layer and call: no nn.Module attribute lookup), or
+    as attributes for a parametrized factor (``torch.nn.utils.parametrize``: a new tensor at
+    each read, so a stack built from it never matches again and is rebuilt, never stale)."""
+    params = adapter._parameters
+    a, b = params.get("lora_A"), params.get("lora_B")
+    if a is None or b is None:
+        return adapter.lora_A, adapter.lora_B
+    return a, b
 
 
 def _state(adapters: list[LoraAdapter | None]) -> tuple[Hashable, ...]:
@@ -305,9 +316,10 @@ def _state(adapters: list[LoraAdapter | None]) -> tuple[Hashable, ...]:
             append(None)
             continue
         params = adapter._parameters
-        a, b = params["lora_A"], params["lora_B"]
-        if a is None or b is None:  # never: LoraAdapter registers both (narrows the types)
-            raise LoraKitError("a LoRA adapter lost its lora_A/lora_B parameter")
+        a: Tensor | None = params.get("lora_A")
+        b: Tensor | None = params.get("lora_B")
+        if a is None or b is None:  # a parametrized factor (see `_factors`)
+            a, b = _factors(adapter)
         scale = adapter._buffers.get("scale")
         # The scaling: a Python float, or the scale buffer's identity, version and pointer.
         last = adapter.scaling if scale is None else (id(scale), scale._version, scale.data_ptr())

@@ -389,3 +389,31 @@ def test_reset_draws_peft_initialisations(r: int) -> None:
     # uniform on [-b, b] has std b / sqrt(3)
     assert float(a.std()) == pytest.approx(bound / 3**0.5, rel=0.1)
     assert not adapter.lora_B.any()
+
+
+class _Doubled(nn.Module):
+    """A parametrization: the factor used is twice the one stored."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * t
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_parametrized_factors_are_read_through_the_parametrization(
+    kind: str, forward_path: str
+) -> None:
+    """The forward reads factors from the parameter dict for speed; a factor under
+    ``torch.nn.utils.parametrize`` lives elsewhere and must still be used as parametrized."""
+    from torch.nn.utils import parametrize
+
+    linear, conv, router = _pair()
+    layer = linear if kind == "linear" else conv
+    router.default = Selection((("a", 1.0),))
+    x = torch.randn(2, 5, 24)
+    a = layer.adapter("a")
+    with torch.no_grad():
+        expected = layer.base(x) + a.scaling * (x @ (2 * a.lora_A).t()) @ (2 * a.lora_B).t()
+    parametrize.register_parametrization(a, "lora_A", _Doubled())
+    parametrize.register_parametrization(a, "lora_B", _Doubled())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

@@ -334,6 +334,26 @@ def test_stack_record_goes_stale_for_good_once_a_tensor_dies() -> None:
     assert not seen.alive[0]  # the record is dead, whatever ids later tensors get
 
 
+def test_mixed_batch_with_a_parametrized_factor() -> None:
+    """A parametrized factor is a new tensor at each read: its stacks are rebuilt, never stale."""
+    from torch.nn.utils import parametrize
+
+    from tests.test_layers import _Doubled
+
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(3)
+    names: list[str | None] = ["a", "b", None]
+    before = logits(lm, ids, adapter_names=names)
+    for module in lm.model.modules():
+        if isinstance(module, lk.LoRALinear) and "b" in module.adapters:
+            parametrize.register_parametrization(module.adapter("b"), "lora_B", _Doubled())
+    for _ in range(2):  # the second call finds the stacks built by the first
+        mixed = logits(lm, ids, adapter_names=names)
+        torch.testing.assert_close(mixed, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[1], before[1], atol=1e-3)
+    torch.testing.assert_close(mixed[0], before[0], atol=1e-5, rtol=1e-5)
+
+
 def test_clear_stacks_after_a_data_write() -> None:
     """Writes through ``.data`` bump no version counter; ``clear_stacks`` is the documented fix."""
     from lora_kit.rows import clear_stacks
