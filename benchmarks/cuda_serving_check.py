@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-import lora_kit as lk
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hotswap_helpers import (
     config_for,
+    each_row_alone,
     input_ids,
+    logits,
     model_with_adapters,
     randomize,
     save_adapters,
@@ -52,26 +52,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def logits(lm: lk.LoraModel, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    with torch.no_grad():
-        return lm(input_ids=ids, **kwargs).logits  # type: ignore[no-any-return]
-
-
-def alone(lm: lk.LoraModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
-    outs = []
-    for row, name in enumerate(names):
-        with lm.using(name):
-            outs.append(logits(lm, ids[row : row + 1]))
-    return torch.cat(outs)
-
-
 def mixed_batches(kind: str, device: str) -> None:
     lm = model_with_adapters(kind)
     lm.model.to(device)
     names: list[str | None] = ["a", None, "b", "a", "c", None, "b", "c"]
     ids = input_ids(len(names)).to(device)
     mixed = logits(lm, ids, adapter_names=names)
-    reference = alone(lm, ids, names)
+    reference = each_row_alone(lm, ids, names)
     diff = max_diff(mixed, reference)
     check(f"{kind}: mixed batch == each row alone, fp32", diff <= 1e-5, f"max diff {diff:.1e}")
     spread = max_diff(mixed[0], mixed[1])
@@ -130,7 +117,7 @@ def swaps(kind: str, device: str, root: Path) -> None:
         other.model.to(device)
         other.load_adapter(path, "x")
         other.set_adapter("x")
-        return logits(other, ids)
+        return torch.as_tensor(logits(other, ids))
 
     # d2, d1: the one-copy path; a: rank 4 (padding); b, c: fewer modules, other ranks
     for source in ("d2", "a", "b", "c", "d1"):

@@ -83,6 +83,15 @@ def logits(lm: lk.LoraModel, ids: torch.Tensor, **kwargs: object) -> torch.Tenso
         return lm(input_ids=ids, **kwargs).logits  # type: ignore[no-any-return]
 
 
+def each_row_alone(lm: lk.LoraModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    """Logits of each row of ``ids`` run alone under its adapter (None: base), concatenated."""
+    outs = []
+    for row, name in enumerate(names):
+        with lm.using(name):
+            outs.append(logits(lm, ids[row : row + 1]))
+    return torch.cat(outs)
+
+
 class _OpRecorder(TorchDispatchMode):
     """Records the name of every ATen operator dispatched while it is active and ``on``."""
 

@@ -15,6 +15,7 @@ import torch
 from hotswap_helpers import (
     aten_ops,
     config_for,
+    each_row_alone,
     input_ids,
     logits,
     make_model,
@@ -26,12 +27,7 @@ import lora_kit as lk
 ROWS = ["a", None, "b", "a", "c", None]
 
 
-def _alone(lm: lk.LoraModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
-    outs = []
-    for row, name in enumerate(names):
-        with lm.using(name):
-            outs.append(logits(lm, ids[row : row + 1]))
-    return torch.cat(outs)
+_alone = each_row_alone
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
