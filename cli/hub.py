@@ -117,7 +117,7 @@ def _read_metrics(path: Path) -> dict[str, object]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         fail(f"metrics file {str(path)!r} does not exist")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object of metric -> value")

@@ -103,7 +103,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BaseModelError(f"{path}: unreadable JSON ({exc}); re-save the base") from exc
     if not isinstance(data, dict):
         raise BaseModelError(f"{path}: expected a JSON object, got {type(data).__name__}")

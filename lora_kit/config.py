@@ -256,7 +256,7 @@ def json_object(text: str, what: str) -> dict[str, Any]:
     """Parse ``text`` as a JSON object, or raise `ConfigError` saying what ``what`` needs."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(f"{what} JSON is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{what} JSON must be an object, got {type(data).__name__}")

@@ -208,7 +208,7 @@ def read_history(metadata: Mapping[str, Any], where: str = "history") -> History
     if isinstance(value, str):  # header text that did not decode as JSON, or a JSON string
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise HistoryError(f"{where}: not valid JSON ({exc})") from None
     return History.from_dict(value, where)
 

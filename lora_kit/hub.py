@@ -346,7 +346,7 @@ def _metrics(root: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise AdapterFormatError(f"{path}: expected a JSON object of metric -> value")

@@ -254,7 +254,7 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
         return None
     try:
         metadata, end = _DECODER.raw_decode(text, len(_METADATA_FIRST))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # the whole-header parse names the error
         return None
     if type(metadata) is not dict or not all(
         type(k) is str and type(v) is str for k, v in metadata.items()
@@ -345,7 +345,8 @@ def layout_for(tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> L
 def _parse_header(raw: bytes) -> dict[str, object]:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the parser goes (a corrupt or hostile file)
         raise SafetensorsFormatError(f"header is not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise SafetensorsFormatError("header is not a JSON object")

@@ -109,7 +109,7 @@ def read_labels(path: Path) -> dict[int, str] | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))["id2label"]
         labels = {int(k): v for k, v in raw.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise AdapterFormatError(
             f"{path}: unreadable ({type(exc).__name__}: {exc}); expected "
             f'{{"id2label": {{"0": "name", ...}}}} as lorakit train writes it'

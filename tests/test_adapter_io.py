@@ -103,6 +103,11 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         lk.AdapterFormatError,
         "not valid JSON",
     ),
+    "deeply nested json": (
+        lambda p: (p / CONFIG_NAME).write_text('{"r": ' + "[" * 200_000),
+        lk.AdapterFormatError,
+        "not valid JSON",
+    ),
     "truncated": (_truncate, lk.AdapterFormatError, "truncated or corrupt"),
     "dora": (_edit_config("use_dora", True), lk.AdapterFormatError, "use_dora"),
     "pissa": (_edit_config("init_lora_weights", "pissa"), lk.AdapterFormatError, "base weights"),

@@ -68,6 +68,8 @@ def test_unknown_json_field_is_refused_with_the_accepted_list() -> None:
         LoraConfig.from_dict({"rank": 8})
     with pytest.raises(ConfigError, match="not valid JSON"):
         LoraConfig.from_json("{r: 8")
+    with pytest.raises(ConfigError, match="not valid JSON"):  # deeper than the parser recurses
+        LoraConfig.from_json('{"r": ' + "[" * 200_000)
 
 
 def test_rank_and_alpha_patterns_follow_peft_suffix_rule() -> None:

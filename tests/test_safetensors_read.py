@@ -90,6 +90,15 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
         "does not fit",
     ),
     "not json": (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{oop"), "not valid UTF-8 JSON"),
+    # Nesting deeper than the JSON parser recurses: RecursionError unless caught.
+    "deeply nested": (
+        lambda p: p.write_bytes(struct.pack("<Q", 200_002) + b"{" + b"[" * 200_000 + b"}"),
+        "not valid UTF-8 JSON",
+    ),
+    "deeply nested metadata": (
+        lambda p: p.write_bytes(struct.pack("<Q", 200_016) + b'{"__metadata__":' + b"[" * 200_000),
+        "not valid UTF-8 JSON",
+    ),
     "not an object": (lambda p: _raw_file(p, [], b""), "not a JSON object"),
     "unknown dtype": (
         lambda p: _raw_file(p, {"x": {"dtype": "F13", "shape": [2], "data_offsets": [0, 8]}}, F32),

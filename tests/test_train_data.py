@@ -71,6 +71,7 @@ def test_hf_tokenizer_encoder() -> None:
         ("w1 w2", "short.txt", "only 2 tokens, fewer than one block"),
         ("x", "data.parquet", "unsupported data file type"),
         ('{"text": "w1"}\nnot json\n', "bad.jsonl", r"bad.jsonl:2: not valid JSON"),
+        ('{"text": "w1"}\n' + "[" * 200_000 + "\n", "deep.jsonl", r"deep.jsonl:2: not valid JSON"),
     ],
 )
 def test_causal_data_errors(content: str | None, name: str, match: str, tmp_path: Path) -> None:

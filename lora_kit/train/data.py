@@ -281,7 +281,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({exc})") from exc
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_no}: each line must be a JSON object")

@@ -119,7 +119,7 @@ def _kept(line: str, step: int) -> bool:
     not a run's ``end`` record (a line that is not a record goes too)."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     if not isinstance(record, dict):
         return False
