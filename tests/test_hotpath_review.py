@@ -191,16 +191,13 @@ def test_a_write_while_a_stack_is_being_built_is_not_lost(
     assert _moved(before[0], _check(lm, ids, NAMES)[0])
 
 
-def test_generate_after_an_in_place_swap(saved: tuple[str, Path], tmp_path: Path) -> None:
+def test_generate_after_an_in_place_swap(tmp_path: Path) -> None:
     """generate reuses one row plan (and its stacks) for all its steps; the next call sees the
     swap. Greedy tokens are compared with each prompt generated alone."""
-    kind, root = saved
-    if kind != "gpt2":
-        pytest.skip("generation: GPT-2 only")
-    lm = lk.LoraModel(make_model(kind))
-    lm.load_adapter(root / "a", "live", max_rank=4)
-    lm.load_adapter(root / "b", "b")
-    ids = input_ids(len(NAMES), seq=4, seed=3)
+    lm = model_with_adapters("gpt2")
+    lm.make_swappable("a", 4)
+    names: list[str | None] = ["a", "b", None]
+    ids = input_ids(len(names), seq=4, seed=3)
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
 
     def generate(prompts: torch.Tensor, names: list[str | None]) -> torch.Tensor:
@@ -209,20 +206,20 @@ def test_generate_after_an_in_place_swap(saved: tuple[str, Path], tmp_path: Path
             out = lm.generate(prompts, attention_mask=mask, adapter_names=names, **kwargs)
         return out  # type: ignore[no-any-return]
 
-    first = generate(ids, NAMES)
-    lm.swap_adapter("live", _variant(kind, tmp_path / "v", seed=11, alpha=40.0))
-    second = generate(ids, NAMES)
-    alone = torch.cat([generate(ids[row : row + 1], [n]) for row, n in enumerate(NAMES)])
+    first = generate(ids, names)
+    lm.swap_adapter("a", _variant("gpt2", tmp_path / "v", seed=11, alpha=40.0))
+    second = generate(ids, names)
+    alone = torch.cat([generate(ids[row : row + 1], [n]) for row, n in enumerate(names)])
     assert torch.equal(second, alone)
-    assert not torch.equal(first[0], second[0])  # the swap changed the "live" row's tokens
+    assert not torch.equal(first[0], second[0])  # the swap changed the "a" row's tokens
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("partial", [False, True], ids=["both", "only-A"])
 def test_functional_call_replaces_the_factors(kind: str, partial: bool, forward_path: str) -> None:
-    """``torch.func.functional_call`` puts plain tensors where the parameters were; the forward
-    must use them (not the parameters it reads from the dictionary for speed), give the same
-    gradients as the module itself, and use the parameters again afterwards."""
+    """``torch.func.functional_call`` swaps plain tensors in for the parameters for one call; the
+    forward, which reads factors from the modules' dictionaries for speed, must use them, give
+    the same gradients as the module itself, and use the parameters again afterwards."""
     linear, conv, router = _pair()
     layer = linear if kind == "linear" else conv
     router.default = Selection((("a", 1.0),))
