@@ -8,6 +8,7 @@ Both ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight stored 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -167,6 +168,19 @@ class LoraAdapter(nn.Module):
             self.lora_B = nn.Parameter(factor_b)
         self.scaling = scaling
         self.dropout = dropout
+        # Conversions so far (see `_apply`): part of what a cached mixed-batch stack checks.
+        self.conversions = 0
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoraAdapter:
+        """`nn.Module._apply` (every dtype/device conversion: ``.to()``, ``.half()``...), counted.
+
+        A conversion may re-store a factor through ``.data``, which keeps the tensor and its
+        version counter; a round trip (``.half()`` then ``.float()``) can even land at the old
+        address. The count is what lets the mixed-batch stack cache (`lora_kit.rows`) notice.
+        """
+        super()._apply(fn, recurse)
+        self.conversions += 1
+        return self
 
     @property
     def r(self) -> int:

@@ -304,8 +304,9 @@ def _factors(adapter: LoraAdapter) -> tuple[Tensor, Tensor]:
 
 
 def _state(adapters: list[LoraAdapter | None]) -> tuple[Hashable, ...]:
-    """Per slot: A's and B's identity, version and data pointer, and the scaling (a float, or
-    the scale buffer's identity, version and data pointer); None for an empty slot.
+    """Per slot: A's and B's identity, version and data pointer, the scaling (a float, or the
+    scale buffer's identity, version and data pointer) and the adapter's conversion count (a
+    ``.half()``/``.float()`` round trip keeps identities and versions); None for an empty slot.
 
     Read through the modules' dictionaries directly: this runs per layer and call.
     """
@@ -323,7 +324,10 @@ def _state(adapters: list[LoraAdapter | None]) -> tuple[Hashable, ...]:
         scale = adapter._buffers.get("scale")
         # The scaling: a Python float, or the scale buffer's identity, version and pointer.
         last = adapter.scaling if scale is None else (id(scale), scale._version, scale.data_ptr())
-        append((id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), last))
+        conversions = adapter.conversions
+        append(
+            (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), last, conversions)
+        )
     return tuple(state)
 
 

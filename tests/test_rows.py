@@ -350,6 +350,26 @@ def test_mixed_batch_with_a_parametrized_factor() -> None:
     torch.testing.assert_close(mixed[0], before[0], atol=1e-5, rtol=1e-5)
 
 
+def test_cached_stacks_follow_a_conversion_that_keeps_addresses() -> None:
+    """A dtype/device conversion re-stores factors through ``.data``: same tensors, same
+    versions, and after a round trip possibly the same addresses. Simulated deterministically:
+    a conversion function that changes the values in place without a version bump and keeps
+    every address. The stacks must be rebuilt."""
+    lm = model_with_adapters("gpt2")
+    ids = input_ids(3)
+    names: list[str | None] = ["a", "b", None]
+    before = logits(lm, ids, adapter_names=names)  # caches the stacks
+
+    def rescale(t: torch.Tensor) -> torch.Tensor:
+        t.data.mul_(2.0)  # no version bump on t, same storage
+        return t
+
+    lm.model._apply(rescale)  # what .to()/.half()/.float() run, with this function
+    after = logits(lm, ids, adapter_names=names)
+    torch.testing.assert_close(after, _alone(lm, ids, names), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after[0], before[0], atol=1e-3)
+
+
 def test_clear_stacks_after_a_data_write() -> None:
     """Writes through ``.data`` bump no version counter; ``clear_stacks`` is the documented fix."""
     from lora_kit.rows import clear_stacks
