@@ -20,6 +20,7 @@ import pytest
 import torch
 from hotswap_helpers import (
     config_for,
+    each_row_alone,
     input_ids,
     logits,
     make_model,
@@ -41,12 +42,7 @@ from tests.test_layers import _pair
 NAMES: list[str | None] = ["live", "b", None]
 
 
-def _alone(lm: lk.LoraModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
-    outs = []
-    for row, name in enumerate(names):
-        with lm.using(name):
-            outs.append(logits(lm, ids[row : row + 1]))
-    return torch.cat(outs)
+_alone = each_row_alone
 
 
 def _check(lm: lk.LoraModel, ids: torch.Tensor, names: list[str | None]) -> torch.Tensor:
