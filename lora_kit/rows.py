@@ -162,7 +162,7 @@ class RowPlan:
         if len(members) > 1 and not grad:
             adapters = _adapters(layer, self.distinct)
             if _can_gather(adapters):
-                stack = _stacked(layer, self.distinct, adapters, x)
+                stack = _stacked(layer, self.distinct, adapters, x.dtype, device)
         # The gathered path needs no per-adapter index tensors: its kernels are the same
         # whatever the number of distinct adapters.
         groups = self.groups(batch, device) if stack is None else ()
@@ -341,7 +341,7 @@ def stacked_factors(layer: LoRALinear, names: tuple[str | None, ...], x: Tensor)
         ``(A^T [n, in, R], B^T [n, R, out])``, the layouts ``bmm``/``baddbmm_`` run fastest
         with (A^T as a transposed view, B^T contiguous).
     """
-    return _stacked(layer, names, _adapters(layer, names), x)
+    return _stacked(layer, names, _adapters(layer, names), x.dtype, x.device)
 
 
 def _adapters(layer: LoRALinear, names: tuple[str | None, ...]) -> list[LoraAdapter | None]:
@@ -354,10 +354,12 @@ def _stacked(
     layer: LoRALinear,
     names: tuple[str | None, ...],
     adapters: list[LoraAdapter | None],
-    x: Tensor,
+    x_dtype: torch.dtype,
+    device: torch.device,
 ) -> Stack:
-    """`stacked_factors`, given ``layer``'s adapters of ``names``."""
-    key: Hashable = (names, x.device, x.dtype)
+    """`stacked_factors` for an input of ``x_dtype`` on ``device``, given ``layer``'s adapters
+    of ``names`` (the caller has them, and the device, already: this runs per layer and call)."""
+    key: Hashable = (names, device, x_dtype)
     with _STACK_LOCK:
         per_layer = _STACK_CACHE.get(layer)
         if per_layer is None:
@@ -376,8 +378,8 @@ def _stacked(
     # The widest adapter dtype: an fp32 adapter is never rounded for sharing a batch with a
     # bf16 one.
     dtypes = [a.lora_A.dtype for a in present]
-    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else x.dtype
-    n, device = len(names), x.device
+    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else x_dtype
+    n = len(names)
     a_stack = torch.zeros((n, rank, layer.in_features), dtype=dtype, device=device)  # [n, R, in]
     b_t = torch.zeros((n, rank, layer.out_features), dtype=dtype, device=device)  # [n, R, out]
     with torch.no_grad():
