@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import lora_kit as lk
+from benchmarks.bench_hotswap import randomize
 from benchmarks.harness import CLOCKS, interleaved
 
 ROWS = 8
@@ -81,12 +82,9 @@ def load_other(directory: Path) -> ModuleType:
 def with_adapters(library: Any, base: nn.Module, preset: str) -> Any:
     """A copy of ``base`` with 8 adapters a0..a7 (random B) from ``library``; a0 active."""
     lm = library.LoraModel(copy.deepcopy(base))
-    gen = torch.Generator().manual_seed(0)
     for i in range(ADAPTERS):
         lm.add_adapter(f"a{i}", library.LoraConfig(r=8, alpha=16, targets=preset))
-        with torch.no_grad():
-            for p in lm.adapter_parameters(f"a{i}"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        randomize(lm, f"a{i}", seed=i)
     lm.set_adapter("a0")
     return lm
 
