@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from lora_kit.errors import ConfigError, LoraKitError
+from lora_kit.resolve import adapter_library
 
 EMBEDDED_JOBS = {
     "bert-sentiment": "lora_kit.demo.default_job",
@@ -86,7 +87,12 @@ def train_command(
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out share (0: none)."),
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output directory (default adapters/<data name>)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (default: <data name> in the adapter library, "
+            "$LORA_KIT_ADAPTERS, else ./adapters).",
+        ),
     ] = None,
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/checkpoint."),
     strategy: str = typer.Option("none", "--strategy", help="none | ddp | fsdp (torchrun)."),
@@ -140,7 +146,7 @@ def train_command(
             save_every=save_every,
             eval_every=eval_every,
             eval_fraction=eval_fraction,
-            out=str(out or Path("adapters") / (data.stem or "adapter")),
+            out=str(out or adapter_library() / (data.stem or "adapter")),
             gradient_checkpointing=gradient_checkpointing,
             strategy=strategy,  # type: ignore[arg-type]
         )

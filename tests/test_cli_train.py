@@ -41,6 +41,52 @@ def test_train_gpt2_prints_adapter_metrics_and_merge_command(tmp_path: Path) -> 
     assert [json.loads(x)["event"] for x in lines] == ["train"] * 3 + ["eval", "end"]
 
 
+def test_default_out_is_in_the_adapter_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without --out the run lands where `-a NAME` and load_adapter("NAME") look: the library.
+    # It went to ./adapters even with $LORA_KIT_ADAPTERS set.
+    base, data = _base("gpt2", tmp_path), write_text(tmp_path / "poems.txt")
+    library = tmp_path / "library"
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(library))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", str(base), "--data", str(data), "--steps", "1", "-r", "4"]
+    result = runner.invoke(app, [*args, "--max-length", "16", "--eval-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert (library / "poems" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapters").exists()
+    lm = lk.inject(tiny_gpt2(), lk.LoraConfig(r=4), name="x")
+    lm.load_adapter("poems", name="poems")  # found by name in the library
+    assert lm.adapters["poems"].r == 4
+
+
+@pytest.mark.parametrize(
+    ("module", "runner_name", "name"),
+    [
+        ("lora_kit.demo.default_job", "run_job", "bert-sentiment"),
+        ("lora_kit.demo.shakespeare_job", "train_roman_adapter", "gpt2-shakespeare-roman"),
+    ],
+)
+def test_embedded_jobs_default_out_is_in_the_adapter_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, runner_name: str, name: str
+) -> None:
+    import importlib
+
+    job = importlib.import_module(module)
+    seen: list[Path] = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        seen.append(next(a for a in args if isinstance(a, Path)))
+        raise lk.LoraKitError("stop here")  # run() reports it and returns 1
+
+    monkeypatch.setattr(job, runner_name, record)
+    monkeypatch.setenv("LORA_KIT_ADAPTERS", str(tmp_path / "lib"))
+    assert job.run(quiet=True) == 1
+    monkeypatch.delenv("LORA_KIT_ADAPTERS")
+    assert job.run(quiet=True) == 1
+    assert seen == [tmp_path / "lib" / name, Path("adapters") / name]
+
+
 def test_train_bert_remaps_head_and_saves_labels(tmp_path: Path) -> None:
     # The saved base has 2 labels; the data has 3: the head is rebuilt with 3 outputs.
     base, data = _base("bert", tmp_path), write_cls(tmp_path / "reviews.jsonl")

@@ -32,6 +32,7 @@ from transformers import BertForSequenceClassification
 from ..config import LoraConfig
 from ..errors import LoraKitError
 from ..model import inject
+from ..resolve import adapter_library
 from ..train import Dataset, Example, RunLogger, TrainConfig, evaluate, macro_f1, train
 from ..train.precision import resolve_precision
 from .corpora import (
@@ -44,6 +45,7 @@ from .corpora import (
 
 __all__ = ["DEFAULT_OUT", "ArmResult", "SentimentJobResult", "SentimentSettings", "run", "run_job"]
 
+# Under the adapter library ($LORA_KIT_ADAPTERS, else ./adapters) when `run` is not given one.
 DEFAULT_OUT = Path("adapters") / "bert-sentiment"
 
 
@@ -117,12 +119,19 @@ class SentimentJobResult:
 def run(out: Path | None = None, json_output: bool = False, quiet: bool = False) -> int:
     """``lorakit train`` with no ``--model``/``--data``: run the job, print, return exit code.
 
+    Args:
+        out: Adapter directory (default ``bert-sentiment`` in the adapter library:
+            ``$LORA_KIT_ADAPTERS``, else ``./adapters``).
+        json_output: Print one JSON object instead of the human summary.
+        quiet: No progress bar or progress lines.
+
     Returns:
         0 when LoRA + head beats the head alone on test macro-F1, 1 when it does not or on a
         lora_kit error (printed as ``error: ...``).
     """
     try:
-        result = run_job(SentimentSettings(), out or DEFAULT_OUT, quiet=quiet or json_output)
+        out = out or adapter_library() / DEFAULT_OUT.name
+        result = run_job(SentimentSettings(), out, quiet=quiet or json_output)
     except LoraKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

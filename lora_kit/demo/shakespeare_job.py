@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from ..config import LoraConfig
 from ..errors import ConfigError, LoraKitError
 from ..model import LoraModel, inject
+from ..resolve import adapter_library
 from ..train import RunLogger, TrainConfig, train
 from ..train.config import Schedule
 from .corpora import shakespeare_gpt2_dir
@@ -168,7 +169,8 @@ def run(out: Path | None = None, json_output: bool = False, quiet: bool = False)
     """``lorakit train --preset gpt2-shakespeare``: adapt to the Roman plays, print, exit code.
 
     Args:
-        out: Adapter directory (default ``adapters/gpt2-shakespeare-roman``).
+        out: Adapter directory (default ``gpt2-shakespeare-roman`` in the adapter library:
+            ``$LORA_KIT_ADAPTERS``, else ``./adapters``).
         json_output: Print one JSON object (no progress bar) instead of the human summary.
         quiet: No progress bar or progress lines.
 
@@ -177,7 +179,8 @@ def run(out: Path | None = None, json_output: bool = False, quiet: bool = False)
         (``error: ...`` on stderr).
     """
     try:
-        result = train_roman_adapter(out or DEFAULT_OUT, quiet=quiet or json_output)
+        out = out or adapter_library() / DEFAULT_OUT.name
+        result = train_roman_adapter(out, quiet=quiet or json_output)
     except LoraKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
