@@ -98,7 +98,7 @@ _PLAIN_BASES = (nn.Linear, Conv1D)
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _runs_plain(module: nn.Module) -> bool:
+def runs_plain(module: nn.Module) -> bool:
     """Whether calling ``module`` is just its class's ``forward``: no hooks, no patched forward.
 
     Checks the module's own hooks, module-wide ones (``register_module_forward_hook`` etc.) and
@@ -343,14 +343,14 @@ class LoRALinear(nn.Module):
         """Whether `_fused_forward` may stand in for ``base(x)`` plus `add_to`.
 
         It runs the base projection itself, so only for a plain ``nn.Linear``/``Conv1D`` with a
-        bias (`_runs_plain`), and only where it was checked to give ``base(x)`` bit for bit when
+        bias (`runs_plain`), and only where it was checked to give ``base(x)`` bit for bit when
         B is zero: fp32 on CPU, autocast off, fp32 adapters.
         """
         base = self.base
         fp32 = torch.float32
         if x.device.type != "cpu" or x.dtype != fp32 or torch.is_autocast_enabled("cpu"):
             return False  # the cheap checks first: this runs on every call
-        if not _runs_plain(base) or base.bias is None or base.weight.dtype != fp32:
+        if not runs_plain(base) or base.bias is None or base.weight.dtype != fp32:
             return False
         return all(a.lora_A.dtype == fp32 == a.lora_B.dtype for a, _ in active)
 

@@ -30,11 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .errors import AdapterNameError, LoraKitError
+from .errors import AdapterNameError
 
 if TYPE_CHECKING:
     from .layers import LoraAdapter, LoRALinear
-    from .saved_modules import SavedModule
 
 # (adapter name or None for the base, row indices or None for "every row")
 Group = tuple[str | None, Tensor | None]
@@ -462,48 +461,3 @@ def _add_gathered(out: Tensor, x: Tensor, stack: Stack, slots: Tensor | None) ->
         out.view(groups, -1, out.shape[-1]).baddbmm_(h, b_t)  # out += h @ B^T, per group
         return out
     return out.add_(torch.bmm(h, b_t).view(out.shape).to(out.dtype))
-
-
-def run_saved_rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) -> Any:
-    """Run each row through its adapter's copy of a saved module (the original for others).
-
-    Tensor arguments whose first dimension is the batch are split by row group; the outputs
-    (one tensor) are reassembled in row order.
-
-    Raises:
-        LoraKitError: The module takes no batched tensor or returns something else than a tensor.
-    """
-    batched = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0]
-    if not batched:
-        raise LoraKitError(
-            "per-row adapters need a batched tensor input to the saved module; call it with "
-            "a single adapter (lm.using(name)) instead"
-        )
-    batch, device = batched[0].shape[0], batched[0].device
-    by_module: dict[int, tuple[nn.Module, list[Tensor | None]]] = {}
-    for name, index in plan.groups(batch, device):
-        module = wrapper.copies[name] if name is not None and name in wrapper.copies else None
-        chosen = module if module is not None else wrapper.original
-        by_module.setdefault(id(chosen), (chosen, []))[1].append(index)
-    if len(by_module) == 1:
-        module, _ = next(iter(by_module.values()))
-        return module(*args, **kwargs)
-    out: Tensor | None = None
-    for module, indices in by_module.values():
-        index = torch.cat([i for i in indices if i is not None])  # [rows]
-
-        def take(value: Any, index: Tensor = index) -> Any:
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                return value.index_select(0, index)
-            return value
-
-        result = module(*(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
-        if not isinstance(result, Tensor):
-            raise LoraKitError(
-                f"per-row adapters support saved modules returning a tensor, "
-                f"{type(module).__name__} returned {type(result).__name__}"
-            )
-        if out is None:
-            out = result.new_empty((batch, *result.shape[1:]))  # [batch, ...]
-        out.index_copy_(0, index, result)
-    return out

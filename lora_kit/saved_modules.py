@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .routing import Router, Selection
-from .rows import run_saved_rows
+from .saved_rows import run_saved_rows
 
 
 class SavedModule(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_kit import LoraAdapter, LoRALinear, UnsupportedModuleError
-from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS, _runs_plain
+from lora_kit.layers import TRANSPOSED_DOWN_MAX_ROWS, runs_plain
 from lora_kit.routing import Router, Selection
 
 
@@ -209,13 +209,13 @@ def test_module_wide_hooks_are_honoured() -> None:
 
 def test_a_base_with_backward_hooks_is_called_as_a_module() -> None:
     linear, _, _ = _pair()
-    assert _runs_plain(linear.base)
+    assert runs_plain(linear.base)
     handle = linear.base.register_full_backward_hook(lambda *args: None)
     try:
-        assert not _runs_plain(linear.base)  # the fused forward would skip the hook
+        assert not runs_plain(linear.base)  # the fused forward would skip the hook
     finally:
         handle.remove()
-    assert not _runs_plain(nn.Bilinear(2, 2, 2))
+    assert not runs_plain(nn.Bilinear(2, 2, 2))
 
 
 def test_linear_without_bias() -> None:

@@ -217,10 +217,13 @@ def test_mixed_batch_kernels_do_not_grow_with_distinct_adapters(kind: str) -> No
         return aten_ops(lambda: logits(lm, ids, adapter_names=rows), lora_layers_of=lm.model)
 
     # The LoRA layers launch the same kernels for 2 or 7 distinct adapters over 8 rows: no
-    # loop over adapters or rows. (BERT's per-adapter classifier copies, outside the layers,
-    # do run once per distinct head.)
+    # loop over adapters or rows. So does the whole model, BERT's per-adapter classifier
+    # copies included (stacked per call, see test_saved_rows.py).
     assert layer_ops(seven) == layer_ops(two)
     assert "bmm" in layer_ops(two)  # the gathered path really ran
+    assert aten_ops(lambda: logits(lm, ids, adapter_names=seven)) == aten_ops(
+        lambda: logits(lm, ids, adapter_names=two)
+    )
     # Every row on one adapter: exactly the single-adapter batch's kernels, whole model.
     with lm.using("a"):
         single = aten_ops(lambda: logits(lm, ids))
