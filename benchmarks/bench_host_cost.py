@@ -8,7 +8,8 @@ CPU: 12-layer GPT-2 and BERT with 64-wide layers (the GEMMs cost next to nothing
 1 token, 8 adapters (r=8, every attention and MLP projection). Cases, interleaved, this
 thread's CPU time: the bare base; one adapter for every row; 8 rows over 8 adapters
 (``adapter_names``); both for PEFT too. Printed per model: medians, and each case's extra per
-LoRA layer over the bare base in µs.
+LoRA layer over the bare base in µs. ``--save-head``: BERT's adapters also save their own
+classifier copy (``modules_to_save``, as in ``bench_hotswap``), so a mixed batch runs 8 heads.
 
 ``--compare DIR`` loads another checkout's ``lora_kit`` (``DIR/lora_kit``) beside this one in
 the same process and adds its two cases, for an A/B of two versions in one interleaved run
@@ -79,11 +80,13 @@ def load_other(directory: Path) -> ModuleType:
     return module
 
 
-def with_adapters(library: Any, base: nn.Module, preset: str) -> Any:
-    """A copy of ``base`` with 8 adapters a0..a7 (random B) from ``library``; a0 active."""
+def with_adapters(library: Any, base: nn.Module, preset: str, heads: tuple[str, ...] = ()) -> Any:
+    """A copy of ``base`` with 8 adapters a0..a7 (random B, and their own copies of the
+    modules ``heads``) from ``library``; a0 active."""
     lm = library.LoraModel(copy.deepcopy(base))
     for i in range(ADAPTERS):
-        lm.add_adapter(f"a{i}", library.LoraConfig(r=8, alpha=16, targets=preset))
+        config = library.LoraConfig(r=8, alpha=16, targets=preset, modules_to_save=heads)
+        lm.add_adapter(f"a{i}", config)
         randomize(lm, f"a{i}", seed=i)
     lm.set_adapter("a0")
     return lm
@@ -96,11 +99,12 @@ def _call(model: Any, x: dict[str, torch.Tensor], names: list[str] | None = None
     return lambda: model(**x, adapter_names=names)
 
 
-def run(kind: str, repeats: int, other: ModuleType | None) -> dict[str, Any]:
+def run(kind: str, repeats: int, other: ModuleType | None, save_head: bool) -> dict[str, Any]:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     base, preset, peft_targets, peft_extra = narrow_model(kind)
+    heads = ("classifier",) if save_head and kind == "bert" else ()
     names = [f"a{i}" for i in range(ADAPTERS)]
     gen = torch.Generator().manual_seed(1)
     x = {"input_ids": torch.randint(0, 1000, (ROWS, 1), generator=gen)}
@@ -108,11 +112,17 @@ def run(kind: str, repeats: int, other: ModuleType | None) -> dict[str, Any]:
     cases: dict[str, Callable[[], object]] = {"base": lambda: base(**x)}
     layers = 0
     for label, library in libraries.items():
-        lm = with_adapters(library, base, preset)
+        lm = with_adapters(library, base, preset, heads)
         cases[f"{label} single"] = _call(lm, x)
         cases[f"{label} mixed"] = _call(lm, x, names)
         layers = sum(isinstance(m, library.LoRALinear) for m in lm.model.modules())
-    pcfg = PeftLoraConfig(r=8, lora_alpha=16, target_modules=list(peft_targets), **peft_extra)
+    pcfg = PeftLoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=list(peft_targets),
+        modules_to_save=list(heads) or None,
+        **peft_extra,
+    )
     pm = get_peft_model(copy.deepcopy(base), pcfg, adapter_name="a0")
     for name in names[1:]:
         pm.add_adapter(name, pcfg)
@@ -123,7 +133,8 @@ def run(kind: str, repeats: int, other: ModuleType | None) -> dict[str, Any]:
     with torch.no_grad():
         stats = interleaved(cases, repeats, warmup=5, clock=CLOCKS["cpu"], best_of=3)
     med = {name: s.median for name, s in stats.items()}
-    print(f"\n# {kind}: {layers} LoRA layers, {ROWS} rows x 1 token, {ADAPTERS} adapters")
+    saved = f", each with its own {heads[0]}" if heads else ""
+    print(f"\n# {kind}: {layers} LoRA layers, {ROWS} rows x 1 token, {ADAPTERS} adapters{saved}")
     print(f"  {'case':22s} {'median':>10s} {'extra per layer':>16s}")
     for name, value in med.items():
         extra = "" if name == "base" else f"{(value - med['base']) / layers * 1e6:13.1f} µs"
@@ -144,10 +155,14 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--compare", type=Path, help="another checkout to time beside this one")
+    parser.add_argument(
+        "--save-head", action="store_true", help="BERT adapters also save their classifier"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     other = load_other(args.compare) if args.compare else None
-    results = {kind: run(kind, args.repeats, other) for kind in args.models.split(",")}
+    kinds = args.models.split(",")
+    results = {kind: run(kind, args.repeats, other, args.save_head) for kind in kinds}
     print("\nJSON " + json.dumps(results))
 
 
