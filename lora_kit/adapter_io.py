@@ -123,28 +123,22 @@ def read_adapter_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, A
 # adapter_config.json text -> its LoraConfig (immutable), for a few recent texts: adapters
 # trained with one recipe share their config file byte for byte, and parsing it is a fair
 # part of a hot swap. Only clean parses are kept, so errors and unknown-key warnings repeat.
-_CONFIGS: dict[str, tuple[LoraConfig, list[Any]]] = {}
+_CONFIGS: dict[str, LoraConfig] = {}
 _CONFIGS_KEPT = 32
 
 
 def _parsed_config(text: str, peft_config: Mapping[str, Any], source: str) -> LoraConfig:
+    # Shared between reads of one text: LoraConfig is frozen, its pattern mappings read-only.
     found = _CONFIGS.get(text)
-    # LoraConfig is frozen, but its pattern mappings are dicts: one mutated by hand (a misuse)
-    # must not reach the next read of the same text, so each hit checks them against a copy.
-    if found is not None and _patterns(found[0]) == found[1]:
-        return found[0]
+    if found is not None:
+        return found
     config = from_peft_dict(peft_config, source)
     if unknown_keys(peft_config):
         return config
     if len(_CONFIGS) >= _CONFIGS_KEPT:
         _CONFIGS.clear()  # bounded; no iteration another thread could disturb
-    _CONFIGS[text] = (config, _patterns(config))
+    _CONFIGS[text] = config
     return config
-
-
-def _patterns(config: LoraConfig) -> list[Any]:
-    """The pattern mappings' items, in order (equal only while no one edited them)."""
-    return [list(config.rank_pattern.items()), list(config.alpha_pattern.items())]
 
 
 def read_raw_weights(path: Path) -> Weights:

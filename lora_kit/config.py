@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NoReturn, TypeVar, get_args
 
 from .errors import ConfigError
 
@@ -17,6 +17,35 @@ INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
 # A target specification: a preset name, a list of module-name suffixes, or a regular expression
 # that must match a whole module name. ``None`` picks the preset for the model's type.
 Targets = str | tuple[str, ...] | None
+
+_V = TypeVar("_V")
+
+
+class PatternMap(dict[str, _V]):
+    """``rank_pattern``/``alpha_pattern`` of a `LoraConfig`: a dict that refuses edits.
+
+    The config is frozen, and configs read from identical ``adapter_config.json`` texts share
+    one object, so an edit in place would reach every adapter loaded from that text. Reads,
+    iteration, ``json.dumps``, equality with a dict, copying and pickling work as for a dict.
+    """
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise ConfigError(
+            "LoraConfig's rank_pattern/alpha_pattern are read-only (the config is frozen); "
+            "make a new config instead: dataclasses.replace(config, rank_pattern={...})"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self) -> tuple[type[PatternMap[_V]], tuple[dict[str, _V]]]:
+        return type(self), (dict(self),)
+
+    def __copy__(self) -> PatternMap[_V]:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> PatternMap[_V]:
+        return self
 
 
 def pattern_matches(pattern: str, module_name: str) -> bool:
@@ -59,7 +88,7 @@ class LoraConfig:
         rank_pattern: Per-module rank overrides; keys are regexes matched against a dot-separated
             suffix of the module name (PEFT's rule); the first matching key wins.
         alpha_pattern: Per-module alpha overrides, same matching rule. Like every field, the
-            two pattern mappings are not to be edited in place: configs read from identical
+            two pattern mappings are read-only (`PatternMap`): configs read from identical
             ``adapter_config.json`` texts share one object.
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
         init: ``"zero_b"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op) or
@@ -96,7 +125,7 @@ class LoraConfig:
                 raise ConfigError(
                     f"LoraConfig.{name} must map module-name patterns to values, got {value!r}"
                 )
-            object.__setattr__(self, name, dict(value))
+            object.__setattr__(self, name, PatternMap(value))
         self._validate()
 
     def _validate(self) -> None:
@@ -204,6 +233,8 @@ class LoraConfig:
         for name in ("targets", "exclude", "layers", "layers_pattern", "modules_to_save"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
+        for name in ("rank_pattern", "alpha_pattern"):
+            out[name] = dict(out[name])  # the caller's to edit
         return out
 
     def to_json(self) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import pickle
+from typing import Any
 
 import pytest
 
@@ -121,3 +125,53 @@ def test_configs_differing_only_in_pattern_order_are_not_equal() -> None:
     assert LoraConfig(alpha_pattern={"a": 1.0, "b": 2.0}) != LoraConfig(
         alpha_pattern={"b": 2.0, "a": 1.0}
     )
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.__setitem__("c_fc", 3),
+        lambda m: m.__delitem__("c_attn"),
+        lambda m: m.update({"x": 1}),
+        lambda m: m.pop("c_attn"),
+        lambda m: m.popitem(),
+        lambda m: m.clear(),
+        lambda m: m.setdefault("x", 1),
+        lambda m: m.__ior__({"x": 1}),
+    ],
+)
+def test_pattern_mappings_are_read_only(edit: Any) -> None:
+    # A frozen config whose mappings could still be edited in place (configs read from one
+    # adapter_config.json text share one object, so the edit would reach all of them).
+    config = LoraConfig(rank_pattern={"c_attn": 4, "c_fc": 2}, alpha_pattern={"c_fc": 8})
+    for mapping in (config.rank_pattern, config.alpha_pattern):
+        with pytest.raises(ConfigError, match=r"read-only.*dataclasses.replace"):
+            edit(mapping)
+    assert dict(config.rank_pattern) == {"c_attn": 4, "c_fc": 2}
+    assert dict(config.alpha_pattern) == {"c_fc": 8}
+
+
+def test_read_only_patterns_still_copy_pickle_and_serialise() -> None:
+    config = LoraConfig(rank_pattern={"c_attn": 4, "c_fc": 2}, alpha_pattern={"c_fc": 8.0})
+    for other in (
+        copy.copy(config),
+        copy.deepcopy(config),
+        pickle.loads(pickle.dumps(config)),
+        LoraConfig.from_json(config.to_json()),
+    ):
+        assert other == config
+        assert list(other.rank_pattern.items()) == [("c_attn", 4), ("c_fc", 2)]  # order kept
+        with pytest.raises(ConfigError):
+            other.rank_pattern["x"] = 1  # type: ignore[index]
+    # to_dict hands out plain dicts (the caller's to edit); replace() makes a new config.
+    as_dict = config.to_dict()
+    as_dict["rank_pattern"]["x"] = 1
+    assert "x" not in config.rank_pattern
+    changed = dataclasses.replace(config, rank_pattern={**config.rank_pattern, "c_proj": 1})
+    assert changed.rank_pattern == {"c_attn": 4, "c_fc": 2, "c_proj": 1}
+    assert config.rank_pattern == {"c_attn": 4, "c_fc": 2}
+    # A caller's dict is copied, not wrapped: editing it later changes no config.
+    mine = {"c_attn": 4}
+    config = LoraConfig(rank_pattern=mine)
+    mine["c_attn"] = 1
+    assert config.rank_pattern == {"c_attn": 4}
