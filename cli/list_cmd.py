@@ -27,7 +27,9 @@ def list_adapters(
 
     Shows each adapter's name, base model, targeted modules, rank/alpha, size, creation time
     and origin (lora_kit or PEFT). Entries that look like adapters but cannot be read are
-    reported on stderr and make the exit code 1. Nothing is written.
+    reported on stderr and make the exit code 1. Hidden .*.tmp entries left by interrupted
+    saves (a killed process) are listed with their size, for you to delete once no save is
+    running. Nothing is written or removed.
     """
     with errors_to_exit():
         scan = scan_library(directory)
@@ -57,6 +59,14 @@ def list_adapters(
             typer.echo(f"({'; '.join(notes)})")
     else:
         typer.echo(f"no adapters in {scan.root}")
+    if scan.leftovers and not as_json:
+        size = human_bytes(sum(x.size_bytes for x in scan.leftovers))
+        typer.echo(
+            f"{len(scan.leftovers)} leftover(s) of interrupted saves ({size}); delete them "
+            f"once no save is running:"
+        )
+        for leftover in scan.leftovers:
+            typer.echo(f"  {leftover.path}  {human_bytes(leftover.size_bytes)}")
     for problem in scan.problems:
         typer.echo(f"error: {problem.name}: {problem.error}", err=True)
     if scan.problems:

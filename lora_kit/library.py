@@ -2,7 +2,9 @@
 
 A directory is an adapter when it holds ``adapter_config.json`` or
 ``adapter_model.safetensors``; scanning does not descend into adapters, and skips hidden
-entries (``.name.tmp`` leftovers of interrupted saves). Nothing is written.
+entries. Hidden ``.*.tmp`` entries, in a scanned folder or an adapter, are what an interrupted
+save (a killed process) leaves behind; they are reported as leftovers. Nothing is written or
+removed.
 """
 
 from __future__ import annotations
@@ -67,12 +69,22 @@ class LibraryProblem:
 
 
 @dataclass(frozen=True)
+class Leftover:
+    """A hidden ``.*.tmp`` entry: what a save, merge, pull or checkpoint interrupted by a killed
+    process leaves (a running one has such an entry too, until it renames it into place)."""
+
+    path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
 class LibraryScan:
-    """The result of :func:`scan_library`: readable adapters and broken entries, by name."""
+    """The result of :func:`scan_library`: readable adapters, broken entries and leftovers."""
 
     root: str
     adapters: tuple[AdapterSummary, ...]
     problems: tuple[LibraryProblem, ...] = field(default_factory=tuple)
+    leftovers: tuple[Leftover, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -132,25 +144,45 @@ def scan_library(root: str | os.PathLike[str] | None = None) -> LibraryScan:
         raise AdapterFormatError(f"{str(base)!r} is a file; pass a folder of adapters")
     found: list[AdapterSummary] = []
     problems: list[LibraryProblem] = []
-    for path in _adapter_dirs(base):
+    leftovers: list[Leftover] = []
+    for path in _adapter_dirs(base, set(), leftovers):
         name = path.name if path == base else path.relative_to(base).as_posix()
         try:
             found.append(summarize(read_adapter(path), name))
         except (LoraKitError, OSError) as exc:
             problems.append(LibraryProblem(name, str(path), str(exc)))
-    return LibraryScan(str(base), tuple(found), tuple(problems))
+    return LibraryScan(str(base), tuple(found), tuple(problems), tuple(leftovers))
 
 
-def _adapter_dirs(root: Path, seen: set[Path] | None = None) -> Iterator[Path]:
-    seen = set() if seen is None else seen
+def _adapter_dirs(root: Path, seen: set[Path], leftovers: list[Leftover]) -> Iterator[Path]:
     real = root.resolve()
     if real in seen:  # a symlink loop, or the same adapter reached twice
         return
     seen.add(real)
+    entries = sorted(root.iterdir())
+    leftovers.extend(_leftover(e) for e in entries if _is_leftover(e))
     if is_adapter_dir(root):
         yield root
         return
-    for entry in sorted(root.iterdir()):
+    for entry in entries:
         if entry.name.startswith(".") or not entry.is_dir():
             continue
-        yield from _adapter_dirs(entry, seen)
+        yield from _adapter_dirs(entry, seen, leftovers)
+
+
+def _is_leftover(entry: Path) -> bool:
+    return entry.name.startswith(".") and entry.name.endswith(".tmp") and not entry.is_symlink()
+
+
+def _leftover(entry: Path) -> Leftover:
+    """``entry`` and the bytes it holds (files under it, not following links)."""
+    if not entry.is_dir():
+        return Leftover(str(entry), entry.lstat().st_size)
+    size = 0
+    for folder, _, files in os.walk(entry):
+        for file in files:
+            try:
+                size += (Path(folder) / file).lstat().st_size
+            except OSError:  # removed meanwhile (the save it belongs to finished)
+                continue
+    return Leftover(str(entry), size)

@@ -84,6 +84,20 @@ def test_list(inputs: Path) -> None:
     fails(run(inputs, "list", str(inputs / "nowhere")), 1, "does not exist")
 
 
+def test_list_reports_leftovers_of_interrupted_saves(inputs: Path, tmp_path: Path) -> None:
+    lib = tmp_path / "adapters"
+    shutil.copytree(inputs / "adapters", lib)
+    shutil.copytree(lib / "g1", lib / ".g1.k2j.tmp")  # a save killed before its rename
+    size = sum(f.stat().st_size for f in (lib / ".g1.k2j.tmp").iterdir())
+    result = CliRunner().invoke(app, ["list", str(lib)])
+    assert result.exit_code == 0, result.output  # not an error: nothing is broken
+    assert "1 leftover(s) of interrupted saves" in result.stdout
+    assert str(lib / ".g1.k2j.tmp") in result.stdout
+    data = json.loads(CliRunner().invoke(app, ["list", str(lib), "--json"]).stdout)
+    assert data["leftovers"] == [{"path": str(lib / ".g1.k2j.tmp"), "size_bytes": size}]
+    assert (lib / ".g1.k2j.tmp").is_dir()  # reported, never removed
+
+
 def test_inspect(inputs: Path) -> None:
     result = run(inputs, "inspect", str(inputs / "adapters" / "g1"))
     assert result.exit_code == 0, result.output

@@ -54,6 +54,37 @@ def test_scan_summarises_every_adapter(library: Path) -> None:
     assert by_name["mixed"].ranks == (2, 4)
     peft = by_name["from-peft"]
     assert (peft.origin, peft.created_source, peft.targets) == ("peft", "mtime", ("query", "value"))
+    # The interrupted save's hidden copy is no adapter, but is reported with its size.
+    leftover = library / ".gpt2-attn.x.tmp"
+    size = sum(f.stat().st_size for f in leftover.iterdir())
+    assert [(x.path, x.size_bytes) for x in scan.leftovers] == [(str(leftover), size)]
+
+
+def test_leftovers_inside_adapters_and_run_directories_are_reported(
+    library: Path, tmp_path: Path
+) -> None:
+    # A training run killed while checkpointing leaves .checkpoint.*.tmp in its run directory
+    # (an adapter directory, which the scan does not descend into otherwise).
+    root = tmp_path / "lib"
+    shutil.copytree(library, root, symlinks=True)
+    checkpoint = root / "mixed" / ".checkpoint.abc.tmp"
+    checkpoint.mkdir()
+    (checkpoint / "state.safetensors").write_bytes(b"x" * 1000)
+    (root / "team" / ".adapter.q.tmp").write_bytes(b"y" * 10)  # a file, one level down
+    (root / ".not-a-leftover").mkdir()  # hidden, but no .tmp: ignored as before
+    os.symlink(root / "mixed", root / ".linked.tmp")  # a link is not followed or counted
+    found = {
+        Path(x.path).relative_to(root).as_posix(): x.size_bytes
+        for x in scan_library(root).leftovers
+    }
+    assert found == {
+        ".gpt2-attn.x.tmp": sum(f.stat().st_size for f in (root / ".gpt2-attn.x.tmp").iterdir()),
+        "mixed/.checkpoint.abc.tmp": 1000,
+        "team/.adapter.q.tmp": 10,
+    }
+    assert sorted(a.name for a in scan_library(root).adapters) == sorted(
+        a.name for a in scan_library(library).adapters
+    )
 
 
 def test_broken_adapters_are_reported_not_fatal(library: Path, tmp_path: Path) -> None:
