@@ -72,7 +72,7 @@ def _module_of(wrapper: SavedModule, copy: nn.Module | None) -> nn.Module:
 def _batched_linear(modules: list[nn.Module], plan: RowPlan, x: Tensor) -> Tensor | None:
     """Each row of ``x`` through its slot's ``nn.Linear`` in one ``baddbmm``; None if this path
     does not apply (then the caller groups the rows)."""
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or x.dim() < 2:
+    if torch.is_grad_enabled() or _autocasting(x) or x.dim() < 2:
         return None
     weights: list[Tensor] = []
     biases: list[Tensor] = []
@@ -105,6 +105,13 @@ def _batched_linear(modules: list[nn.Module], plan: RowPlan, x: Tensor) -> Tenso
     # [groups, rows * tokens, out]
     out = torch.bmm(x3, w_t) if b is None else torch.baddbmm(b.unsqueeze(1), x3, w_t)
     return out.reshape(*x.shape[:-1], out_features)  # [batch, ..., out]
+
+
+def _autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (never on one without autocast, such as meta,
+    where asking raises)."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _grouped(

@@ -129,3 +129,14 @@ def test_a_batch_that_does_not_fit_the_names_is_refused() -> None:
     rows = lm._rows(["a", None, "c"], None)
     with torch.no_grad(), rows, pytest.raises(AdapterNameError, match="3 entries but the batch"):
         head(x)
+
+
+def test_a_meta_model_runs_a_mixed_batch() -> None:
+    # Shape inference on the meta device: no autocast there, so asking for it must not raise.
+    lm = model_with_adapters("bert", NAMES)
+    lm.model.to("meta")
+    names: list[str | None] = ["a", None, "c", "b"]
+    with torch.no_grad():
+        out = lm(input_ids=input_ids(len(names)).to("meta"), adapter_names=names).logits
+    assert out.shape == (len(names), _head(lm).original.out_features)
+    assert out.device.type == "meta"
