@@ -140,3 +140,20 @@ def test_a_meta_model_runs_a_mixed_batch() -> None:
         out = lm(input_ids=input_ids(len(names)).to("meta"), adapter_names=names).logits
     assert out.shape == (len(names), _head(lm).original.out_features)
     assert out.device.type == "meta"
+
+
+def test_the_size_cap_counts_the_weights_gathered_per_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Repeated names gather one weight matrix per row ([batch, in, out]): the cap must bound
+    # that, not only the distinct copies, or a large batch copies the head once per row.
+    lm = model_with_adapters("bert", NAMES)
+    numel = _head(lm).original.weight.numel()
+    gathered: list[str | None] = ["c", "a", "c", None, "a"]  # 3 distinct heads, 5 rows
+    in_runs: list[str | None] = ["a", None, "c", "b"]  # 4 distinct, no gather
+    monkeypatch.setattr(saved_rows, "BATCHED_MAX_ELEMENTS", 4 * numel)
+    for names, path in ((gathered, "index_copy_"), (in_runs, "baddbmm")):
+        ids = input_ids(len(names))
+        assert path in _head_ops(lm, ids, names)
+        mixed = logits(lm, ids, adapter_names=names)
+        torch.testing.assert_close(mixed, each_row_alone(lm, ids, names), atol=1e-5, rtol=1e-5)
