@@ -7,7 +7,8 @@ copy; the others through the frozen original. Two ways, decided per call:
   modules' weights are stacked for this call and every row goes through its own module in one
   ``baddbmm``, the same few kernels however many distinct adapters the batch holds. Nothing is
   cached, so no in-place edit or swap can be served stale; the stack is rebuilt per call, which
-  is why this is kept to modules up to `BATCHED_MAX_ELEMENTS` weights in all;
+  is why this is kept to stacks up to `BATCHED_MAX_ELEMENTS` weights in all (one matrix per
+  row where rows of one name are gathered);
 * grouped (anything else: autograd on, another module type, several inputs, a large module):
   the rows are split by module, each group run through its module, and the outputs put back
   in row order.
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 # Largest stack of weights (elements, all modules together) built per call for the batched
 # path: a BERT-base head with 8 copies is 8 x 2 x 768 = 12,288. A large module (an LM head of
 # 50,257 x 768) would cost a copy of every copy per call; it takes the grouped path instead.
+# Rows not in equal runs gather one matrix per row, so there the stack counts every row.
 BATCHED_MAX_ELEMENTS = 1 << 20
 
 
@@ -72,7 +74,7 @@ def _module_of(wrapper: SavedModule, copy: nn.Module | None) -> nn.Module:
 def _batched_linear(modules: list[nn.Module], plan: RowPlan, x: Tensor) -> Tensor | None:
     """Each row of ``x`` through its slot's ``nn.Linear`` in one ``baddbmm``; None if this path
     does not apply (then the caller groups the rows)."""
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or x.dim() < 2:
+    if torch.is_grad_enabled() or _autocasting(x) or x.dim() < 2:
         return None
     weights: list[Tensor] = []
     biases: list[Tensor] = []
@@ -89,22 +91,29 @@ def _batched_linear(modules: list[nn.Module], plan: RowPlan, x: Tensor) -> Tenso
         return None
     if any(w.shape != weights[0].shape for w in weights):
         return None
-    if len(weights) * weights[0].numel() > BATCHED_MAX_ELEMENTS:
-        return None
     batch, out_features = x.shape[0], weights[0].shape[0]
+    runs = plan.runs()  # slot i holds rows [i * k, (i + 1) * k): reshape, no gather
+    # One weight matrix per group: the distinct names' stack, or one gathered per row.
+    groups = len(weights) if runs else batch
+    if groups * weights[0].numel() > BATCHED_MAX_ELEMENTS:
+        return None
     w_t = torch.stack(weights).transpose(1, 2)  # [n, in, out]
     b = torch.stack(biases) if biases else None  # [n, out]
-    if plan.runs():  # slot i holds rows [i * k, (i + 1) * k): reshape, no gather
-        groups = len(weights)
-    else:
+    if not runs:
         slots = plan.slots(batch, x.device)  # [batch]
         w_t = w_t.index_select(0, slots)  # [batch, in, out]
         b = None if b is None else b.index_select(0, slots)  # [batch, out]
-        groups = batch
     x3 = x.reshape(groups, -1, x.shape[-1])  # [groups, rows per group * tokens, in]
     # [groups, rows * tokens, out]
     out = torch.bmm(x3, w_t) if b is None else torch.baddbmm(b.unsqueeze(1), x3, w_t)
     return out.reshape(*x.shape[:-1], out_features)  # [batch, ..., out]
+
+
+def _autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (never on one without autocast, such as meta,
+    where asking raises)."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _grouped(
