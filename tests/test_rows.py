@@ -23,6 +23,10 @@ from hotswap_helpers import (
 )
 
 import lora_kit as lk
+from lora_kit.routing import Selection
+from lora_kit.rows import RowPlan
+from tests.conftest import compile_counted
+from tests.test_layers import _pair
 
 ROWS = ["a", None, "b", "a", "c", None]
 
@@ -421,3 +425,29 @@ def test_grouped_path_without_autograd(kind: str) -> None:
     assert "index_add_" in ops and "bmm" not in ops  # the grouped path really ran
     mixed = logits(lm, ids, adapter_names=ROWS)
     torch.testing.assert_close(mixed, _alone(lm, ids, ROWS), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_layer_takes_new_mixed_batches_without_recompiling() -> None:
+    """Every call brings a new `RowPlan`; its per-call bookkeeping runs outside the compiled
+    graph (``torch.compiler.disable``), so new calls reuse the graphs. Traced, it recompiled on
+    every call (its guards held the plan's cache sizes) until dynamo gave up at its limit."""
+    layer, _, router = _pair()
+    compiled, counter, x = compile_counted(layer)
+    x = torch.cat([x, x[:2]])  # [4, 5, in]
+    plans: list[list[str | None]] = [["a", "b", None, "a"], ["b", "a", "a", None]]  # gathered
+    plans += [["a", None, "b", "c"], ["b", "c", "a", None]]  # one run each ("c": not here)
+    with torch.no_grad():
+        for names in plans[:1] + plans[2:3]:  # one call of each path compiles what it needs
+            with router.override(Selection(rows=RowPlan(names))):
+                compiled(x)
+        frames = counter.frame_count
+        for names in plans * 3:
+            with router.override(Selection(rows=RowPlan(names))):
+                got = compiled(x)
+            outs = []
+            for row, name in enumerate(names):
+                router.default = Selection(((name, 1.0),)) if name else Selection()
+                outs.append(layer(x[row : row + 1]))
+            router.default = Selection()
+            torch.testing.assert_close(got, torch.cat(outs), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == frames
