@@ -39,11 +39,19 @@ def run_saved_rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) 
     """Run each row through its adapter's copy of a saved module (the original for others).
 
     Tensor arguments whose first dimension is the batch are split by row group; the outputs
-    (one tensor) are reassembled in row order.
+    (one tensor) are reassembled in row order. Under ``torch.compile`` this runs outside the
+    graph: traced, its choice of modules per call would be guarded on, and every call with
+    other names would compile again.
 
     Raises:
         LoraKitError: The module takes no batched tensor or returns something else than a tensor.
     """
+    if torch.compiler.is_compiling():
+        return _rows_outside_graph(wrapper, plan, args, kwargs)
+    return _rows(wrapper, plan, args, kwargs)
+
+
+def _rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) -> Any:
     batched = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0]
     if not batched:
         raise LoraKitError(
@@ -64,6 +72,9 @@ def run_saved_rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) 
         if out is not None:
             return out
     return _grouped(wrapper, plan, args, kwargs, batch, device)
+
+
+_rows_outside_graph = torch.compiler.disable(_rows)
 
 
 def _module_of(wrapper: SavedModule, copy: nn.Module | None) -> nn.Module:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from hotswap_helpers import aten_ops, each_row_alone, input_ids, logits, model_with_adapters
+from torch._dynamo.testing import CompileCounter
 
 import lora_kit as lk
 from lora_kit import saved_rows
@@ -314,3 +315,33 @@ def test_rows_on_heads_without_copies_run_the_original_once() -> None:
     out, ops = _head_rows(head, x, names)
     assert "index_copy_" not in ops and "baddbmm" not in ops and "addmm" in ops
     torch.testing.assert_close(out, head.original(x), atol=0, rtol=0)
+
+
+def test_a_compiled_head_takes_new_names_without_recompiling() -> None:
+    """Under torch.compile the per-row head runs outside the graph: traced, its choice of
+    copies was guarded on and a call with other names compiled again."""
+    lm = model_with_adapters("bert", NAMES)
+    head = _head(lm)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(head, backend=counter)
+    x = torch.randn(4, head.original.in_features, generator=torch.Generator().manual_seed(0))
+    plans: list[list[str | None]] = [["a", None, "c", "b"], ["c", "a", "b", "e"]]
+    plans += [["a", "a", "c", None], ["c", "c", "b", "a"]]
+
+    def alone(names: list[str | None]) -> torch.Tensor:
+        def module(name: str | None) -> torch.nn.Module:
+            copy = head.copies._modules.get(name) if name is not None else None
+            return head.original if copy is None else copy
+
+        return torch.cat([module(n)(x[i : i + 1]) for i, n in enumerate(names)])
+
+    with torch.no_grad():
+        with lm._rows(plans[0], None):
+            compiled(x)
+        frames = counter.frame_count
+        for names in plans * 2:
+            with lm._rows(names, None):
+                got = compiled(x)
+            torch.testing.assert_close(got, alone(names), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == frames
