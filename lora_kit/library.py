@@ -160,7 +160,10 @@ def _adapter_dirs(root: Path, seen: set[Path], leftovers: list[Leftover]) -> Ite
         return
     seen.add(real)
     entries = sorted(root.iterdir())
-    leftovers.extend(_leftover(e) for e in entries if _is_leftover(e))
+    for entry in entries:
+        leftover = _leftover(entry) if _is_leftover(entry) else None
+        if leftover is not None:
+            leftovers.append(leftover)
     if is_adapter_dir(root):
         yield root
         return
@@ -174,15 +177,20 @@ def _is_leftover(entry: Path) -> bool:
     return entry.name.startswith(".") and entry.name.endswith(".tmp") and not entry.is_symlink()
 
 
-def _leftover(entry: Path) -> Leftover:
-    """``entry`` and the bytes it holds (files under it, not following links)."""
+def _leftover(entry: Path) -> Leftover | None:
+    """``entry`` and the bytes it holds (files under it, not following links); None if it is
+    gone (the save it belongs to finished meanwhile)."""
+    try:
+        info = entry.lstat()
+    except OSError:
+        return None
     if not entry.is_dir():
-        return Leftover(str(entry), entry.lstat().st_size)
+        return Leftover(str(entry), info.st_size)
     size = 0
-    for folder, _, files in os.walk(entry):
+    for folder, _, files in os.walk(entry):  # errors (a folder removed meanwhile) skipped
         for file in files:
             try:
                 size += (Path(folder) / file).lstat().st_size
-            except OSError:  # removed meanwhile (the save it belongs to finished)
+            except OSError:
                 continue
     return Leftover(str(entry), size)

@@ -116,3 +116,22 @@ def test_symlink_loops_are_not_followed_forever(library: Path, tmp_path: Path) -
     os.symlink(library / "mixed", root / "linked")
     os.symlink(root, root / "loop")
     assert [a.name for a in scan_library(root).adapters] == ["linked"]
+
+
+def test_a_leftover_gone_during_the_scan_is_skipped(
+    library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A save running beside `list` renames its .tmp into place between the listing and the
+    # size: the scan goes on without it instead of failing.
+    root = tmp_path / "lib"
+    shutil.copytree(library, root, symlinks=True)
+    real_lstat = Path.lstat
+
+    def vanished(self: Path) -> os.stat_result:
+        if self.name.endswith(".tmp"):
+            raise FileNotFoundError(self)
+        return real_lstat(self)
+
+    monkeypatch.setattr(Path, "lstat", vanished)
+    scan = scan_library(root)
+    assert scan.leftovers == () and len(scan.adapters) == 4
