@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -129,7 +130,7 @@ def test_a_leftover_gone_during_the_scan_is_skipped(
 
     def vanished(self: Path) -> os.stat_result:
         if self.name.endswith(".tmp"):
-            raise FileNotFoundError(self)
+            raise FileNotFoundError(errno.ENOENT, "gone", str(self))
         return real_lstat(self)
 
     monkeypatch.setattr(Path, "lstat", vanished)
