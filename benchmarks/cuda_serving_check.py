@@ -136,14 +136,10 @@ def swaps(kind: str, device: str, root: Path) -> None:
         )
 
 
-def compiled_swap(device: str, root: Path) -> None:
+def compile_counting(model: torch.nn.Module) -> tuple[Callable[..., Any], list[int]]:
+    """``model`` compiled with inductor (dynamo reset first), and ``[graphs compiled]``."""
     from torch._dynamo import lookup_backend
 
-    library = library_with_full_rank8("gpt2", root / "compile")
-    lm = model_with_adapters("gpt2", ())
-    lm.model.to(device)
-    lm.load_adapter(library / "d1", "live", max_rank=8)
-    lm.set_adapter("live")
     frames = [0]
     inductor = lookup_backend("inductor")
 
@@ -152,7 +148,16 @@ def compiled_swap(device: str, root: Path) -> None:
         return inductor(gm, example)
 
     torch._dynamo.reset()
-    compiled = torch.compile(lm.model, backend=counting)
+    return torch.compile(model, backend=counting), frames
+
+
+def compiled_swap(device: str, root: Path) -> None:
+    library = library_with_full_rank8("gpt2", root / "compile")
+    lm = model_with_adapters("gpt2", ())
+    lm.model.to(device)
+    lm.load_adapter(library / "d1", "live", max_rank=8)
+    lm.set_adapter("live")
+    compiled, frames = compile_counting(lm.model)
     ids = input_ids(2).to(device)
     with torch.no_grad():
         compiled(input_ids=ids)
@@ -171,19 +176,9 @@ def compiled_swap(device: str, root: Path) -> None:
 
 
 def compiled_mixed(kind: str, device: str) -> None:
-    from torch._dynamo import lookup_backend
-
     lm = model_with_adapters(kind)
     lm.model.to(device)
-    frames = [0]
-    inductor = lookup_backend("inductor")
-
-    def counting(gm: torch.fx.GraphModule, example: list[torch.Tensor]) -> Callable[..., Any]:
-        frames[0] += 1
-        return inductor(gm, example)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(lm.model, backend=counting)
+    compiled, frames = compile_counting(lm.model)
     ids = input_ids(4).to(device)
     plans: list[list[str | None]] = [["a", None, "c", "b"], ["a", "a", "b", None]]  # run, gather
     plans += [["c", "b", "a", None], ["b", "c", "c", "a"]]
