@@ -94,8 +94,9 @@ class LoraConfig:
         init: ``"zero_b"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op) or
             ``"gaussian"`` (A normal with std ``1/r``, B zero).
         modules_to_save: Module-name suffixes of whole modules (e.g. a classification head
-            ``"classifier"``) trained and saved with the adapter as full copies. As in PEFT, a
-            module is saved when its name ends with one, on a dot boundary or not.
+            ``"classifier"``) trained and saved with the adapter as full copies. As in PEFT
+            (0.22 and later), a module is saved when its name is one or ends with ``"."`` and
+            one.
     """
 
     r: int = 8

@@ -119,7 +119,7 @@ def load_files(
     config, source, model = files.config, str(files.path), lm.model
     targets, heads, expected = expected_tensors(model, config)
     refuse_adapted_heads(model, heads, source)
-    check_keys(expected, files.tensors, source)
+    check_keys(expected, files.tensors, source, config.modules_to_save)
     modules = {target: submodule(model, target) for target in targets}  # resolved once
     check_base_weights(modules, files.base_weights, source)
     fp = files.metadata.get("base_fingerprint")
@@ -252,16 +252,22 @@ def check_base_weights(
 
 
 def check_keys(
-    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
+    expected: Mapping[str, tuple[int, ...]],
+    tensors: Mapping[str, Tensor],
+    source: str,
+    saved: tuple[str, ...] = (),
 ) -> None:
     """Raise unless ``tensors`` holds exactly the ``expected`` keys, at the expected shapes.
+
+    ``saved`` (the config's ``modules_to_save``) only sharpens the message for a saved module
+    that older PEFT matched and lora_kit does not.
 
     Raises:
         AdapterMismatchError: Naming the first missing key, else the first unexpected one,
             else the first tensor of another shape.
     """
     if expected.keys() != tensors.keys():
-        _check_key_sets(expected, tensors, source)
+        _check_key_sets(expected, tensors, source, saved)
     for key, shape in expected.items():
         got = tuple(tensors[key].shape)
         if got != shape:
@@ -273,7 +279,10 @@ def check_keys(
 
 
 def _check_key_sets(
-    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Tensor], source: str
+    expected: Mapping[str, tuple[int, ...]],
+    tensors: Mapping[str, Tensor],
+    source: str,
+    saved: tuple[str, ...],
 ) -> None:
     """Raise naming the first missing, else the first unexpected, key."""
     missing = [k for k in expected if k not in tensors]
@@ -284,6 +293,17 @@ def _check_key_sets(
             f"saved for another model or with other targets?"
         )
     unexpected = sorted(k for k in tensors if k not in expected)
+    for key in unexpected:
+        module = key.removeprefix("base_model.model.").rpartition(".")[0]  # less weight/bias
+        for entry in saved:
+            if module.endswith(entry) and module != entry and not module.endswith("." + entry):
+                part = module.rpartition(".")[2]
+                raise AdapterMismatchError(
+                    f"{source}: unexpected tensor {key!r}: modules_to_save entry {entry!r} ends "
+                    f"the module name {module!r} inside a name part. PEFT 0.21 and older saved "
+                    f"such modules; PEFT 0.22 and lora_kit match whole name parts only. Write "
+                    f"{part!r} in modules_to_save of adapter_config.json to load this file"
+                )
     if unexpected:
         example = next(iter(expected), "none")
         raise AdapterMismatchError(

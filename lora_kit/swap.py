@@ -356,7 +356,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
                 f"{source}: {target} has rank {rank}; adapter {name!r} holds {kind} {limit} "
                 f"there (load the adapter to be swapped with max_rank >= {rank})"
             )
-    check_keys(expected, files.tensors, source)
+    check_keys(expected, files.tensors, source, files.config.modules_to_save)
     check_base_weights({t: plan.layers[t] for t in targets}, files.base_weights, source)
     fp = files.metadata.get("base_fingerprint")
     if check_base and isinstance(fp, dict):

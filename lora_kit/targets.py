@@ -215,14 +215,16 @@ def find_saved_modules(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]
     """Names of the modules matched by ``modules_to_save`` suffixes (missing ones are skipped,
     as PEFT does for its task defaults such as ``"score"`` on a BERT model).
 
-    PEFT's rule: a module whose name ends with the string, on a dot boundary or not (``"fier"``
-    saves ``classifier``); modules without weights are left out (saving them changes nothing).
+    PEFT's rule since PEFT 0.22: a module whose name is the string or ends with ``"." +`` it
+    (``"classifier"`` or ``"bert.pooler"``, not ``"fier"``; PEFT 0.21 and older also matched
+    inside a name part); modules without weights are left out (saving them changes nothing).
     """
     from .saved_modules import SavedModule
 
+    dotted = tuple("." + s for s in suffixes)
     found = []
     for name, module in iter_layers(model):
-        matched = bool(name) and name.endswith(suffixes)
+        matched = bool(name) and (name in suffixes or name.endswith(dotted))
         if matched and (isinstance(module, SavedModule) or any(True for _ in module.parameters())):
             found.append(name)
     return found

@@ -89,7 +89,7 @@ def verify_fit(
     unused = tuple(sorted(set(files.tensors) - set(landed)))
     if expected:
         try:
-            check_keys(expected, files.tensors, source)
+            check_keys(expected, files.tensors, source, files.config.modules_to_save)
         except AdapterMismatchError as exc:
             problems.append(str(exc))
     orientation = _orientation(files, base, targets)

@@ -123,7 +123,7 @@ BERT_POOLS = Pools(
         ("classifier",),
         ("pooler",),
         ("classifier", "pooler"),
-        ("fier",),
+        ("bert.pooler",),  # a dotted suffix ("fier" alone: see test_peft_config_semantics)
         ("pooler.dense",),
         ("layer.1",),  # a whole block: no adapter inside it either
     ),

@@ -31,8 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft import LoraConfig as PeftConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -284,8 +286,6 @@ FOUND: list[tuple[Arch, dict[str, Any]]] = [
             "layers_pattern": ["h", "blocks"],
         },
     ),
-    # a modules_to_save entry is a plain name suffix: "fier" saves the classifier
-    (BERT, {"target_modules": ["query"], "modules_to_save": ["fier"]}),
     # targeting lm_head (tied to the embeddings) makes PEFT save its base weight beside the
     # adapter (lm_head.base_layer.weight), which PEFT loads back: unchanged, that is a no-op
     (GPT2, {"target_modules": ["c_attn", "lm_head"]}),
@@ -302,6 +302,42 @@ def test_found_disagreements_stay_fixed(
     peft_model = _build_peft(arch, {"r": 4, "lora_alpha": 8, **options})
     _randomize_peft(peft_model, 0)
     check_peft_file(arch, options, peft_model, tmp_path / "p")
+
+
+PEFT_MATCHES_WHOLE_PARTS = Version(peft.__version__) >= Version("0.22")
+
+
+def test_a_saved_module_named_inside_a_name_part(tmp_path: Path) -> None:
+    """modules_to_save=["fier"]: PEFT 0.22 and lora_kit match whole name parts only, so nothing
+    is saved; PEFT 0.21 and older also saved the classifier. Against the installed PEFT: with
+    0.22 both sides agree as for any case; with an older PEFT its file is refused, saying which
+    entry to write. Either way, a file of the old kind is refused with that message, and loads
+    once its config names the module."""
+    options = {"target_modules": ["query"], "modules_to_save": ["fier"]}
+    peft_model = _build_peft(BERT, {"r": 4, "lora_alpha": 8, **options})
+    _randomize_peft(peft_model, 0)
+    message = r"modules_to_save entry 'fier' ends the module name 'classifier'.*Write 'classifier'"
+    if PEFT_MATCHES_WHOLE_PARTS:
+        check_peft_file(BERT, options, peft_model, tmp_path / "p")
+    else:
+        _save_peft(peft_model, tmp_path / "p")
+        with pytest.raises(lk.AdapterMismatchError, match=message):
+            lk.LoraModel.from_pretrained(_base(BERT), tmp_path / "p")
+    # A file of the old kind: the classifier saved under an entry that names it partly.
+    old = tmp_path / "old"
+    config = lk.LoraConfig(r=4, targets=("query",), modules_to_save=("classifier",))
+    lm = lk.inject(_base(BERT), config)
+    randomize(lm, seed=0)
+    lm.save_adapter(old)
+    expected = logits(lm, BERT.inputs())
+    config_path = old / "adapter_config.json"
+    good = config_path.read_text()
+    config_path.write_text(good.replace('"classifier"', '"fier"'))
+    with pytest.raises(lk.AdapterMismatchError, match=message):
+        lk.LoraModel.from_pretrained(_base(BERT), old)
+    config_path.write_text(good)
+    loaded = lk.LoraModel.from_pretrained(_base(BERT), old)
+    torch.testing.assert_close(logits(loaded, BERT.inputs()), expected, **TOL)
 
 
 def test_a_changed_base_weight_saved_beside_a_targeted_lm_head_is_refused(tmp_path: Path) -> None:

@@ -152,9 +152,12 @@ def test_layers_pattern_picks_the_module_list() -> None:
         find_targets(model, lk.LoraConfig(targets=["c_attn"], layers=[1], layers_pattern="layers"))
 
 
-def test_modules_to_save_match_the_end_of_the_name_as_in_peft() -> None:
+def test_modules_to_save_match_whole_name_parts_as_in_peft() -> None:
     model = tiny_bert()
     assert find_saved_modules(model, ("classifier",)) == ["classifier"]
-    assert find_saved_modules(model, ("fier",)) == ["classifier"]  # not only on a dot boundary
+    # PEFT 0.21 and older saved "classifier" for "fier" too; 0.22 matches whole name parts.
+    assert find_saved_modules(model, ("fier",)) == []
     assert find_saved_modules(model, ("pooler",)) == ["bert.pooler"]
+    assert find_saved_modules(model, ("bert.pooler",)) == ["bert.pooler"]
+    assert find_saved_modules(model, ("t.pooler",)) == []
     assert find_saved_modules(model, ("dropout", "score")) == []  # no weights / no such module
