@@ -55,6 +55,7 @@ _KNOWN_KEYS = {
     "qalora_group_size",
     "eva_config",
     "corda_config",
+    "astra_config",
     "arrow_config",
     "kasa_config",
     "lora_ga_config",
