@@ -163,12 +163,27 @@ def run(
     forward_shape: tuple[int, int] = (1, 32),
     device: str = "cpu",
 ) -> None:
+    """One model's figures into ``results[kind]``; the adapter files it writes for the run go
+    to a temporary folder, removed afterwards (about 40 MB per model)."""
+    with tempfile.TemporaryDirectory(prefix="bench_hotswap_") as tmp:
+        _run(kind, repeats, results, Path(tmp), only, forward_shape, device)
+
+
+def _run(
+    kind: str,
+    repeats: int,
+    results: dict[str, Any],
+    tmp: Path,
+    only: str | None,
+    forward_shape: tuple[int, int],
+    device: str,
+) -> None:
+    """`run` with ``tmp`` as the scratch folder for the adapter files."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     out: dict[str, Any] = {}
     results[kind] = out
-    tmp = Path(tempfile.mkdtemp(prefix="bench_hotswap_"))
     paths = make_library(kind, tmp, 8)
     file_bytes = (paths[0] / "adapter_model.safetensors").stat().st_size
     print(f"\n# {kind}: adapter file {file_bytes / 1e6:.2f} MB (r=8, all projections)")
