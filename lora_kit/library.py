@@ -10,6 +10,7 @@ removed.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -161,7 +162,7 @@ def _adapter_dirs(root: Path, seen: set[Path], leftovers: list[Leftover]) -> Ite
     seen.add(real)
     entries = sorted(root.iterdir())
     for entry in entries:
-        leftover = _leftover(entry) if _is_leftover(entry) else None
+        leftover = _leftover(entry)
         if leftover is not None:
             leftovers.append(leftover)
     if is_adapter_dir(root):
@@ -173,18 +174,19 @@ def _adapter_dirs(root: Path, seen: set[Path], leftovers: list[Leftover]) -> Ite
         yield from _adapter_dirs(entry, seen, leftovers)
 
 
-def _is_leftover(entry: Path) -> bool:
-    return entry.name.startswith(".") and entry.name.endswith(".tmp") and not entry.is_symlink()
-
-
 def _leftover(entry: Path) -> Leftover | None:
-    """``entry`` and the bytes it holds (files under it, not following links); None if it is
-    gone (the save it belongs to finished meanwhile)."""
+    """``entry`` with the bytes it holds (files under it, not following links) if it is a
+    hidden ``.*.tmp`` file or folder; None otherwise, for a link, or if it is gone (the save it
+    belongs to finished meanwhile)."""
+    if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+        return None
     try:
         info = entry.lstat()
     except OSError:
         return None
-    if not entry.is_dir():
+    if stat.S_ISLNK(info.st_mode):
+        return None
+    if not stat.S_ISDIR(info.st_mode):
         return Leftover(str(entry), info.st_size)
     size = 0
     for folder, _, files in os.walk(entry):  # errors (a folder removed meanwhile) skipped

@@ -60,26 +60,20 @@ def _rows(wrapper: SavedModule, plan: RowPlan, args: Any, kwargs: Any) -> Any:
         )
     batch, device = batched[0].shape[0], batched[0].device
     plan.members(batch)  # raises on a batch that does not fit the names
+    # Each distinct name's module: its adapter's copy, else the original (no copy, or None).
     copies = wrapper.copies._modules
-    modules = [
-        _module_of(wrapper, copies.get(name) if name is not None else None)
-        for name in plan.distinct
-    ]
+    found = [copies.get(name) if name is not None else None for name in plan.distinct]
+    modules = [wrapper.original if m is None else m for m in found]
     if len({id(m) for m in modules}) == 1:  # one module for every row: no split at all
         return modules[0](*args, **kwargs)
     if not kwargs and len(args) == 1 and len(batched) == 1:
         out = _batched_linear(modules, plan, batched[0])
         if out is not None:
             return out
-    return _grouped(wrapper, plan, args, kwargs, batch, device)
+    return _grouped(modules, plan, args, kwargs, batch, device)
 
 
 _rows_outside_graph = torch.compiler.disable(_rows)
-
-
-def _module_of(wrapper: SavedModule, copy: nn.Module | None) -> nn.Module:
-    """An adapter's copy, or the original for None (no copy, or the base's rows)."""
-    return wrapper.original if copy is None else copy
 
 
 def _batched_linear(modules: list[nn.Module], plan: RowPlan, x: Tensor) -> Tensor | None:
@@ -128,22 +122,19 @@ def _autocasting(x: Tensor) -> bool:
 
 
 def _grouped(
-    wrapper: SavedModule,
+    modules: list[nn.Module],
     plan: RowPlan,
     args: Any,
     kwargs: Any,
     batch: int,
     device: torch.device,
 ) -> Any:
-    """Each row group through its module; outputs reassembled in row order."""
+    """Each row group through its module (``modules[i]`` for ``plan.distinct[i]``, at least two
+    different ones); outputs reassembled in row order."""
     by_module: dict[int, tuple[nn.Module, list[Tensor | None]]] = {}
-    for name, index in plan.groups(batch, device):
-        module = wrapper.copies[name] if name is not None and name in wrapper.copies else None
-        chosen = module if module is not None else wrapper.original
+    # The groups come in the names' first-seen order, as plan.distinct and so ``modules``.
+    for chosen, (_, index) in zip(modules, plan.groups(batch, device), strict=True):
         by_module.setdefault(id(chosen), (chosen, []))[1].append(index)
-    if len(by_module) == 1:
-        module, _ = next(iter(by_module.values()))
-        return module(*args, **kwargs)
     out: Tensor | None = None
     for module, indices in by_module.values():
         index = torch.cat([i for i in indices if i is not None])  # [rows]
