@@ -65,18 +65,38 @@ _KNOWN_KEYS = {
     "ensure_weight_tying",
 }
 
-# Features that change what an adapter computes; loading them as plain LoRA would be wrong.
-# key -> value(s) that are fine.
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None),
-    "bias": ("none", None),
-    "lora_bias": (False, None),
-    "target_parameters": (None, [], ()),
-    "layer_replication": (None, [], ()),
-    "use_qalora": (False, None),
-    "trainable_token_indices": (None, {}, []),
-    "alora_invocation_tokens": (None, [], ()),
-    "use_bdlora": (None, False),
+# Features that change what an adapter computes or how it trains, or that carry state lora_kit
+# cannot hold: key -> (values that mean plain LoRA, what the feature does). Loading such a file
+# as plain LoRA would drop the feature, so it is refused. A sub-config written as ``{}`` is
+# refused too: PEFT builds it into a default, active config.
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "use_dora": ((False, None), "DoRA rescales each adapted output by a learned magnitude"),
+    "bias": (("none", None), "the file carries trained biases of the base model"),
+    "lora_bias": ((False, None), "lora_B has a trained bias"),
+    "target_parameters": ((None, [], ()), "it adapts bare parameters, not modules"),
+    "layer_replication": ((None, [], ()), "it repeats blocks of the base model"),
+    "use_qalora": ((False, None), "QALoRA pools the input of lora_A in groups"),
+    "trainable_token_indices": ((None, {}, []), "it trains rows of the embedding matrix"),
+    "alora_invocation_tokens": (
+        (None, [], ()),
+        "aLoRA applies the update only from the invocation tokens on",
+    ),
+    "use_bdlora": ((None, False), "BD-LoRA makes lora_A or lora_B block-diagonal"),
+    "arrow_config": ((None,), "Arrow routes each token among several LoRA experts"),
+    "kasa_config": (
+        (None,),
+        "KaSA truncates the base weight's smallest singular directions and scales the update "
+        "by a learned diagonal (lora_diag)",
+    ),
+    "velora_config": (
+        (None,),
+        "VeLoRA trains lora_A through compressed activations and keeps their projection "
+        "(lora_velora_embed) in the file",
+    ),
+    "monteclora_config": (
+        (None,),
+        "MonteCLoRA trains lora_A under sampled perturbations and keeps its sampler in the file",
+    ),
 }
 
 # init_lora_weights values that leave the base untouched (PiSSA, OLoRA, LoftQ, EVA ... rewrite
@@ -209,11 +229,12 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
         raise AdapterFormatError(
             f"{source}: peft_type is {data.get('peft_type')!r}; lora_kit reads LoRA adapters only"
         )
-    for key, fine in _UNSUPPORTED.items():
+    for key, (fine, what) in _UNSUPPORTED.items():
         if key in data and data[key] not in fine:
             raise AdapterFormatError(
-                f"{source}: {key}={data[key]!r} is a PEFT feature lora_kit does not implement; "
-                f"loading it as plain LoRA would give wrong outputs. Use PEFT for this adapter."
+                f"{source}: {key}={data[key]!r}: {what}. lora_kit does not implement this PEFT "
+                f"feature, and reading the file as plain LoRA would drop it. Use PEFT for this "
+                f"adapter."
             )
     init = data.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:

@@ -403,3 +403,42 @@ def test_configs_lora_kit_cannot_read_as_peft_does_are_refused_naming_the_field(
         assert peft_refuses
     else:
         assert not peft_refuses
+
+
+# ---- LoraConfig fields outside the grammar: each value either reads as PEFT reads it, or is
+# refused with AdapterFormatError naming the field (each case failed before its fix).
+
+
+def _variant_options(arch: Arch) -> dict[str, dict[str, Any]]:
+    from peft.tuners.lora.config import KasaConfig, MontecloraConfig, VeloraConfig
+
+    target = ["c_attn", "c_fc"] if arch.name == "gpt2" else ["query", "value"]
+    variants: dict[str, dict[str, Any]] = {
+        "velora_config": {"velora_config": VeloraConfig()},
+        "monteclora_config": {"monteclora_config": MontecloraConfig()},
+    }
+    if arch.name == "bert":  # PEFT's KaSA takes nn.Linear only
+        variants["kasa_config"] = {"kasa_config": KasaConfig()}
+    return {k: {"r": 4, "target_modules": target, **v} for k, v in variants.items()}
+
+
+def test_lora_variants_are_refused_naming_their_field(arch: Arch, tmp_path: Path) -> None:
+    """VeLoRA, MonteCLoRA and KaSA files carry extra state (KaSA also a truncated base); they
+    were refused as 'saved for a different model' (AdapterMismatchError on their tensors)."""
+    for field, options in _variant_options(arch).items():
+        path = tmp_path / field
+        _save_peft(_build_peft(arch, options), path)
+        with pytest.raises(lk.AdapterFormatError, match=rf"{field}=.*Use PEFT"):
+            lk.LoraModel.from_pretrained(_base(arch), path)
+
+
+def test_an_arrow_config_is_refused(arch: Arch, tmp_path: Path) -> None:
+    """Arrow routes each token among several adapters: the file loaded as plain LoRA."""
+    target = ["c_attn"] if arch.name == "gpt2" else ["query"]
+    path = tmp_path / "p"
+    _save_peft(_build_peft(arch, {"r": 4, "target_modules": target}), path)
+    config_path = path / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**data, "arrow_config": {"top_k": 2}}))
+    with pytest.raises(lk.AdapterFormatError, match=r"arrow_config="):
+        lk.LoraModel.from_pretrained(_base(arch), path)
