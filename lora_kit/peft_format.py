@@ -99,9 +99,11 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     ),
 }
 
-# init_lora_weights values that leave the base untouched (PiSSA, OLoRA, LoftQ, EVA ... rewrite
-# the base weights, so an adapter trained with them needs that modified base).
-_PLAIN_INITS = (True, False, "gaussian")
+# init_lora_weights values that leave the base untouched: they only choose the factors' start
+# (EVA, orthogonal, NoRA, MiCA: PEFT's forward is plain LoRA for them; MiCA also keeps lora_B
+# frozen in PEFT's training, lora_kit trains both). PiSSA, OLoRA, CorDA, Astra, LoRA-GA and LoftQ
+# rewrite the base weights, so an adapter trained with them needs that modified base.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -240,7 +242,9 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     if init not in _PLAIN_INITS:
         raise AdapterFormatError(
             f"{source}: init_lora_weights={init!r} modifies the base weights (PiSSA/OLoRA/LoftQ "
-            f"style); lora_kit needs the unmodified base. Use PEFT for this adapter."
+            f"style); lora_kit needs the unmodified base. Use PEFT for this adapter, or have "
+            f"PEFT save it as plain LoRA (save_pretrained's "
+            f"path_initial_model_for_weight_conversion; not for LoftQ)."
         )
     unknown = unknown_keys(data)
     if unknown:

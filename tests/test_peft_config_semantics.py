@@ -214,7 +214,7 @@ def _no_model_card(monkeypatch: pytest.MonkeyPatch) -> None:
 def _build_peft(arch: Arch, options: dict[str, Any]) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = PeftConfig(init_lora_weights=False, **options)
+        config = PeftConfig(**{"init_lora_weights": False, **options})
         return get_peft_model(_base(arch), config).eval()
 
 
@@ -407,6 +407,43 @@ def test_configs_lora_kit_cannot_read_as_peft_does_are_refused_naming_the_field(
 
 # ---- LoraConfig fields outside the grammar: each value either reads as PEFT reads it, or is
 # refused with AdapterFormatError naming the field (each case failed before its fix).
+
+# init_lora_weights values that only choose the factors' start (the base stays as it was, and
+# PEFT's forward is plain LoRA): lora_kit refused them as "modifying the base weights".
+PLAIN_INITS = ["orthogonal", "nora", "mica"]
+
+
+@pytest.mark.parametrize("init", PLAIN_INITS)
+def test_inits_that_leave_the_base_alone_load_as_peft_reads_them(
+    arch: Arch, init: str, tmp_path: Path
+) -> None:
+    target = ["c_attn", "c_fc"] if arch.name == "gpt2" else ["query", "value"]
+    options = {"r": 4, "lora_alpha": 8, "target_modules": target, "init_lora_weights": init}
+    peft_model = _build_peft(arch, options)
+    _randomize_peft(peft_model, 0)
+    check_peft_file(arch, options, peft_model, tmp_path / "p")
+
+
+def test_an_eva_initialised_adapter_loads_as_peft_reads_it(arch: Arch, tmp_path: Path) -> None:
+    """A real EVA run (SVD of the layers' inputs over a few batches; the base is untouched)."""
+    from peft import EvaConfig, initialize_lora_eva_weights
+
+    target = ["c_attn", "c_fc"] if arch.name == "gpt2" else ["query", "value"]
+    options = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": target,
+        "init_lora_weights": "eva",
+        "eva_config": EvaConfig(rho=1.0),
+    }
+    peft_model = _build_peft(arch, options)
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 100, (4, 10), generator=gen)} for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+    _randomize_peft(peft_model, 0)
+    check_peft_file(arch, options, peft_model, tmp_path / "p")
 
 
 def _variant_options(arch: Arch) -> dict[str, dict[str, Any]]:
