@@ -26,7 +26,7 @@ from torch import Tensor
 from ._version import __version__
 from .config import LoraConfig
 from .errors import AdapterFormatError, NonFiniteError
-from .peft_format import from_peft_dict, unknown_keys
+from .peft_format import check_tied_tensors, from_peft_dict, unknown_keys
 from .safetensors_read import (
     NATIVE_LITTLE_ENDIAN,
     SafetensorsFormatError,
@@ -171,11 +171,13 @@ def adapter_files(
     """`AdapterFiles` from a directory's parsed config and its read weights, checked.
 
     Raises:
-        AdapterFormatError: Non-floating tensors or malformed lora_kit metadata.
+        AdapterFormatError: Non-floating tensors, malformed lora_kit metadata, or tensors of a
+            layer PEFT ties to the embeddings (``ensure_weight_tying``).
         NonFiniteError: A tensor holds NaN or infinity.
     """
     path = root / WEIGHTS_NAME
     tensors, raw_meta = _checked_tensors(path, weights)
+    check_tied_tensors(peft_config, tensors, str(root))
     metadata = decode_metadata(raw_meta)
     check_fingerprint_metadata(metadata, path)
     base_weights = {k: tensors.pop(k) for k in [k for k in tensors if is_base_copy(k, tensors)]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .config import LoraConfig
@@ -104,6 +104,9 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 # frozen in PEFT's training, lora_kit trains both). PiSSA, OLoRA, CorDA, Astra, LoRA-GA and LoftQ
 # rewrite the base weights, so an adapter trained with them needs that modified base.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
+
+# Layer names whose weight PEFT's ensure_weight_tying ties to the input embeddings'.
+_TIED_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -222,7 +225,11 @@ def unknown_keys(data: Mapping[str, Any]) -> list[str]:
 def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     """Parse an ``adapter_config.json`` into a `LoraConfig`.
 
-    Unknown keys are ignored with a warning; features lora_kit does not implement are refused.
+    Unknown keys are ignored with a warning; features lora_kit does not implement are refused
+    (LoRA variants, base-rewriting inits, trained biases and tokens, ``ensure_weight_tying`` on
+    an embedding layer ...). Keys that do not change the adapter's math are accepted
+    (``fan_in_fan_out``: PEFT sets it per layer type; ``megatron_config``: Megatron layers only;
+    the sub-configs of inits that are not in use).
 
     Raises:
         AdapterFormatError: Not a LoRA config, an unsupported feature, or invalid values.
@@ -263,7 +270,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
         )
     modules_to_save = data.get("modules_to_save") or ()  # a list; a string is refused
     try:
-        return LoraConfig(
+        config = LoraConfig(
             r=data.get("r", 8),
             alpha=data.get("lora_alpha", 8),
             dropout=data.get("lora_dropout", 0.0),
@@ -282,6 +289,9 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
         json_key = _PEFT_NAMES.get(named.group(1), named.group(1)) if named else None
         what = f"invalid {json_key}" if json_key else "invalid adapter_config.json"
         raise AdapterFormatError(f"{source}: {what}: {exc}") from exc
+    if data.get("ensure_weight_tying"):
+        _check_weight_tying(config, source)
+    return config
 
 
 # LoraConfig field -> the adapter_config.json key it is read from (where the names differ).
@@ -325,3 +335,59 @@ def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
                 f"{source}: {key}={data[key]!r} with a regex target_modules; PEFT refuses this "
                 f"config too (the regex alone says which modules): fold the layers into it"
             )
+
+
+def _check_weight_tying(config: LoraConfig, source: str) -> None:
+    """Refuse ``ensure_weight_tying`` where PEFT would tie adapters or saved copies.
+
+    With the flag, PEFT shares the adapter (or the trained copy) of a targeted or saved
+    ``lm_head``/``embed_tokens`` between the input embeddings and the output layer of a base
+    that ties their weights; lora_kit adapts and saves modules one by one. Elsewhere PEFT ignores
+    the flag, and so does lora_kit.
+
+    Raises:
+        AdapterFormatError: A ``target_modules`` or ``modules_to_save`` entry names such a layer
+            (PEFT's test: the last name part, or a whole-name match of a target regex).
+    """
+    targets = config.targets
+    if isinstance(targets, str):
+        found = [("target_modules", n) for n in _TIED_LAYER_NAMES if re.fullmatch(targets, n)]
+    else:
+        found = [("target_modules", t) for t in targets or () if _is_tied_layer(t)]
+    found += [("modules_to_save", m) for m in config.modules_to_save if _is_tied_layer(m)]
+    if found:
+        field, entry = found[0]
+        raise _tying_error(source, f"{entry!r} in {field}")
+
+
+def check_tied_tensors(peft_config: Mapping[str, Any], keys: Iterable[str], source: str) -> None:
+    """Refuse tensors of an ``lm_head``/``embed_tokens`` in a file with ``ensure_weight_tying``.
+
+    PEFT rewrites the config of a tied adapter when it saves it (the input embeddings' full
+    name in place of ``lm_head``), so the config alone does not always show the tie: the tensors
+    saved for the tied layer do.
+
+    Raises:
+        AdapterFormatError: Naming the first such tensor.
+    """
+    if not peft_config.get("ensure_weight_tying"):
+        return
+    for key in keys:
+        parts = key.removeprefix(PREFIX).split(".")
+        layer = next((p for p in parts if p in _TIED_LAYER_NAMES), None)
+        if layer is not None:
+            raise _tying_error(source, f"tensor {key!r} (of {layer!r}) in the file")
+
+
+def _is_tied_layer(entry: str) -> bool:
+    return entry.rpartition(".")[2] in _TIED_LAYER_NAMES
+
+
+def _tying_error(source: str, what: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{source}: ensure_weight_tying=True with {what}: on a base whose output layer shares "
+        f"the input embeddings' weight, PEFT ties the adapter or trained copy of one to the "
+        f"other, which lora_kit does not implement. Use PEFT for this adapter; if the base does "
+        f"not tie its embeddings (PEFT then ignores the flag), set ensure_weight_tying to false "
+        f"in adapter_config.json"
+    )

@@ -479,3 +479,64 @@ def test_an_arrow_config_is_refused(arch: Arch, tmp_path: Path) -> None:
     config_path.write_text(json.dumps({**data, "arrow_config": {"top_k": 2}}))
     with pytest.raises(lk.AdapterFormatError, match=r"arrow_config="):
         lk.LoraModel.from_pretrained(_base(arch), path)
+
+
+# GPT-2 ties lm_head to the input embeddings. With ensure_weight_tying PEFT shares the adapter
+# or trained copy of lm_head with the embeddings (and rewrites the saved config).
+TIED: dict[str, dict[str, Any]] = {
+    "saved lm_head": {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"]},
+    "targeted lm_head": {"target_modules": ["c_attn", "lm_head"]},
+    "lm_head in a regex": {"target_modules": r".*\.c_attn|lm_head"},
+}
+
+
+@pytest.mark.parametrize("case", list(TIED))
+def test_tied_adapters_are_refused_naming_ensure_weight_tying(case: str, tmp_path: Path) -> None:
+    options = {"r": 4, "ensure_weight_tying": True, **TIED[case]}
+    peft_model = _build_peft(GPT2, options)
+    _randomize_peft(peft_model, 0)
+    _save_peft(peft_model, tmp_path / "p")
+    with pytest.raises(lk.AdapterFormatError, match=r"ensure_weight_tying=True with .*lm_head"):
+        lk.LoraModel.from_pretrained(_base(GPT2), tmp_path / "p")
+
+
+def test_ensure_weight_tying_on_a_file_of_untied_adapters_is_refused(tmp_path: Path) -> None:
+    """The flag added to a file that targets lm_head makes PEFT tie it to the embeddings on
+    loading (other outputs); lora_kit loaded it as before. Swapping it in is refused too."""
+    options = {"r": 4, "target_modules": ["c_attn", "lm_head"]}
+    peft_model = _build_peft(GPT2, options)
+    _randomize_peft(peft_model, 0)
+    plain, tied = tmp_path / "plain", tmp_path / "tied"
+    _save_peft(peft_model, plain)
+    _save_peft(peft_model, tied)
+    config_path = tied / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**data, "ensure_weight_tying": True}))
+    inputs = GPT2.inputs()
+    peft_tied = logits(_peft_reload(GPT2, tied), inputs)
+    assert not torch.allclose(peft_tied, logits(_peft_reload(GPT2, plain), inputs), **TOL)
+    message = r"ensure_weight_tying=True with 'lm_head' in target_modules"
+    with pytest.raises(lk.AdapterFormatError, match=message):
+        lk.LoraModel.from_pretrained(_base(GPT2), tied)
+    lm = lk.LoraModel.from_pretrained(_base(GPT2), plain)
+    before = logits(lm, inputs)
+    with pytest.raises(lk.AdapterFormatError, match=message):
+        lm.swap_adapter("default", tied)
+    assert torch.equal(logits(lm, inputs), before)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"target_modules": ["c_attn", "c_fc"]},  # nothing tied: PEFT ignores the flag
+        {"target_modules": ["c_attn"], "modules_to_save": ["wte"]},  # not a name PEFT ties
+    ],
+    ids=["no-embedding", "saved-wte"],
+)
+def test_ensure_weight_tying_without_a_tied_layer_loads_as_peft_reads_it(
+    options: dict[str, Any], tmp_path: Path
+) -> None:
+    options = {"r": 4, "lora_alpha": 8, "ensure_weight_tying": True, **options}
+    peft_model = _build_peft(GPT2, options)
+    _randomize_peft(peft_model, 0)
+    check_peft_file(GPT2, options, peft_model, tmp_path / "p")
