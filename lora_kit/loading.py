@@ -71,13 +71,15 @@ def _target_spec(config: LoraConfig) -> Hashable:
     )
 
 
-def cached_targets(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
-    """`find_targets` memoised per model and target specification."""
+def cached_targets(
+    model: nn.Module, config: LoraConfig, source: str | None = None
+) -> tuple[str, ...]:
+    """`find_targets` memoised per model and target specification (``source`` as there)."""
     key = _target_spec(config)
     per_model = _TARGETS.setdefault(model, {})
     found = per_model.get(key)
     if found is None:
-        found = tuple(find_targets(model, config))
+        found = tuple(find_targets(model, config, source))
         per_model[key] = found
     return found
 
@@ -117,7 +119,7 @@ def load_files(
     check_adapter_dtype(adapter_dtype)
     lm._check_new_name(name)
     config, source, model = files.config, str(files.path), lm.model
-    targets, heads, expected = expected_tensors(model, config)
+    targets, heads, expected = expected_tensors(model, config, source)
     refuse_adapted_heads(model, heads, source)
     check_keys(expected, files.tensors, source, config.modules_to_save)
     modules = {target: submodule(model, target) for target in targets}  # resolved once
@@ -179,10 +181,11 @@ def features(layer: nn.Module) -> tuple[int, int]:
     return out_f, in_f
 
 
-def expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
+def expected_tensors(model: nn.Module, config: LoraConfig, source: str | None = None) -> Expected:
     """What an adapter with ``config`` must hold to fit ``model`` (used by loading and verify).
 
-    Memoised per model and the config fields it depends on (targets and ranks).
+    Memoised per model and the config fields it depends on (targets and ranks). ``source``, the
+    directory ``config`` was read from, goes into the errors (see `find_targets`).
 
     Returns:
         ``(targets, heads, expected)``: the targeted projections, the ``modules_to_save``
@@ -195,13 +198,13 @@ def expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
     per_model = _EXPECTED.setdefault(model, {})
     found = per_model.get(key)
     if found is None:
-        found = _expected_tensors(model, config)
+        found = _expected_tensors(model, config, source)
         per_model[key] = found
     return found
 
 
-def _expected_tensors(model: nn.Module, config: LoraConfig) -> Expected:
-    targets = cached_targets(model, config)
+def _expected_tensors(model: nn.Module, config: LoraConfig, source: str | None) -> Expected:
+    targets = cached_targets(model, config, source)
     heads = cached_heads(model, config)
     expected: dict[str, tuple[int, ...]] = {}
     for target in targets:

@@ -428,7 +428,8 @@ class LoraModel(nn.Module):
         if max_rank is None:
             load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
             return name
-        check_max_rank(_ranks(self.model, files.config), max_rank, str(files.path))
+        where = str(files.path)
+        check_max_rank(_ranks(self.model, files.config, where), max_rank, where)
         self._check_new_name(name)  # (the undo below takes away whatever is named ``name``)
         with self._undoing_add(name):  # loaded, then padded: both or neither
             load_files(self, files, name, check_base=check_base, adapter_dtype=adapter_dtype)
@@ -891,9 +892,10 @@ def _regex_matches_others(model: nn.Module, spec: str, record: AdapterRecord) ->
     )
 
 
-def _ranks(model: nn.Module, config: LoraConfig) -> dict[str, int]:
-    """Module name -> the rank ``config`` gives it in ``model``."""
-    return {target: config.rank_for(target) for target in cached_targets(model, config)}
+def _ranks(model: nn.Module, config: LoraConfig, source: str) -> dict[str, int]:
+    """Module name -> the rank ``config`` (read from ``source``) gives it in ``model``."""
+    targets = cached_targets(model, config, source)
+    return {target: config.rank_for(target) for target in targets}
 
 
 def _selected_names(selection: AdapterSelection) -> tuple[str, ...]:

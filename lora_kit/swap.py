@@ -323,7 +323,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
     source = str(files.path)
     config = files.config
     # Targets, heads and the key -> shape table are memoised per model and config.
-    targets, heads, expected = expected_tensors(lm.model, config)
+    targets, heads, expected = expected_tensors(lm.model, config, source)
     resident = set(record.modules)
     extra = sorted(set(targets) - resident)
     if extra:

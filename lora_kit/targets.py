@@ -158,8 +158,14 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None) -> list[str]:
     """Names of the modules ``config`` targets, in model order.
+
+    Args:
+        model: The model to search.
+        config: The target specification.
+        source: The adapter directory ``config`` was read from, if any: errors then name it and
+            say what to do with the file (rather than how to change a ``LoraConfig``).
 
     Raises:
         NoTargetsError: Nothing matched; the message lists the modules the model does have.
@@ -195,19 +201,32 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             # activations); only a module with weights of its own is a real, unsupported target.
             if isinstance(spec, str) and not any(True for _ in module.parameters(recurse=False)):
                 continue
+            kind = type(module).__name__
+            if source is not None:
+                raise UnsupportedModuleError(
+                    f"{source}: the adapter targets {name!r} (type {kind}); lora_kit adapts only "
+                    f"nn.Linear and transformers Conv1D layers, so it cannot load this adapter "
+                    f"(PEFT can)"
+                )
             raise UnsupportedModuleError(
-                f"target {name!r} is a {type(module).__name__}; lora_kit wraps only nn.Linear "
-                f"and transformers Conv1D: narrow LoraConfig.targets"
+                f"target {name!r} is a {kind}; lora_kit wraps only nn.Linear and transformers "
+                f"Conv1D: narrow LoraConfig.targets"
             )
         matched.append(name)
     if not matched:
         shown = ", ".join(_short_names(candidates))
         pattern = f", layers_pattern={config.layers_pattern}" if config.layers_pattern else ""
-        raise NoTargetsError(
+        found = (
             f"targets {spec!r} (layers={config.layers}{pattern}, exclude={config.exclude!r}) "
             f"matched no Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D "
-            f"modules are: {shown}. Pass one of these suffixes or a preset: {sorted(PRESETS)}"
+            f"modules are: {shown}."
         )
+        if source is not None:
+            raise NoTargetsError(
+                f"{source}: the adapter's {found} Was it saved for another model? Load it into "
+                f"the base it was trained on"
+            )
+        raise NoTargetsError(f"{found} Pass one of these suffixes or a preset: {sorted(PRESETS)}")
     return matched
 
 

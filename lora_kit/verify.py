@@ -79,9 +79,9 @@ def verify_fit(
     source = str(files.path)
     problems: list[str] = []
     try:
-        targets, _, expected = expected_tensors(base, files.config)
+        targets, _, expected = expected_tensors(base, files.config, source)
     except (NoTargetsError, UnsupportedModuleError) as exc:
-        problems.append(f"{source}: {exc}")
+        problems.append(str(exc))
         targets, expected = (), {}
     landed = [
         k for k, t in files.tensors.items() if k in expected and tuple(t.shape) == expected[k]

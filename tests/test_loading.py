@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,56 @@ def test_failed_load_changes_nothing(saved: tuple[str, Path]) -> None:
     after = lm.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_adapter_for_another_architecture_is_refused_naming_the_file(
+    saved: tuple[str, Path],
+) -> None:
+    """The error names the directory and says the file is for another base; it used to say
+    how to change a LoraConfig ("Pass one of these suffixes or a preset"), which a user loading
+    a file has not written."""
+    kind, root = saved
+    other = "bert" if kind == "gpt2" else "gpt2"
+    lm = lk.LoraModel(make_model(other))
+    lm.load_adapter(save_adapters(other, root.parent / f"own-{kind}", ("b",)) / "b", "b")
+    before = model_state(lm)
+    wrong = root / "a"
+    message = (
+        rf"^{re.escape(str(wrong))}: the adapter's targets .* matched no .*saved for another model"
+    )
+    attempts = {
+        "load": lambda: lm.load_adapter(wrong, "x"),
+        "load swappable": lambda: lm.load_adapter(wrong, "x", max_rank=8),
+        "swap": lambda: lm.swap_adapter("b", wrong),
+        "from_pretrained": lambda: lk.LoraModel.from_pretrained(make_model(other), wrong),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(lk.NoTargetsError, match=message):
+            attempt()
+        assert model_state(lm) == before, what
+
+
+def test_a_file_adapting_an_embedding_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """PEFT adapts embeddings too; lora_kit refuses such a file, and says so about the file
+    (the message used to ask to narrow LoraConfig.targets)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out note on Conv1D
+        peft_model = get_peft_model(
+            make_model("gpt2"), LoraConfig(target_modules=["c_attn", "wte"])
+        )
+    peft_model.save_pretrained(tmp_path / "emb")
+    model = make_model("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    where = re.escape(str(tmp_path / "emb"))
+    message = rf"^{where}: the adapter targets 'transformer.wte' \(type Embedding\).*PEFT can"
+    with pytest.raises(lk.UnsupportedModuleError, match=message):
+        lk.LoraModel.from_pretrained(model, tmp_path / "emb")
+    assert not any(isinstance(m, lk.LoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
