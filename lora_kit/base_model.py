@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import LoraKitError
@@ -42,7 +43,8 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
                 f"folder (written by save_pretrained) or a Hub id"
             )
         return path
-    tried = [f"local folder {str(path)!r}: does not exist"]
+    where = "is a file, not a model folder" if path.is_file() else "does not exist"
+    tried = [f"local folder {str(path)!r}: {where}"]
     repo_id = str(spec)
     if path.is_file() or repo_id.count("/") > 1 or not repo_id:
         raise BaseModelError(f"cannot resolve base model {repo_id!r}; tried: {'; '.join(tried)}")
@@ -90,6 +92,11 @@ def load_base(
         options["dtype"] = dtype
     try:
         model: nn.Module = cls.from_pretrained(folder, local_files_only=True, **options)
+    except SafetensorError as exc:  # not an OSError: it escaped as a traceback
+        raise BaseModelError(
+            f"{folder}: unreadable safetensors weights ({exc}); the file may be truncated or "
+            f"corrupt: re-save or re-download the base"
+        ) from exc
     except (OSError, ValueError, RuntimeError) as exc:
         raise BaseModelError(f"{folder}: could not load as {name}: {exc}") from exc
     return model.eval()

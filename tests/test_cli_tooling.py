@@ -272,3 +272,23 @@ def test_inspect_threshold_out_of_range_is_a_usage_error(inputs: Path, threshold
     """It exited 1 (a lora_kit error) after reading the adapter; bad usage is exit 2."""
     result = run(inputs, "inspect", str(inputs / "adapters" / "g1"), "--threshold", threshold)
     fails(result, 2, "--threshold")
+
+
+def test_verify_on_a_base_with_truncated_weights_is_an_error_not_a_traceback(
+    inputs: Path, tmp_path: Path
+) -> None:
+    """safetensors' SafetensorError is no OSError: load_base let it out as a traceback."""
+    base = tmp_path / "base"
+    shutil.copytree(inputs / "base-gpt2", base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    result = run(inputs, "verify", str(inputs / "adapters" / "g1"), "--base", str(base))
+    fails(result, 1, "unreadable safetensors weights", "re-save or re-download the base")
+
+
+def test_verify_on_a_base_given_as_a_file_says_it_is_a_file(inputs: Path) -> None:
+    """It said the local folder 'does not exist'."""
+    weights = str(inputs / "base-gpt2" / "model.safetensors")
+    result = run(inputs, "verify", str(inputs / "adapters" / "g1"), "--base", weights)
+    fails(result, 1, "is a file, not a model folder")
+
