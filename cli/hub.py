@@ -40,6 +40,8 @@ def push(
     card (config, metrics, statistics, provenance) unless the directory has its own README.md.
     The adapter directory is not modified. The token comes from huggingface_hub's usual places
     (HF_TOKEN, or `hf auth login`). Use --dry-run to see exactly what would be uploaded.
+
+    Example: lorakit push adapters/sst2 me/sst2-lora --dry-run
     """
     with errors_to_exit():
         extra = _read_metrics(metrics) if metrics is not None else None
@@ -83,7 +85,7 @@ def pull(
         ),
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing destination.")
+        bool, typer.Option("--force", help="Replace an existing adapter at the destination.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
@@ -94,6 +96,8 @@ def pull(
 
     The copy is atomic: a failed pull leaves nothing half-written. The token for private repos
     comes from huggingface_hub's usual places.
+
+    Example: lorakit pull me/sst2-lora -o adapters/sst2
     """
     with errors_to_exit():
         result = pull_adapter(

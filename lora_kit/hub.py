@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .adapter_io import read_adapter, swap_dir
+from .adapter_io import CONFIG_NAME, read_adapter, swap_dir
 from .base_model import hub_offline
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import AdapterReport, inspect_files
@@ -217,13 +217,13 @@ def pull_adapter(
         revision: Branch, tag or commit (default: ``main``).
         cache_dir: Hub cache to use (default: huggingface_hub's, ``HF_HUB_CACHE``/``HF_HOME``).
         offline: Use only the cache; defaults to whether ``HF_HUB_OFFLINE`` is set.
-        force: Replace an existing directory at ``out``.
+        force: Replace an existing adapter directory at ``out`` (never another folder).
         endpoint: Hub URL (defaults to huggingface_hub's, ``HF_ENDPOINT``).
 
     Raises:
         HubError: Invalid id, not cached while offline, or the download failed.
         AdapterFormatError: The repo is not a readable LoRA adapter, or ``out`` exists (without
-            ``force``) or is a file.
+            ``force``), is a file, or is a non-empty folder that is not an adapter.
     """
     check_repo_id(repo_id)
     target = Path(out) if out is not None else adapter_library() / repo_id.rsplit("/", 1)[-1]
@@ -231,6 +231,11 @@ def pull_adapter(
         raise AdapterFormatError(
             f"{str(target)!r} already exists; choose another -o directory or pass --force to "
             f"replace it"
+        )
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise AdapterFormatError(  # --force replaces an adapter, never another folder's files
+            f"refusing to replace {str(target)!r}: it is not an adapter directory (no "
+            f"{CONFIG_NAME}); choose another -o directory"
         )
     offline = hub_offline() if offline is None else offline
     from huggingface_hub import snapshot_download

@@ -292,3 +292,18 @@ def test_verify_on_a_base_given_as_a_file_says_it_is_a_file(inputs: Path) -> Non
     result = run(inputs, "verify", str(inputs / "adapters" / "g1"), "--base", weights)
     fails(result, 1, "is a file, not a model folder")
 
+
+def test_pull_force_never_replaces_a_folder_that_is_not_an_adapter(
+    inputs: Path, tmp_path: Path
+) -> None:
+    """--force swapped any non-empty folder for the adapter: `-o . --force` emptied the cwd."""
+    folder = tmp_path / "work"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    (folder / "sub" / "data.txt").write_text("more")
+    before = tree_hashes(folder)
+    args = ["pull", "org/remote", "-o", str(folder), "--cache-dir", str(inputs / "hf-cache")]
+    result = run(inputs, *args, "--offline", "--force")
+    fails(result, 1, "not an adapter directory", "choose another -o")
+    assert tree_hashes(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]  # no temporary copy left
