@@ -16,6 +16,7 @@ from .serving import (
     BASE,
     AdapterOption,
     assign_rows,
+    check_not_empty,
     emit,
     load_adapters,
     parse_adapter,
@@ -68,6 +69,7 @@ def _generate(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues at the right edge
+    check_not_empty(tokenizer, texts, "--prompt")
     lm = LoraModel(load_base(base))
     load_adapters(lm, adapters, check_base=check_base)
     batch = tokenizer(texts, return_tensors="pt", padding=True)

@@ -23,6 +23,7 @@ from .serving import (
     BASE,
     AdapterOption,
     assign_rows,
+    check_not_empty,
     emit,
     load_adapters,
     parse_adapter,
@@ -90,6 +91,7 @@ def _predict(
                 f"cannot be batched; set tokenizer.pad_token and save it next to the model"
             )
         tokenizer.pad_token = tokenizer.eos_token
+    check_not_empty(tokenizer, texts, "--text")
     read = {source: read_adapter(resolve_adapter(source)) for source in _sources(adapters)}
     model, headless = _load_classifier(base, read)
     if headless:  # its head is untrained: only adapter rows mean anything

@@ -33,9 +33,15 @@ T = TypeVar("T")
 def parse_adapter(spec: str) -> tuple[str, str]:
     """``NAME=SOURCE`` or ``SOURCE`` (named after its last path component) -> (name, source)."""
     name, sep, source = spec.partition("=")
-    if sep:
-        return name, source
-    return Path(spec.rstrip("/")).name or spec, spec
+    if not sep:
+        name, source = Path(spec.rstrip("/")).name or spec, spec
+    if name == BASE:  # its rows would read, and be chosen, as the base model's
+        raise typer.BadParameter(
+            f"{spec!r}: the name {BASE!r} stands for the base model; name the adapter: "
+            f"-a NAME={source}",
+            param_hint="--adapter",
+        )
+    return name, source
 
 
 def load_adapters(
@@ -92,6 +98,19 @@ def assign_rows(
         return list(inputs), rows
     grid: list[str | None] = [None, *names]
     return [text for text in inputs for _ in grid], [a for _ in inputs for a in grid]
+
+
+def check_not_empty(tokenizer: Any, texts: list[str], option: str) -> None:
+    """Refuse an input the tokenizer turns into no tokens (the model cannot run it).
+
+    Raises:
+        typer.BadParameter: An input has no tokens.
+    """
+    for text, ids in zip(texts, tokenizer(texts)["input_ids"], strict=True):
+        if len(ids) == 0:
+            raise typer.BadParameter(
+                f"{text!r} has no tokens for this tokenizer; give some text", param_hint=option
+            )
 
 
 def position_limit(model: Any, tokenizer: Any) -> int | None:

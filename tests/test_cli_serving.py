@@ -355,3 +355,28 @@ def test_predict_reads_each_adapters_files_once(
     code, _, err = _run(*args, "-t", "w1 w2", "--text-adapter", "p")
     assert code == 0, err
     assert sorted(reads) == ["p", "q"]
+
+
+@pytest.mark.parametrize("command", ["generate", "predict"])
+def test_an_input_with_no_tokens_is_a_usage_error(bases: dict[str, Path], command: str) -> None:
+    """An empty prompt/text (GPT-2's tokenizer gives no token for '') crashed the forward with
+    a RuntimeError traceback."""
+    kind, option = ("gpt2", "-p") if command == "generate" else ("bert", "-t")
+    code, _, err = _run(command, str(bases[kind]), option, "w1", option, "")
+    assert code == 2 and "'' has no tokens" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("spec", ["base={}/gpt2-x", "{}/base"])
+def test_an_adapter_named_base_is_a_usage_error(
+    bases: dict[str, Path], tmp_path: Path, spec: str
+) -> None:
+    """'base' names the base model's rows: an adapter called so printed as a second [base] row
+    and `--prompt-adapter base` silently ran the base model instead of it."""
+    base = bases["gpt2"]
+    shutil.copytree(base.parent / "gpt2-x", tmp_path / "base")
+    folder = base.parent if spec.startswith("base=") else tmp_path
+    args = ["generate", str(base), "-a", spec.format(folder), "-p", "w1 w2"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # one line per message
+    assert result.exit_code == 2, result.output
+    assert "stands for the base model" in result.stderr and "-a NAME=" in result.stderr
+    assert result.stdout == ""
