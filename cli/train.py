@@ -178,6 +178,10 @@ def train_command(
     except LoraKitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except OSError as exc:  # e.g. an --out under a file, or in a folder it cannot write
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: cannot write the run: {exc.strerror or exc}{where}", err=True)
+        raise typer.Exit(1) from None
     if summary is None:  # not rank 0
         return
     if json_output:

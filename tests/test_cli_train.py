@@ -244,3 +244,24 @@ def test_train_caps_max_length_at_the_models_positions(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"exceeds the model's {positions} positions; using {positions}" in result.output
+
+
+def test_an_out_under_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    """It trained first, then failed with a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "run"
+    result = runner.invoke(app, ["train", "--model", "x", "--data", "y", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "which is a file, not a directory" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """An OSError while writing the run (here: /proc refuses new folders, even to root) escaped
+    as a traceback."""
+    base, data = _base("gpt2", tmp_path), write_text(tmp_path / "c.txt")
+    args = ["train", "--model", str(base), "--data", str(data), "--steps", "1", "-r", "2"]
+    result = runner.invoke(app, [*args, "--max-length", "16", "--out", "/proc/lorakit-run"])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "error: cannot write the run" in result.stderr and "/proc/lorakit-run" in result.stderr

@@ -174,12 +174,18 @@ def check_out_dir(out: str) -> None:
     """Refuse an output path that exists and is not a directory (before any work is done).
 
     Raises:
-        ConfigError: ``out`` is a file.
+        ConfigError: ``out``, or the nearest of its parents that exists, is a file.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(
             f"--out {out!r} is a file, not a directory; pass a new or existing directory"
+        )
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(
+            f"--out {out!r} is under {str(parent)!r}, which is a file, not a directory; pass "
+            f"a new or existing directory"
         )
 
 
