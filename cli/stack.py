@@ -64,6 +64,7 @@ def stack_command(
         raise typer.BadParameter(
             f"{method!r}: use one of {', '.join(METHODS)}", param_hint="--method"
         )
+    _refuse_unused_options(method, rank, density, seed)
     chosen: StackMethod = method  # type: ignore[assignment]
     values = parse_weights(weights)
     with usage_errors():
@@ -89,6 +90,22 @@ def stack_command(
         typer.echo(f"  seed: {report.seed}")
     for key, source in report.heads.items():
         typer.echo(f"  head {key} taken from {source}")
+
+
+def _refuse_unused_options(
+    method: str, rank: int | None, density: float | None, seed: int | None
+) -> None:
+    """An option the method ignores is bad usage (it used to be dropped without a word)."""
+    if method == "cat" and rank is not None:
+        raise typer.BadParameter(
+            "cat keeps every rank (the output's is their sum); use --method svd, ties or dare "
+            "to reduce it",
+            param_hint="--rank",
+        )
+    if method not in ("ties", "dare") and density is not None:
+        raise typer.BadParameter(f"only ties and dare use it, not {method}", param_hint="--density")
+    if method != "dare" and seed is not None:
+        raise typer.BadParameter(f"only dare uses it, not {method}", param_hint="--seed")
 
 
 def register(app: typer.Typer) -> None:

@@ -56,3 +56,22 @@ def test_stack_subprocess(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "dare stack of 2 adapters" in proc.stdout and "seed:" in proc.stdout
+
+
+def test_an_option_the_method_ignores_is_a_usage_error(tmp_path: Path) -> None:
+    """`--rank 2` with the default method cat wrote a rank-8 stack without a word; --density
+    with cat/svd and --seed with anything but dare were dropped the same way."""
+    paths = _adapters(tmp_path)
+    out = tmp_path / "s"
+    for wrong, needle in [
+        (["--rank", "2"], "--rank"),
+        (["--method", "svd", "--density", "0.5"], "--density"),
+        (["--method", "ties", "--density", "0.5", "--seed", "1"], "--seed"),
+    ]:
+        misuse = runner.invoke(app, ["stack", *paths, *wrong, "-o", str(out)])
+        assert misuse.exit_code == 2 and needle in misuse.output, (wrong, misuse.output)
+        assert not out.exists()
+    ok = ["--method", "dare", "--density", "0.5", "--seed", "1", "--rank", "2", "--json"]
+    done = runner.invoke(app, ["stack", *paths, *ok, "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["seed"] == 1
