@@ -10,6 +10,8 @@ import typer
 
 from lora_kit.roundtrip import run_roundtrip
 
+from ._tooling import errors_to_exit
+
 # Reloading must be exact; PEFT computes the same fp32 update with other kernels.
 PEFT_TOLERANCE = 1e-5
 
@@ -44,8 +46,11 @@ def demo(
     if not quick:
         from lora_kit.demo.main_job import run
 
-        raise typer.Exit(run(root, json_output=as_json, quiet=quiet or as_json))
-    results = run_roundtrip(root / "adapters")
+        with errors_to_exit():  # e.g. a --root under a file, or one it cannot write
+            code = run(root, json_output=as_json, quiet=quiet or as_json)
+        raise typer.Exit(code)
+    with errors_to_exit():
+        results = run_roundtrip(root / "adapters")
     ok = all(
         r.reload_vs_live == 0.0 and (r.peft_vs_live is None or r.peft_vs_live <= PEFT_TOLERANCE)
         for r in results

@@ -60,3 +60,12 @@ def test_console_script_runs_in_a_subprocess() -> None:
         [sys.executable, "-c", "import cli"], capture_output=True, text=True, cwd="/", timeout=60
     )
     assert import_cli.returncode != 0  # the distribution does not claim the name `cli`
+
+
+def test_demo_quick_with_a_root_under_a_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["demo", "--quick", "--root", str(tmp_path / "afile")])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and "afile" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
