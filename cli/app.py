@@ -13,7 +13,9 @@ app = typer.Typer(
     help=(
         "LoRA adapters for Hugging Face transformers models: inject, train, save in PEFT's "
         "format, merge and serve.\n\nAdapters live in ./adapters by default. "
-        "Run `lorakit COMMAND --help` for each command."
+        "Run `lorakit COMMAND --help` for each command.\n\n"
+        "Exit codes: 0 success, 1 failure or misfit (a lora_kit error such as a corrupt or "
+        "mismatched adapter; message on stderr), 2 bad usage."
     ),
     no_args_is_help=True,
     add_completion=False,

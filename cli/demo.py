@@ -42,6 +42,8 @@ def demo(
     PEFT's format under ROOT/adapters, reloads it with lora_kit and PEFT, and checks the logits
     (reload: exact; PEFT: within 1e-5, when peft is installed). It needs no demo packages and
     takes seconds.
+
+    Example: lorakit demo --quick --root /tmp/lorakit-check
     """
     if not quick:
         from lora_kit.demo.main_job import run

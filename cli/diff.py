@@ -23,6 +23,8 @@ def diff(
     Per common module it prints the relative difference of their updates,
     ||dW_A - dW_B||_F / max(||dW_A||_F, ||dW_B||_F) (0 = same update, computed from the
     factors in float64). Exit code 0 whether or not they differ; 1 if either cannot be read.
+
+    Example: lorakit diff adapters/a adapters/b
     """
     with errors_to_exit():
         result = diff_adapters(first, second)

@@ -48,6 +48,8 @@ def inspect(
     Given a model folder (config.json + safetensors), shows its size, dtypes and the merge
     history lorakit merge recorded (base, adapters with their sha256 and weights, heads).
     An unreadable history is reported (a warning, "unreadable history") but does not fail.
+
+    Example: lorakit inspect adapters/sst2 --threshold 1e-2
     """
     if is_model_dir(adapter):
         _inspect_model(adapter, as_json)

@@ -30,6 +30,8 @@ def list_adapters(
     reported on stderr and make the exit code 1. Hidden .*.tmp entries left by interrupted
     saves (a killed process) are listed with their size, for you to delete once no save is
     running. Nothing is written or removed.
+
+    Example: lorakit list adapters --json
     """
     with errors_to_exit():
         scan = scan_library(directory)

@@ -48,6 +48,8 @@ def verify(
 
     Exit code 0 only when it fits; 1 when it does not (the first misfit is named with what to
     do) or when ADAPTER/BASE cannot be read. Nothing is written.
+
+    Example: lorakit verify adapters/sst2 --base ./bert-base --json
     """
     transformers.utils.logging.disable_progress_bar()
     with errors_to_exit():

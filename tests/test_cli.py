@@ -69,3 +69,20 @@ def test_demo_quick_with_a_root_under_a_file_is_an_error_not_a_traceback(tmp_pat
     assert result.stderr.startswith("error: ") and "afile" in result.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "list", "inspect", "verify", "diff", "push", "pull", "demo", "train", "generate",
+        "predict", "merge", "stack",
+    ],
+)  # fmt: skip
+def test_every_command_help_teaches_with_an_example(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"lorakit {command}" in result.stdout and "Example" in result.stdout, result.stdout
+
+
+def test_top_level_help_documents_the_exit_codes() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert "Exit codes: 0 success, 1 failure" in result.stdout and "2 bad usage" in result.stdout
