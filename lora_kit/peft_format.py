@@ -108,6 +108,11 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
 # Layer names whose weight PEFT's ensure_weight_tying ties to the input embeddings'.
 _TIED_LAYER_NAMES = ("embed_tokens", "lm_head")
 
+# What follows a layer's own name in the keys of its tensors: its LoRA factors, the base weight
+# PEFT saves beside an adapted embedding or output layer, or a trained copy's parameter (not a
+# submodule's: ``lm_head.dense`` of a RoBERTa MLM head is a layer of its own, tied to nothing).
+_OWN_TENSOR = re.compile(r"lora_[AB]\.weight|lora_embedding_[AB]|base_layer\.\w+|\w+")
+
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
     "ForCausalLM": "CAUSAL_LM",
@@ -374,9 +379,9 @@ def check_tied_tensors(peft_config: Mapping[str, Any], keys: Iterable[str], sour
         return
     for key in keys:
         parts = key.removeprefix(PREFIX).split(".")
-        layer = next((p for p in parts if p in _TIED_LAYER_NAMES), None)
-        if layer is not None:
-            raise _tying_error(source, f"tensor {key!r} (of {layer!r}) in the file")
+        for i, part in enumerate(parts):
+            if part in _TIED_LAYER_NAMES and _OWN_TENSOR.fullmatch(".".join(parts[i + 1 :])):
+                raise _tying_error(source, f"tensor {key!r} (of {part!r}) in the file")
 
 
 def _is_tied_layer(entry: str) -> bool:

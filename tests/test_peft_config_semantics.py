@@ -540,3 +540,36 @@ def test_ensure_weight_tying_without_a_tied_layer_loads_as_peft_reads_it(
     peft_model = _build_peft(GPT2, options)
     _randomize_peft(peft_model, 0)
     check_peft_file(GPT2, options, peft_model, tmp_path / "p")
+
+
+def _tiny_roberta_mlm(seed: int) -> nn.Module:
+    """A 2-layer RoBERTa masked LM: its output layer is ``lm_head.decoder``, tied to the input
+    embeddings, inside an ``lm_head`` module that holds untied layers too (``lm_head.dense``)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
+    return RobertaForMaskedLM(config).eval()
+
+
+ROBERTA_MLM = Arch("roberta-mlm", _tiny_roberta_mlm, "bert-qv", "bert-all", None)
+
+
+def test_ensure_weight_tying_with_a_layer_inside_lm_head_loads_as_peft_reads_it(
+    tmp_path: Path,
+) -> None:
+    """``dense`` matches ``lm_head.dense``, a Linear PEFT does not tie (its name's last part is
+    not ``lm_head``), so PEFT ignores the flag; lora_kit refused the file as tied because a
+    tensor key had an ``lm_head`` part anywhere in it."""
+    options = {"r": 4, "lora_alpha": 8, "ensure_weight_tying": True, "target_modules": ["dense"]}
+    peft_model = _build_peft(ROBERTA_MLM, options)
+    _randomize_peft(peft_model, 0)
+    assert any(".lm_head.dense.lora_A." in k for k in peft_model.state_dict())
+    check_peft_file(ROBERTA_MLM, options, peft_model, tmp_path / "p")
