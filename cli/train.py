@@ -178,9 +178,8 @@ def train_command(
     except LoraKitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except OSError as exc:  # e.g. an --out under a file, or in a folder it cannot write
-        where = f": {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: cannot write the run: {exc.strerror or exc}{where}", err=True)
+    except OSError as exc:  # e.g. an --out in a folder it cannot write, or unreadable data
+        typer.echo(f"error: {_os_error(exc, config.out)}", err=True)
         raise typer.Exit(1) from None
     if summary is None:  # not rank 0
         return
@@ -195,6 +194,15 @@ def train_command(
 
 
 train_command.__doc__ = _HELP
+
+
+def _os_error(exc: OSError, out: str) -> str:
+    """``exc`` as one line, said to be about writing the run only when its path is in ``out``
+    (an unreadable --data file or base is an OSError too)."""
+    name = exc.filename
+    where = f": {name}" if name else ""
+    inside = isinstance(name, str) and Path(name).absolute().is_relative_to(Path(out).absolute())
+    return f"{'cannot write the run: ' if inside else ''}{exc.strerror or exc}{where}"
 
 
 def _given(ctx: typer.Context, key: str) -> bool:

@@ -265,3 +265,20 @@ def test_an_out_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path: Pat
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "error: cannot write the run" in result.stderr and "/proc/lorakit-run" in result.stderr
+
+
+def test_an_os_error_reading_the_inputs_is_not_called_a_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every OSError of the run was reported as 'cannot write the run', an unreadable --data
+    file too."""
+    data = write_text(tmp_path / "c.txt")
+
+    def unreadable(job: object) -> None:
+        raise PermissionError(13, "Permission denied", str(data))
+
+    monkeypatch.setattr("lora_kit.train.job.run_job", unreadable)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", "m", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"error: Permission denied: {data}\n"
