@@ -104,6 +104,7 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 # frozen in PEFT's training, lora_kit trains both). PiSSA, OLoRA, CorDA, Astra, LoRA-GA and LoftQ
 # rewrite the base weights, so an adapter trained with them needs that modified base.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
+_CASELESS_INITS = ("gaussian", "mica", "olora")  # the init names PEFT reads in any case
 
 # Layer names whose weight PEFT's ensure_weight_tying ties to the input embeddings'.
 _TIED_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -251,6 +252,8 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
                 f"adapter."
             )
     init = data.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in _CASELESS_INITS:
+        init = init.lower()  # PEFT compares these without case
     if init not in _PLAIN_INITS:
         raise AdapterFormatError(
             f"{source}: init_lora_weights={init!r} modifies the base weights (PiSSA/OLoRA/LoftQ "

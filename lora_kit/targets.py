@@ -205,8 +205,8 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
             if source is not None:
                 raise UnsupportedModuleError(
                     f"{source}: the adapter targets {name!r} (type {kind}); lora_kit adapts only "
-                    f"nn.Linear and transformers Conv1D layers, so it cannot load this adapter "
-                    f"(PEFT can)"
+                    f"nn.Linear and transformers Conv1D layers, so it cannot load this adapter; "
+                    f"use PEFT for it if PEFT supports that layer type"
                 )
             raise UnsupportedModuleError(
                 f"target {name!r} is a {kind}; lora_kit wraps only nn.Linear and transformers "
