@@ -82,6 +82,31 @@ def test_causal_data_errors(content: str | None, name: str, match: str, tmp_path
         load_causal_lm(path, encode, max_length=8, eos_id=None)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("latin1.txt", "caf\xe9 w1 w2".encode("latin-1"), r"latin1.txt: not UTF-8 text"),
+        ("folder/b.txt", b"w1 \xff w2", r"b.txt: not UTF-8 text"),
+        ("latin1.jsonl", b'{"text": "w1"}\n{"text": "caf\xe9"}\n', r"latin1.jsonl: not UTF-8"),
+        ("latin1.csv", b"text\nw1\ncaf\xe9\n", r"latin1.csv: not UTF-8 text"),
+        ("huge.csv", b"text\n" + b"w" * 200_000 + b"\n", r"huge.csv: not valid CSV"),
+    ],
+)
+def test_undecodable_files_are_data_errors(
+    name: str, content: bytes, match: str, tmp_path: Path
+) -> None:
+    """A file that is not UTF-8 (or a CSV field over csv's size limit) raised
+    UnicodeDecodeError (csv.Error): a traceback from `lorakit train`."""
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    if name.startswith("folder/"):
+        (path.parent / "a.txt").write_text("w1 w2")
+        path = path.parent
+    with pytest.raises(DataError, match=match):
+        read_texts(path)
+
+
 def test_empty_folder_and_classification_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no \.txt files"):
         load_causal_lm(tmp_path, encode, max_length=8, eos_id=None)

@@ -236,11 +236,16 @@ def _read_rows(
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise DataError(f"folder {str(path)!r} has no .txt files")
-        rows: list[tuple[str, str | None]] = [(p.read_text(encoding=ENCODING), None) for p in files]
+        rows: list[tuple[str, str | None]] = [(_read_text(p), None) for p in files]
     elif path.suffix in TEXT_SUFFIXES:
-        rows = [(path.read_text(encoding=ENCODING), None)]
+        rows = [(_read_text(path), None)]
     elif path.suffix in TABLE_SUFFIXES:
-        rows = list(_table_rows(path, text_field or "text", label_field))
+        try:
+            rows = list(_table_rows(path, text_field or "text", label_field))
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
+        except csv.Error as exc:  # e.g. a NUL byte, or a field over csv's size limit
+            raise DataError(f"{path}: not valid CSV ({exc})") from exc
     else:
         raise DataError(
             f"{path}: unsupported data file type {path.suffix!r}; use .txt (or a folder of "
@@ -250,6 +255,17 @@ def _read_rows(
     if not rows:
         raise DataError(f"{path}: the data set is empty (no non-blank text)")
     return rows
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding=ENCODING)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from exc
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8")
 
 
 def _table_rows(
