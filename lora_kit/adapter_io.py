@@ -221,6 +221,24 @@ def check_fingerprint_metadata(metadata: Mapping[str, Any], path: Path) -> None:
         )
 
 
+def checked_state_dict(tensors: Mapping[Any, Any], where: str) -> dict[str, Tensor]:
+    """A PEFT-keyed state dict given in memory, checked as an adapter file's tensors are.
+
+    Raises:
+        AdapterFormatError: A key that is not a string, a value that is not a floating tensor.
+        NonFiniteError: A tensor holds NaN or infinity.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise AdapterFormatError(
+                f"{where}: a state dict maps PEFT tensor names to tensors; got {key!r} -> "
+                f"{type(value).__name__}"
+            )
+        out[key] = value
+    return _checked_tensors(Path(where), (out, {}))[0]
+
+
 def _checked_tensors(path: Path, weights: Weights) -> tuple[dict[str, Tensor], dict[str, str]]:
     if isinstance(weights, SafetensorsRaw):
         tensors, metadata = weights.views(), dict(weights.layout.metadata)
@@ -296,7 +314,8 @@ def write_adapter(
 
     Raises:
         NonFiniteError: A tensor holds NaN or infinity (nothing is written).
-        AdapterFormatError: ``path`` exists and is not an adapter directory.
+        AdapterFormatError: ``path`` exists and is not an adapter directory, or lies under a
+            file.
     """
     root = Path(path)
     for key, tensor in tensors.items():
@@ -314,7 +333,13 @@ def write_adapter(
     header[META_PREFIX + "version"] = __version__
     for key, value in metadata.items():
         header[META_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder must be
+        raise AdapterFormatError(
+            f"cannot write {str(root)!r}: a part of that path is a file, not a directory "
+            f"({exc.filename}); choose another path"
+        ) from exc
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

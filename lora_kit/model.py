@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .adapter_io import AdapterFiles, read_adapter, write_adapter
+from .adapter_io import AdapterFiles, checked_state_dict, read_adapter, write_adapter
 from .cache import AdapterCache, Registration
 from .config import LoraConfig
 from .errors import (
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 # The PEFT release whose adapter format lora_kit writes (recorded in adapter_config.json).
 PEFT_FORMAT_VERSION = "0.21.2"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*\Z")  # \Z: "$" allows a final "\n"
 
 AdapterSelection = str | Mapping[str, float] | None
 
@@ -236,7 +237,7 @@ class LoraModel(nn.Module):
 
         Raises:
             AdapterNameError: An unknown adapter name.
-            ConfigError: A non-finite weight.
+            ConfigError: A weight that is not a finite number (text is not parsed).
         """
         self._refuse_if_merged("set_adapter")
         cache = self._adapter_cache()
@@ -523,12 +524,7 @@ class LoraModel(nn.Module):
             pairs = []
             for adapter_name, weight in selection.items():
                 self._require(adapter_name, registered=registered)
-                value = float(weight)
-                if not torch.isfinite(torch.tensor(value)):
-                    raise ConfigError(
-                        f"weight of adapter {adapter_name!r} must be finite, got {weight!r}"
-                    )
-                pairs.append((adapter_name, value))
+                pairs.append((adapter_name, _weight(adapter_name, weight)))
             return Selection(tuple(pairs))
         raise AdapterNameError(
             f"select adapters with a name, a {{name: weight}} mapping, or None; "
@@ -714,6 +710,8 @@ class LoraModel(nn.Module):
         Raises:
             AdapterNameError: Unknown adapter, or a state dict for a registered adapter.
             AdapterMismatchError: The new weights do not fit (modules, ranks, shapes, base).
+            AdapterFormatError: A state dict holding non-tensors, non-float or NaN/inf tensors
+                (`NonFiniteError`), as for a file.
             MergedStateError: Adapters are merged into the base weights (unmerge first).
         """
         self._refuse_if_merged("swap_adapter")  # the merged delta would no longer match
@@ -730,7 +728,12 @@ class LoraModel(nn.Module):
             files = (
                 source
                 if isinstance(source, AdapterFiles)
-                else AdapterFiles(Path(f"<state dict for {name}>"), record.config, {}, dict(source))
+                else AdapterFiles(
+                    Path(where := f"<state dict for {name}>"),
+                    record.config,
+                    {},
+                    checked_state_dict(source, where),
+                )
             )
             swap_in(self, name, files, check_base=check_base)
             config, path = files.config, files.path
@@ -836,6 +839,11 @@ class LoraModel(nn.Module):
                 f"got {type(adapter_names).__name__}"
             )
         for adapter_name in adapter_names:
+            if adapter_name is not None and not isinstance(adapter_name, str):
+                raise AdapterNameError(
+                    f"adapter_names entries must be adapter names (str) or None, "
+                    f"got {adapter_name!r}"
+                )
             if adapter_name is not None:
                 self._require(adapter_name, registered=True)
         return Selection(rows=RowPlan(adapter_names))
@@ -896,6 +904,25 @@ def _ranks(model: nn.Module, config: LoraConfig, source: str) -> dict[str, int]:
     """Module name -> the rank ``config`` (read from ``source``) gives it in ``model``."""
     targets = cached_targets(model, config, source)
     return {target: config.rank_for(target) for target in targets}
+
+
+def _weight(adapter_name: str, weight: object) -> float:
+    """A selection's weight for ``adapter_name`` as a finite float.
+
+    Raises:
+        ConfigError: Not a real number (text and bools are refused, not parsed), or NaN/inf.
+    """
+    try:
+        if isinstance(weight, str | bytes | bool):
+            raise TypeError
+        value = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(
+            f"weight of adapter {adapter_name!r} must be a number, got {weight!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise ConfigError(f"weight of adapter {adapter_name!r} must be finite, got {weight!r}")
+    return value
 
 
 def _selected_names(selection: AdapterSelection) -> tuple[str, ...]:

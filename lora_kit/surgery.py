@@ -66,12 +66,13 @@ def refuse_adapted_heads(root: nn.Module, heads: tuple[str, ...] | list[str], wh
     Raises:
         ConfigError: Naming the module and the adapters on it.
     """
-    for head in heads:
-        module = submodule(root, head)
-        if isinstance(module, LoRALinear):
+    for head in heads:  # the module itself, or a block holding adapted projections
+        adapted = [m for m in submodule(root, head).modules() if isinstance(m, LoRALinear)]
+        if adapted:
             raise ConfigError(
                 f"{where}: modules_to_save {head!r} carries LoRA adapters "
-                f"{sorted(module.adapters)}; a module trained whole cannot also be adapted. "
+                f"{sorted({a for m in adapted for a in m.adapters})}; a module trained whole "
+                f"cannot also be adapted. "
                 f"Delete those adapters first, or leave {head!r} out of modules_to_save"
             )
 

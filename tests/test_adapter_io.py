@@ -409,3 +409,14 @@ def test_a_shared_config_cannot_be_edited_in_place(tmp_path: Path) -> None:
         first.rank_pattern["c_fc"] = 3  # type: ignore[index]
     again = read_adapter(path).config
     assert again is first and dict(again.rank_pattern) == {"c_fc": 2}
+
+
+def test_save_under_a_file_is_an_adapter_format_error(tmp_path: Path) -> None:
+    """It was a bare FileExistsError/NotADirectoryError from mkdir."""
+    lm = lk.inject(GPT2.build(0), lk.LoraConfig(r=2))
+    (tmp_path / "file").write_text("keep me")
+    for path in (tmp_path / "file" / "adapter", tmp_path / "file" / "deeper" / "adapter"):
+        with pytest.raises(lk.AdapterFormatError, match="is a file, not a directory"):
+            lm.save_adapter(path)
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,15 @@ from lora_kit.layers import LoraAdapter
 from lora_kit.saved_modules import SavedModule
 from lora_kit.surgery import unwrap_if_empty
 from lora_kit.swap import PaddedAdapter
-from tests.conftest import Arch, fail_on_call, logits, model_state, randomize, state_copy
+from tests.conftest import (
+    Arch,
+    fail_on_call,
+    logits,
+    model_state,
+    randomize,
+    state_copy,
+    tiny_gpt2,
+)
 from tests.hotswap_helpers import aten_ops, config_for, input_ids, model_with_adapters
 from tests.hotswap_helpers import logits as logits_of
 
@@ -325,3 +334,59 @@ def test_load_adapter_failing_to_pad_leaves_nothing_and_can_be_retried(
     monkeypatch.undo()
     lm.load_adapter(path, "x", max_rank=8)
     assert lm._layer(lm.adapter_record("x").modules[0]).adapter("x").r == 8
+
+
+# ---- bad input to the public API (review) ------------------------------------------------------
+
+BLOCKS = {"gpt2": "h.0.attn", "bert": "layer.0.attention"}
+
+
+def test_modules_to_save_on_a_block_holding_adapted_projections_is_refused(
+    arch: Arch, tmp_path: Path
+) -> None:
+    """A block (not the projection itself) carrying adapter 'a' was copied whole, LoRA layers
+    and all: the save held lora_kit-internal keys ('...c_attn.adapters.a.lora_A') and
+    delete_adapter('a') then raised a bare AttributeError."""
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=2, targets=arch.attn_preset), name="a")
+    randomize(lm)
+    before = model_state(lm)
+    config = lk.LoraConfig(r=2, targets=("intermediate.dense", "c_fc"))
+    with pytest.raises(lk.ConfigError, match=r"modules_to_save '.*' carries LoRA adapters \['a'\]"):
+        lm.add_adapter("b", dataclasses.replace(config, modules_to_save=(BLOCKS[arch.name],)))
+    assert model_state(lm) == before
+    lm.save_adapter(tmp_path / "a", "a")
+    lm.delete_adapter("a")
+
+
+def test_adapter_name_with_a_final_newline_is_refused(arch: Arch) -> None:
+    lm = lk.inject(arch.build(0), lk.LoraConfig(r=2))
+    before = model_state(lm)
+    with pytest.raises(lk.AdapterNameError, match="invalid"):
+        lm.add_adapter("b\n", lk.LoraConfig(r=2))  # "$" in the name pattern let it through
+    assert model_state(lm) == before
+
+
+@pytest.mark.parametrize("weight", ["x", "0.5", None, True, torch.ones(2)])
+def test_selection_weights_must_be_numbers(weight: object) -> None:
+    """Text was parsed ('0.5' worked, 'x' was a bare ValueError), None a bare TypeError."""
+    lm = lk.inject(tiny_gpt2(), lk.LoraConfig(r=2), name="a")
+    before = model_state(lm)
+    selection = {"a": weight}
+    with pytest.raises(lk.ConfigError, match="weight of adapter 'a' must be a number"):
+        lm.set_adapter(selection)  # type: ignore[dict-item]
+    with pytest.raises(lk.ConfigError, match="must be a number"):
+        lm.using(selection).__enter__()  # type: ignore[arg-type]
+    with pytest.raises(lk.ConfigError, match="must be a number"):
+        lm.merge(selection)  # type: ignore[arg-type]
+    assert model_state(lm) == before
+    lm.set_adapter({"a": torch.tensor(0.5)})  # a one-element tensor is a number
+    assert lm.active.weights == (("a", 0.5),)
+
+
+def test_adapter_names_entries_must_be_names_or_none() -> None:
+    """An unhashable entry was a bare TypeError ('unhashable type: list')."""
+    lm = lk.inject(tiny_gpt2(), lk.LoraConfig(r=2), name="a")
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    for names in ([["a"], None], [0, "a"]):
+        with pytest.raises(lk.AdapterNameError, match="entries must be adapter names"):
+            lm(ids, adapter_names=names)

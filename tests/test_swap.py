@@ -339,3 +339,23 @@ def test_swap_above_the_padded_rank_is_refused_and_changes_nothing(
     )
     assert torch.equal(logits(lm, ids), before)
     assert lm.adapter_record("live").source == str(root / "a")
+
+
+def test_bad_state_dicts_are_refused_before_anything_changes(saved: tuple[str, Path]) -> None:
+    """A state dict with NaN weights was swapped in silently (files are refused for it), and one
+    holding non-tensors failed with a bare AttributeError."""
+    kind, root = saved
+    lm = lk.LoraModel(make_model(kind))
+    lm.load_adapter(root / "a", "live", max_rank=8)
+    before = model_state(lm)
+    tensors = lk.read_adapter(root / "a").tensors
+    key = next(iter(tensors))
+    cases: list[tuple[dict[object, object], type[Exception], str]] = [
+        ({**tensors, key: tensors[key] * float("nan")}, lk.NonFiniteError, "NaN or infinity"),
+        ({**tensors, key: tensors[key].int()}, lk.AdapterFormatError, "not float"),
+        ({**tensors, key: 1.0}, lk.AdapterFormatError, "maps PEFT tensor names to tensors"),
+    ]
+    for state, error, message in cases:
+        with pytest.raises(error, match=message):
+            lm.swap_adapter("live", state)  # type: ignore[arg-type]
+        assert model_state(lm) == before
