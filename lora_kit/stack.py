@@ -22,6 +22,7 @@ into the output's safetensors header as ``lora_kit.history``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import secrets
@@ -134,13 +135,18 @@ def stack_arguments(
     """Check `stack`'s arguments before any file is read; returns one weight per adapter.
 
     Raises:
-        ConfigError: No adapters, a weight count other than ``count``, a non-finite weight, an
-            unknown method, a rank below 1, or ties/dare without a density in (0, 1].
+        ConfigError: No adapters, a weight count other than ``count``, a weight that is not a
+            finite number, an unknown method, a rank below 1, or ties/dare without a density in
+            (0, 1].
     """
     if method not in METHODS:
         raise ConfigError(f"unknown stacking method {method!r}; use one of {METHODS}")
     if count < 1:
         raise ConfigError("give at least one adapter directory to stack")
+    if weights is not None and not isinstance(weights, str):
+        weights = list(weights)  # (an iterator is read once)
+    if weights is not None and (isinstance(weights, str) or not all(map(_real, weights))):
+        raise ConfigError(f"stack weights must be a list of numbers, got {weights!r}")
     coeffs = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(coeffs) != count:
         raise ConfigError(f"got {len(coeffs)} weights for {count} adapters: one per adapter")
@@ -148,9 +154,15 @@ def stack_arguments(
         raise ConfigError(f"stack weights must be finite, got {coeffs}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    if method in ("ties", "dare") and (density is None or not 0.0 < float(density) <= 1.0):
+    dense = density is not None and _real(density) and 0.0 < density <= 1.0
+    if method in ("ties", "dare") and not dense:
         raise ConfigError(f"{method} needs --density in (0, 1], got {density!r}")
     return coeffs
+
+
+def _real(value: object) -> bool:
+    """A real number (an int, float or NumPy scalar), not a bool or text."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def stack(
@@ -182,12 +194,17 @@ def stack(
         A `StackReport` (per-module energy kept and error against the exact weighted sum).
 
     Raises:
-        ConfigError: Bad weights, method, rank, density or ``heads`` choice.
+        ConfigError: Bad weights, method, rank, density, seed or ``heads`` choice, or
+            ``paths`` that is one path instead of a list.
         AdapterFormatError: An unreadable input.
         AdapterMismatchError: Inputs of different bases, or the same module with other shapes.
         HeadConflictError: Inputs carry different copies of a head and ``heads`` is not given.
     """
+    if isinstance(paths, str | os.PathLike):
+        raise ConfigError(f"paths must be a list of adapter directories, got one path {paths!r}")
     coeffs = stack_arguments(len(paths), weights, method, rank, density)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
     if method == "dare" and seed is None:
         seed = secrets.randbelow(2**31)
     inputs = [read_adapter(p) for p in paths]

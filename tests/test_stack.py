@@ -246,3 +246,28 @@ def test_overall_metrics_weight_modules_by_their_update(
     # values being computed on the factors, not on dense matrices.
     assert report.rel_error == pytest.approx((err2 / norm2) ** 0.5, rel=1e-3)
     assert report.energy_kept == pytest.approx(kept2 / norm2, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"weights": [1, "x"]}, "weights must be a list of numbers"),
+        ({"weights": [1, None]}, "weights must be a list of numbers"),
+        ({"weights": "12"}, "weights must be a list of numbers"),  # was read as [1.0, 2.0]
+        ({"method": "dare", "density": "x"}, "needs --density"),
+        ({"method": "dare", "density": 0.5, "seed": "x"}, "seed must be an integer"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_config_errors(
+    tmp_path: Path, arguments: dict[str, object], message: str
+) -> None:
+    """They were bare ValueError/TypeError tracebacks (or, for a string of digits, weights)."""
+    with pytest.raises(lk.ConfigError, match=message):
+        stack([tmp_path / "a", tmp_path / "b"], out=tmp_path / "out", **arguments)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_path_instead_of_a_list_is_refused(tmp_path: Path) -> None:
+    """Each character was read as an adapter directory ("'/' is not an adapter directory")."""
+    with pytest.raises(lk.ConfigError, match="list of adapter directories, got one path"):
+        stack(str(tmp_path / "a"), out=tmp_path / "out")  # type: ignore[arg-type]
