@@ -31,7 +31,7 @@ from .resolve import adapter_library
 
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")  # \Z: "$" allows a final "\n"
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
 
 

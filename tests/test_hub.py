@@ -174,7 +174,7 @@ def test_pull_refuses_a_repo_that_is_not_an_adapter(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".out.*"))  # no temp leftovers
 
 
-@pytest.mark.parametrize("bad", ["", "a/b/c", "../x", "me/", "/abs", "a b"])
+@pytest.mark.parametrize("bad", ["", "a/b/c", "../x", "me/", "/abs", "a b", "me/x\n"])
 def test_repo_ids_are_checked(bad: str) -> None:
     with pytest.raises(HubError):
         check_repo_id(bad)
