@@ -916,6 +916,8 @@ def _weight(adapter_name: str, weight: object) -> float:
         if isinstance(weight, str | bytes | bool):
             raise TypeError
         value = float(weight)  # type: ignore[arg-type]
+    except OverflowError:  # an int or Fraction too large for a float
+        value = math.inf
     except (TypeError, ValueError, RuntimeError):
         raise ConfigError(
             f"weight of adapter {adapter_name!r} must be a number, got {weight!r}"

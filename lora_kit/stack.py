@@ -143,26 +143,46 @@ def stack_arguments(
         raise ConfigError(f"unknown stacking method {method!r}; use one of {METHODS}")
     if count < 1:
         raise ConfigError("give at least one adapter directory to stack")
-    if weights is not None and not isinstance(weights, str):
-        weights = list(weights)  # (an iterator is read once)
-    if weights is not None and (isinstance(weights, str) or not all(map(_real, weights))):
+    coeffs = [1.0] * count if weights is None else _numbers(weights)
+    if coeffs is None:
         raise ConfigError(f"stack weights must be a list of numbers, got {weights!r}")
-    coeffs = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(coeffs) != count:
         raise ConfigError(f"got {len(coeffs)} weights for {count} adapters: one per adapter")
     if not all(math.isfinite(c) for c in coeffs):
         raise ConfigError(f"stack weights must be finite, got {coeffs}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    dense = density is not None and _real(density) and 0.0 < density <= 1.0
-    if method in ("ties", "dare") and not dense:
+    dense = None if density is None else _number(density)
+    if method in ("ties", "dare") and (dense is None or not 0.0 < dense <= 1.0):
         raise ConfigError(f"{method} needs --density in (0, 1], got {density!r}")
     return coeffs
 
 
-def _real(value: object) -> bool:
-    """A real number (an int, float or NumPy scalar), not a bool or text."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def _number(value: object) -> float | None:
+    """``value`` as a float (inf past float's range), or None if it is not a real number.
+
+    As `LoraModel.set_adapter` reads weights: NumPy scalars, Decimal, Fraction and one-element
+    tensors are numbers; text and bools are not.
+    """
+    if isinstance(value, str | bytes | bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int or Fraction too large for a float
+        return math.inf
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _numbers(values: object) -> list[float] | None:
+    """A list of weights as floats, or None if it is not a list (or iterable) of numbers."""
+    if isinstance(values, str | bytes):
+        return None
+    try:
+        found = [_number(v) for v in values]  # type: ignore[attr-defined]
+    except TypeError:  # not iterable
+        return None
+    return None if None in found else found  # type: ignore[return-value]
 
 
 def stack(
@@ -203,8 +223,12 @@ def stack(
     if isinstance(paths, str | os.PathLike):
         raise ConfigError(f"paths must be a list of adapter directories, got one path {paths!r}")
     coeffs = stack_arguments(len(paths), weights, method, rank, density)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        if not -(2**63) <= seed < 2**63:
+            raise ConfigError(f"seed must be a 64-bit integer, got {seed!r}")
+        seed = int(seed)  # a NumPy integer is not a torch seed (nor JSON)
     if method == "dare" and seed is None:
         seed = secrets.randbelow(2**31)
     inputs = [read_adapter(p) for p in paths]

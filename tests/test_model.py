@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -381,6 +382,17 @@ def test_selection_weights_must_be_numbers(weight: object) -> None:
     assert model_state(lm) == before
     lm.set_adapter({"a": torch.tensor(0.5)})  # a one-element tensor is a number
     assert lm.active.weights == (("a", 0.5),)
+
+
+@pytest.mark.parametrize("weight", [10**400, Fraction(10**400, 3)], ids=["int", "fraction"])
+def test_selection_weights_past_floats_range_are_not_finite(weight: object) -> None:
+    """They were a bare OverflowError from float()."""
+    lm = lk.inject(tiny_gpt2(), lk.LoraConfig(r=2), name="a")
+    with pytest.raises(lk.ConfigError, match="weight of adapter 'a' must be finite"):
+        lm.set_adapter({"a": weight})  # type: ignore[dict-item]
+    with pytest.raises(lk.ConfigError, match="must be finite"):
+        lm.merge({"a": weight})  # type: ignore[dict-item]
+    assert lm.active.weights == (("a", 1.0),)
 
 
 def test_adapter_names_entries_must_be_names_or_none() -> None:

@@ -256,6 +256,9 @@ def test_overall_metrics_weight_modules_by_their_update(
         ({"weights": "12"}, "weights must be a list of numbers"),  # was read as [1.0, 2.0]
         ({"method": "dare", "density": "x"}, "needs --density"),
         ({"method": "dare", "density": 0.5, "seed": "x"}, "seed must be an integer"),
+        ({"weights": 0.5}, "weights must be a list of numbers"),  # was a bare TypeError
+        ({"weights": [10**400, 1]}, "weights must be finite"),  # was a bare OverflowError
+        ({"method": "dare", "density": 0.5, "seed": 2**64}, "seed must be a 64-bit integer"),
     ],
 )
 def test_arguments_of_the_wrong_type_are_config_errors(
@@ -271,3 +274,27 @@ def test_one_path_instead_of_a_list_is_refused(tmp_path: Path) -> None:
     """Each character was read as an adapter directory ("'/' is not an adapter directory")."""
     with pytest.raises(lk.ConfigError, match="list of adapter directories, got one path"):
         stack(str(tmp_path / "a"), out=tmp_path / "out")  # type: ignore[arg-type]
+
+
+def test_numbers_of_other_types_are_weights_density_and_seed(tmp_path: Path) -> None:
+    """As set_adapter reads weights: NumPy, Decimal and one-element tensors are numbers (the
+    type checks refused Decimal and tensors, and a NumPy seed passed them, then failed in
+    torch with a bare TypeError)."""
+    import decimal
+
+    import numpy as np
+
+    lm = with_adapters("gpt2", ("a", "b"))
+    for name in W:
+        lm.save_adapter(tmp_path / name, name)
+    paths = [tmp_path / "a", tmp_path / "b"]
+    expected = stack(paths, weights=[0.5, 0.25], method="dare", out=tmp_path / "ref",
+                     density=0.5, seed=3, rank=64)  # fmt: skip
+    weights = [decimal.Decimal("0.5"), torch.tensor(0.25)]
+    for out, density in (("d", np.float32(0.5)), ("t", torch.tensor(0.5))):
+        arguments: dict[str, object] = {"weights": weights, "density": density, "seed": np.int64(3)}
+        report = stack(paths, method="dare", out=tmp_path / out, rank=64, **arguments)  # type: ignore[arg-type]
+        assert report.weights == expected.weights and report.seed == 3
+        assert type(report.seed) is int
+        assert report.rel_error == expected.rel_error
+        assert read_adapter(tmp_path / out).metadata["history"]["options"]["seed"] == 3
