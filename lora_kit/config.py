@@ -274,6 +274,22 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def as_number(value: object) -> float | None:
+    """A weight given by a caller as a float (inf past float's range), or None if it is none.
+
+    Anything ``float()`` reads except text and bools: ints, floats, NumPy scalars, Decimal,
+    Fraction, one-element tensors. (Stacking and selection weights are read this way.)
+    """
+    if isinstance(value, str | bytes | bool):
+        return None  # text is not parsed, a bool is not a weight
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int or Fraction too large for a float
+        return math.inf
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def reject_unknown_fields(cls: Any, data: Mapping[str, Any]) -> None:
     """Raise `ConfigError` naming any key of ``data`` that is not a field of dataclass ``cls``."""
     known = {f.name for f in fields(cls)}

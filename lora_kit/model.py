@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .adapter_io import AdapterFiles, checked_state_dict, read_adapter, write_adapter
 from .cache import AdapterCache, Registration
-from .config import LoraConfig
+from .config import LoraConfig, as_number
 from .errors import (
     AdapterNameError,
     ConfigError,
@@ -907,21 +907,14 @@ def _ranks(model: nn.Module, config: LoraConfig, source: str) -> dict[str, int]:
 
 
 def _weight(adapter_name: str, weight: object) -> float:
-    """A selection's weight for ``adapter_name`` as a finite float.
+    """A selection's weight for ``adapter_name`` as a finite float (read by `as_number`).
 
     Raises:
         ConfigError: Not a real number (text and bools are refused, not parsed), or NaN/inf.
     """
-    try:
-        if isinstance(weight, str | bytes | bool):
-            raise TypeError
-        value = float(weight)  # type: ignore[arg-type]
-    except OverflowError:  # an int or Fraction too large for a float
-        value = math.inf
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(
-            f"weight of adapter {adapter_name!r} must be a number, got {weight!r}"
-        ) from None
+    value = as_number(weight)
+    if value is None:
+        raise ConfigError(f"weight of adapter {adapter_name!r} must be a number, got {weight!r}")
     if not math.isfinite(value):
         raise ConfigError(f"weight of adapter {adapter_name!r} must be finite, got {weight!r}")
     return value

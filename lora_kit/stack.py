@@ -43,7 +43,7 @@ from .adapter_io import (
     read_adapter,
     write_adapter,
 )
-from .config import LoraConfig
+from .config import LoraConfig, as_number
 from .errors import AdapterMismatchError, ConfigError
 from .heads import choose_heads, saved_module_names
 from .history import METADATA_NAME, History, source_record
@@ -152,26 +152,10 @@ def stack_arguments(
         raise ConfigError(f"stack weights must be finite, got {coeffs}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    dense = None if density is None else _number(density)
+    dense = None if density is None else as_number(density)
     if method in ("ties", "dare") and (dense is None or not 0.0 < dense <= 1.0):
         raise ConfigError(f"{method} needs --density in (0, 1], got {density!r}")
     return coeffs
-
-
-def _number(value: object) -> float | None:
-    """``value`` as a float (inf past float's range), or None if it is not a real number.
-
-    As `LoraModel.set_adapter` reads weights: NumPy scalars, Decimal, Fraction and one-element
-    tensors are numbers; text and bools are not.
-    """
-    if isinstance(value, str | bytes | bool):
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except OverflowError:  # an int or Fraction too large for a float
-        return math.inf
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 def _numbers(values: object) -> list[float] | None:
@@ -179,7 +163,7 @@ def _numbers(values: object) -> list[float] | None:
     if isinstance(values, str | bytes):
         return None
     try:
-        found = [_number(v) for v in values]  # type: ignore[attr-defined]
+        found = [as_number(v) for v in values]  # type: ignore[attr-defined]
     except TypeError:  # not iterable
         return None
     return None if None in found else found  # type: ignore[return-value]
