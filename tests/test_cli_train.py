@@ -282,3 +282,56 @@ def test_an_os_error_reading_the_inputs_is_not_called_a_write_error(
     result = runner.invoke(app, ["train", "--model", "m", "--data", str(data), "--out", str(out)])
     assert result.exit_code == 1, result.output
     assert result.stderr == f"error: Permission denied: {data}\n"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["project", "foreign-checkpoint", "foreign-metrics", "dot"])
+def test_an_out_holding_the_users_files_is_refused_and_left_untouched(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run deleted a checkpoint/ folder it had not written, rewrote a metrics.jsonl it had not
+    written (dropping its lines) and wrote its adapter among a project's files: `--out .` or
+    `--out ~/project` trained into the project."""
+    base, data = _base("gpt2", tmp_path), write_text(tmp_path / "c.txt")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.md").write_text("my notes")
+    if kind == "foreign-checkpoint":  # an adapter folder also holding another tool's checkpoint
+        (out / "adapter_config.json").write_text("{}")
+        (out / "checkpoint").mkdir()
+        (out / "checkpoint" / "model.bin").write_bytes(b"another framework's checkpoint")
+    if kind == "foreign-metrics":
+        (out / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 9, "loss": 0.5}\n')
+    before = _tree(out)
+    target = str(out)
+    if kind == "dot":
+        monkeypatch.chdir(out)
+        target = "."
+    args = ["train", "--model", str(base), "--data", str(data), "--steps", "1", "-r", "2"]
+    result = runner.invoke(app, [*args, "--max-length", "16", "--out", target])
+    assert result.exit_code == 2, result.output
+    assert "error: --out" in result.stderr and "pass a new or empty --out" in result.stderr
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == sorted(
+        {name.split("/")[0] for name in before}
+    )
+
+
+def test_a_run_directory_is_still_trained_into_again(tmp_path: Path) -> None:
+    """The refusal above spares lora_kit's own outputs: a second fresh run into a run directory,
+    and a run into an adapter folder (keeping its other files, as save_adapter does)."""
+    base, data = _base("gpt2", tmp_path), write_text(tmp_path / "c.txt")
+    args = ["train", "--model", str(base), "--data", str(data), "--steps", "1", "-r", "2"]
+    run = tmp_path / "run"
+    for _ in range(2):
+        result = runner.invoke(app, [*args, "--max-length", "16", "--out", str(run)])
+        assert result.exit_code == 0, result.output
+    assert (run / "checkpoint" / "trainer_state.pt").is_file()
+    folder = tmp_path / "adapter"
+    lk.inject(tiny_gpt2(), lk.LoraConfig(r=2)).save_adapter(folder)
+    (folder / "README.md").write_text("my card")
+    result = runner.invoke(app, [*args, "--max-length", "16", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "README.md").read_text() == "my card"

@@ -666,3 +666,15 @@ def test_training_restores_the_mode_of_the_callers_wrapper(tmp_path: Path) -> No
         assert not any(m.training for m in wrapped.modules())
     finally:
         dist.destroy_process_group()
+
+
+def test_out_holding_another_tools_checkpoint_is_refused_before_any_write(tmp_path: Path) -> None:
+    """train() replaced ``<out>/checkpoint`` whatever it was (here another tool's)."""
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "weights.bin").write_bytes(b"not lora_kit's")
+    with pytest.raises(ConfigError, match="not a lora_kit checkpoint"):
+        train(lm, train_set, _cfg(tmp_path, steps=1))
+    assert [p.name for p in out.rglob("*")] == ["checkpoint", "weights.bin"]
+    assert (out / "checkpoint" / "weights.bin").read_bytes() == b"not lora_kit's"

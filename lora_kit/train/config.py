@@ -171,22 +171,77 @@ class TrainConfig:
 
 
 def check_out_dir(out: str) -> None:
-    """Refuse an output path that exists and is not a directory (before any work is done).
+    """Refuse an output path a run would damage (before any work is done).
+
+    A run writes the adapter files, ``metrics.jsonl`` (rewritten when a fresh run starts) and
+    ``checkpoint/`` (replaced whole) into ``out``. So ``out`` must be new, empty, or hold an
+    earlier run or adapter of lora_kit's: a folder holding none of a run's files (a project
+    folder, ``.``), a ``checkpoint`` that is not a lora_kit checkpoint, or a ``metrics.jsonl``
+    that is not a lora_kit log is refused; nothing in it is touched.
 
     Raises:
-        ConfigError: ``out``, or the nearest of its parents that exists, is a file.
+        ConfigError: ``out``, or the nearest of its parents that exists, is a file; or ``out``
+            is a folder holding files a run would delete or overwrite, as above.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(
             f"--out {out!r} is a file, not a directory; pass a new or existing directory"
         )
+    if path.is_dir():
+        _check_run_dir(path, out)
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ConfigError(
             f"--out {out!r} is under {str(parent)!r}, which is a file, not a directory; pass "
             f"a new or existing directory"
         )
+
+
+def _check_run_dir(path: Path, out: str) -> None:
+    """Refuse an existing folder that is not (or holds parts that are not) a lora_kit run."""
+    from ..adapter_io import CONFIG_NAME
+    from .checkpoint import CHECKPOINT_DIR, STATE_FILE
+    from .logging import METRICS_FILE
+
+    fix = "pass a new or empty --out directory (or move those files away)"
+    checkpoint, metrics = path / CHECKPOINT_DIR, path / METRICS_FILE
+    if (checkpoint.exists() or checkpoint.is_symlink()) and not (
+        checkpoint.is_dir() and not checkpoint.is_symlink() and (checkpoint / STATE_FILE).is_file()
+    ):
+        raise ConfigError(
+            f"--out {out!r} holds {CHECKPOINT_DIR!r}, which is not a lora_kit checkpoint (no "
+            f"{STATE_FILE}); a run would replace it; {fix}"
+        )
+    if (metrics.exists() or metrics.is_symlink()) and not _is_run_log(metrics):
+        raise ConfigError(
+            f"--out {out!r} holds {METRICS_FILE!r}, which is not a lora_kit training log; a "
+            f"run would rewrite it; {fix}"
+        )
+    ours = (CONFIG_NAME, CHECKPOINT_DIR, METRICS_FILE)
+    if not any((path / name).exists() for name in ours) and any(path.iterdir()):
+        raise ConfigError(
+            f"--out {out!r} is a folder that is not empty and holds no lora_kit run or "
+            f"adapter ({', '.join(ours)}); a run would write its files among yours; {fix}"
+        )
+
+
+def _is_run_log(path: Path) -> bool:
+    """Whether ``path`` is empty or its first line is a lora_kit run record (has ``event``)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(1 << 16)
+    except OSError:
+        return False
+    if not first:
+        return True  # empty: nothing to lose
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and "event" in record
 
 
 def _positive_int(name: str, value: object) -> None:
