@@ -340,14 +340,15 @@ def write_adapter(
             f"cannot write {str(root)!r}: a part of that path is a file, not a directory "
             f"({exc.filename}); choose another path"
         ) from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    dest = real_dir(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / WEIGHTS_NAME), metadata=header)
         (tmp / CONFIG_NAME).write_text(json.dumps(dict(peft_config), indent=2) + "\n")
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
-        _replace_dir(tmp, root)
+        _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -362,11 +363,22 @@ def _replace_dir(new: Path, target: Path) -> None:
     """
     if target.exists():
         for entry in target.iterdir():
-            if not (new / entry.name).exists():
-                shutil.copy2(entry, new / entry.name) if entry.is_file() else shutil.copytree(
-                    entry, new / entry.name, symlinks=True
-                )
+            if (new / entry.name).exists():
+                continue
+            if entry.is_symlink() or entry.is_file():  # a link stays a link (not a copy)
+                shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+            else:
+                shutil.copytree(entry, new / entry.name, symlinks=True)
     swap_dir(new, target)
+
+
+def real_dir(path: Path) -> Path:
+    """``path``, or the folder it links to when it is a symlink to one.
+
+    Replacing a directory renames it: done on a link, that replaced the link with a new
+    folder and left the folder it pointed to as it was (not updated).
+    """
+    return Path(os.path.realpath(path)) if path.is_symlink() and path.is_dir() else path
 
 
 def swap_dir(new: Path, target: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .adapter_io import CONFIG_NAME, read_adapter, swap_dir
+from .adapter_io import CONFIG_NAME, read_adapter, real_dir, swap_dir
 from .base_model import hub_offline
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import AdapterReport, inspect_files
@@ -361,6 +361,7 @@ def _metrics(root: Path, metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def _copy_atomically(source: Path, target: Path) -> tuple[str, ...]:
+    target = real_dir(target)  # a link to a folder: that folder is replaced, the link kept
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     copied: list[str] = []

@@ -420,3 +420,38 @@ def test_save_under_a_file_is_an_adapter_format_error(tmp_path: Path) -> None:
             lm.save_adapter(path)
     assert (tmp_path / "file").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_saving_through_a_symlink_updates_the_linked_folder_and_keeps_the_link(
+    tmp_path: Path,
+) -> None:
+    """The atomic swap renamed the link itself aside: the link became a new folder, the folder it
+    pointed to kept the old adapter, and a hidden ``.NAME.old-<pid>`` link was left behind."""
+    lm, real = _saved(GPT2, tmp_path)
+    (real / "README.md").write_text("my card")
+    link = tmp_path / "lib" / "ad"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    randomize(lm)
+    lm.save_adapter(link)
+    assert link.is_symlink() and [p.name for p in link.parent.iterdir()] == ["ad"]
+    assert (real / "README.md").read_text() == "my card"
+    saved = load_file(str(real / WEIGHTS_NAME))
+    state = {k: v for k, v in lm.state_dict().items() if "lora_" in k}
+    assert all(any(torch.equal(v, w) for w in state.values()) for v in saved.values())
+
+
+def test_a_symlink_inside_an_adapter_folder_stays_a_link_when_saved_over(tmp_path: Path) -> None:
+    """Carrying the folder's other files over copied what a link pointed to (a whole data set
+    duplicated) and dropped the link."""
+    lm, folder = _saved(GPT2, tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.bin").write_bytes(b"\x00" * 64)
+    (folder / "data").symlink_to(data)
+    (folder / "notes.md").symlink_to(tmp_path / "notes.md")
+    (tmp_path / "notes.md").write_text("mine")
+    lm.save_adapter(folder)
+    assert (folder / "data").is_symlink() and (folder / "notes.md").is_symlink()
+    assert (data / "train.bin").read_bytes() == b"\x00" * 64
+    assert (tmp_path / "notes.md").read_text() == "mine"

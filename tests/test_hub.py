@@ -230,3 +230,21 @@ def test_pull_leaves_out_hidden_files_of_the_snapshot(adapter: Path, tmp_path: P
     result = pull_adapter("org/remote", out, cache_dir=cache, offline=True)
     assert not (out / ".gitattributes").exists()
     assert set(result.files) == set(tree_hashes(adapter)) == set(tree_hashes(out))
+
+
+def test_pull_force_through_a_symlink_replaces_the_linked_folder_and_keeps_the_link(
+    adapter: Path, tmp_path: Path
+) -> None:
+    """--force renamed the link aside and put a new folder in its place: the linked folder kept
+    the old adapter and a hidden ``.NAME.old-<pid>`` link was left beside the new folder."""
+    cache = tmp_path / "hf-cache"
+    source = make_peft_adapter("bert", tmp_path / "peft")
+    make_hub_cache(cache, "org/remote", source, COMMIT)
+    real = tmp_path / "store" / "remote"
+    shutil.copytree(adapter, real)
+    link = tmp_path / "lib" / "remote"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    pull_adapter("org/remote", link, cache_dir=cache, offline=True, force=True)
+    assert link.is_symlink() and [p.name for p in link.parent.iterdir()] == ["remote"]
+    assert tree_hashes(real) == tree_hashes(source)
