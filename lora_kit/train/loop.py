@@ -115,6 +115,9 @@ def train(
     _check_active(lm, name)
     check_out_dir(config.out)
     ctx = ctx or _context(lm)
+    # Every rank checks --out before the main one writes into it (its first files would make
+    # a fresh folder look like someone else's to a rank checking later).
+    barrier(ctx)
     plan = resolve_precision(config.precision, ctx.device)
     log = logger or RunLogger(config.out, enabled=ctx.is_main)
     if len(train_data) == 0:
