@@ -31,6 +31,8 @@ from .resolve import adapter_library
 
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"
+# What a `lorakit train` run keeps beside its adapter (`lora_kit.train`): never deleted by a pull.
+_RUN_FILES = ("checkpoint", "metrics.jsonl")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")  # \Z: "$" allows a final "\n"
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
 
@@ -223,7 +225,8 @@ def pull_adapter(
     Raises:
         HubError: Invalid id, not cached while offline, or the download failed.
         AdapterFormatError: The repo is not a readable LoRA adapter, or ``out`` exists (without
-            ``force``), is a file, or is a non-empty folder that is not an adapter.
+            ``force``), is a file, is a non-empty folder that is not an adapter, or holds a
+            training run (``checkpoint/``, ``metrics.jsonl``).
     """
     check_repo_id(repo_id)
     target = Path(out) if out is not None else adapter_library() / repo_id.rsplit("/", 1)[-1]
@@ -236,6 +239,13 @@ def pull_adapter(
         raise AdapterFormatError(  # --force replaces an adapter, never another folder's files
             f"refusing to replace {str(target)!r}: it is not an adapter directory (no "
             f"{CONFIG_NAME}); choose another -o directory"
+        )
+    run_files = [n for n in _RUN_FILES if (target / n).exists() or (target / n).is_symlink()]
+    if run_files:  # the pulled copy mirrors the repo: a training run there would be deleted
+        raise AdapterFormatError(
+            f"refusing to replace {str(target)!r}: it holds a training run "
+            f"({', '.join(run_files)}) that replacing the folder would delete; choose another "
+            f"-o directory"
         )
     offline = hub_offline() if offline is None else offline
     from huggingface_hub import snapshot_download

@@ -307,3 +307,22 @@ def test_pull_force_never_replaces_a_folder_that_is_not_an_adapter(
     fails(result, 1, "not an adapter directory", "choose another -o")
     assert tree_hashes(folder) == before
     assert [p.name for p in tmp_path.iterdir()] == ["work"]  # no temporary copy left
+
+
+@pytest.mark.parametrize("run_file", ["checkpoint", "metrics.jsonl"])
+def test_pull_force_never_deletes_a_training_run(
+    inputs: Path, tmp_path: Path, run_file: str
+) -> None:
+    """A pull mirrors the repo, so --force onto a `lorakit train` output deleted its
+    checkpoint/ and metrics.jsonl along with the old adapter."""
+    folder = tmp_path / "run"
+    shutil.copytree(inputs / "adapters" / "g1", folder)
+    if run_file == "checkpoint":
+        (folder / "checkpoint").mkdir()
+        (folder / "checkpoint" / "trainer_state.pt").write_bytes(b"state")
+    else:
+        (folder / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    before = tree_hashes(folder)
+    args = ["pull", "org/remote", "-o", str(folder), "--cache-dir", str(inputs / "hf-cache")]
+    fails(run(inputs, *args, "--offline", "--force"), 1, "holds a training run", run_file)
+    assert tree_hashes(folder) == before
