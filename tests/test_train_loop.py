@@ -497,6 +497,52 @@ def test_unreadable_or_foreign_trainer_state_is_a_checkpoint_error(tmp_path: Pat
             train(lm, train_set, _cfg(tmp_path, steps=1), resume=True)
 
 
+def test_edited_trainer_state_is_a_checkpoint_error_and_changes_nothing(tmp_path: Path) -> None:
+    # A loadable state with a bad counter, optimizer, scheduler or RNG state raised a bare
+    # TypeError/KeyError/ValueError/RuntimeError (a wrong exp_avg shape only at the first
+    # step, after metrics.jsonl was rewound); NaN moments trained on into a NaN adapter.
+    import copy
+
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    cfg = _cfg(tmp_path, steps=3, save_every=2)
+    with pytest.raises(_StopError):
+        train(lm, train_set, cfg, callbacks=[_stop_at(3)])
+    out = tmp_path / "out"
+    state_file = out / "checkpoint" / "trainer_state.pt"
+    saved = torch.load(state_file, weights_only=True)
+
+    def nan_moments(state: dict[str, Any]) -> None:
+        state["optimizer"]["state"][0]["exp_avg"].fill_(float("nan"))
+
+    def short_moments(state: dict[str, Any]) -> None:
+        state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+    edits: list[tuple[Any, str]] = [
+        (lambda s: s.update(step="2"), "step is '2', not a count"),
+        (lambda s: s.update(window=-1), "window is -1, not a count"),
+        (lambda s: s.update(step=99), "step 99 is past this run's 3 steps"),
+        (lambda s: s.update(metrics=[1]), "metrics is not a dict"),
+        (lambda s: s.update(optimizer={}), r"optimizer.*does not fit.*KeyError"),
+        (short_moments, "exp_avg has shape"),
+        (nan_moments, "exp_avg holds NaN"),
+        (lambda s: s.update(scheduler={}), "does not fit this run"),
+        (lambda s: s.update(rng={}), r"does not fit this run \(KeyError"),
+    ]
+    for edit, match in edits:
+        state = copy.deepcopy(saved)
+        edit(state)
+        torch.save(state, state_file)
+        before = _run_files(out)
+        lm, train_set, _ = _setup("gpt2", tmp_path)
+        with pytest.raises(CheckpointError, match=match):
+            train(lm, train_set, cfg, resume=True)
+        assert _run_files(out) == before, match
+
+
+def _run_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def test_eval_data_with_other_labels_or_task_is_refused(tmp_path: Path) -> None:
     # An eval set loaded on its own gets ids from its own label list: without class "c0"
     # its "c1" became id 0, which the model learnt as "c0", and the metrics were silently
@@ -571,7 +617,7 @@ def test_resume_failing_before_its_first_step_leaves_the_adapter_as_it_was(
     broken = fail_on_call(loop._load_optimizer, 1, RuntimeError("injected"))
     with monkeypatch.context() as patch:
         patch.setattr(loop, "_load_optimizer", broken)
-        with pytest.raises(RuntimeError, match="injected"):
+        with pytest.raises(CheckpointError, match="injected"):
             train(lm, train_set, _cfg(tmp_path, steps=2), resume=True)
     assert model_state(lm) == before
     assert train(lm, train_set, _cfg(tmp_path, steps=2), resume=True).steps == 2

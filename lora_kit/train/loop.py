@@ -27,7 +27,16 @@ from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..layers import LoRALinear
 from ..model import LoraModel
 from ..saved_modules import SavedModule
-from .checkpoint import publish_adapter, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import (
+    STATE_FILE,
+    Checkpoint,
+    CheckpointError,
+    publish_adapter,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from .config import TrainConfig, check_out_dir
 from .data import Dataset
 from .distributed import (
@@ -174,14 +183,9 @@ def train(
         metrics: dict[str, float] = {}
         evaluated = -1  # the step ``metrics`` were measured at
         if checkpoint is not None:
-            state = checkpoint.state
-            _load_optimizer(model, optimizer, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            step, epoch, window_start = state["step"], state["epoch"], state["window"]
-            bad_run = state["bad_run"]
-            metrics, evaluated = dict(state.get("metrics", {})), state.get("evaluated", -1)
-            set_rng_state(state["rng"])
+            step, epoch, window_start, bad_run, metrics, evaluated = _restore_state(
+                model, optimizer, scheduler, scaler, params, checkpoint, total
+            )
             log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
 
         extra = _label_files(train_data)
@@ -676,6 +680,75 @@ def _load_optimizer(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> 
         set_optimizer_state_dict(model, optimizer, state, options=options)
         return
     optimizer.load_state_dict(state)
+
+
+def _restore_state(
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    params: Sequence[nn.Parameter],
+    checkpoint: Checkpoint,
+    total: int,
+) -> tuple[int, int, int, int, dict[str, float], int]:
+    """Load a checkpoint's optimizer, scheduler, scaler and RNG states; return its position.
+
+    Returns:
+        ``(step, epoch, window, bad_run, metrics, evaluated)``.
+
+    Raises:
+        CheckpointError: The trainer state does not fit this run (edited, damaged or foreign):
+            a bad counter, an optimizer state of other shapes or with NaN/inf, or a
+            scheduler/scaler/RNG state torch cannot load.
+    """
+    state = checkpoint.state
+    where = checkpoint.path / STATE_FILE
+    counters = {key: state[key] for key in ("step", "epoch", "window", "bad_run")}
+    counters["evaluated"] = state.get("evaluated", -1)
+    for key, value in counters.items():
+        low = -1 if key == "evaluated" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 2**62:
+            raise CheckpointError(f"{where}: {key} is {value!r}, not a count; {_FRESH}")
+    if counters["step"] > total:
+        raise CheckpointError(
+            f"{where}: step {counters['step']} is past this run's {total} steps; {_FRESH}"
+        )
+    metrics = state.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) for k, v in metrics.items()
+    ):
+        raise CheckpointError(f"{where}: metrics is not a dict of numbers; {_FRESH}")
+    try:
+        _load_optimizer(model, optimizer, state["optimizer"])
+        for p in params:
+            for key, value in optimizer.state.get(p, {}).items():
+                if type(value) is not Tensor or value.ndim == 0:  # a step count, or sharded
+                    continue
+                if value.shape != p.shape:
+                    raise ValueError(f"{key} has shape {list(value.shape)}, not {list(p.shape)}")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"{key} holds NaN or inf")
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    except torch.OutOfMemoryError:
+        raise  # the machine's, not the checkpoint's
+    except Exception as exc:  # torch raises KeyError/ValueError/RuntimeError/TypeError here
+        raise CheckpointError(
+            f"{where}: its optimizer, scheduler, scaler or RNG state does not fit this run "
+            f"({type(exc).__name__}: {exc}); {_FRESH}"
+        ) from exc
+    return (
+        counters["step"],
+        counters["epoch"],
+        counters["window"],
+        counters["bad_run"],
+        {k: float(v) for k, v in metrics.items()},
+        counters["evaluated"],
+    )
+
+
+_FRESH = "it was edited or damaged. Delete the checkpoint folder to start fresh"
 
 
 def _save_checkpoint(
