@@ -45,7 +45,13 @@ from .base_model import (
     resolve_base,
     weight_files,
 )
-from .errors import AdapterMismatchError, ConfigError, HeadLayoutError, LoraKitError
+from .errors import (
+    AdapterMismatchError,
+    ConfigError,
+    HeadLayoutError,
+    LoraKitError,
+    NonFiniteError,
+)
 from .fingerprint import HASH_DTYPE
 from .heads import choose_heads
 from .history import HEADER_KEY, History, HistorySource, Scalar, source_record
@@ -143,7 +149,8 @@ def merge_files(
         AdapterFormatError, AdapterMismatchError: Unreadable adapter, or it does not fit.
         HeadConflictError: Adapters carry different copies of a head and ``heads`` is not given.
         HeadLayoutError: A head the base lacks cannot be placed (unknown task or head names).
-        NonFiniteError: The merge would produce NaN/inf. Nothing is written in any case.
+        NonFiniteError: The merge would produce NaN/inf, or ``dtype`` overflows a tensor to
+            infinity. Nothing is written in any case.
     """
     target = Path(out)
     if target.exists():
@@ -178,7 +185,7 @@ def merge_files(
         # A head's tensor, else the base's (base_key is None only for a head the base lacks).
         stored = layout.heads[key][1] if key in layout.heads else store.load(str(base_key))
         if base_key not in by_key:
-            return stored.to(layout.dtypes[key])
+            return _converted(stored, layout.dtypes[key], key)
         name, mod = by_key[base_key]
         delta = weighted_delta(mod.terms, fan_in_fan_out=mod.fan_in_fan_out)
         new, change[name] = merge_update(stored, delta, name, layout.dtypes[key])
@@ -301,6 +308,26 @@ def _layout(
         heads=heads,
         task=task,
     )
+
+
+def _converted(stored: Tensor, dtype: torch.dtype, key: str) -> Tensor:
+    """``stored`` in ``dtype``; refused if rounding turns a finite value into infinity.
+
+    (fp32 values beyond fp16's range, about 65504, overflow. Values that were already
+    NaN/inf, like a mask buffer's, are left as they are.)
+
+    Raises:
+        NonFiniteError: Naming ``key`` and the dtype.
+    """
+    out = stored.to(dtype)
+    if out.dtype == stored.dtype or not out.is_floating_point() or bool(out.isfinite().all()):
+        return out
+    if bool((stored.isfinite() & ~out.isfinite()).any()):
+        raise NonFiniteError(
+            f"tensor {key!r} does not fit {dtype}: values overflow to infinity (nothing was "
+            f"written); use a wider --dtype such as bfloat16 or float32"
+        )
+    return out
 
 
 def merge_arguments(n: int, weights: Sequence[float] | None, dtype: str | None) -> list[float]:

@@ -282,3 +282,23 @@ def test_output_dtype_is_recorded_under_the_base_configs_key(tmp_path: Path, key
     merge_files(base, adapters[:1], tmp_path / "out", dtype="bfloat16")
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out[key] == "bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_dtype_overflow_of_an_unmerged_tensor_is_refused(tmp_path: Path, kind: str) -> None:
+    """--dtype float16 on an fp32 base: a tensor no adapter touches (a norm's bias here) that
+    holds a value beyond fp16's range must not be written as infinity (merged ones already
+    were refused); the same base goes out fine as bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapters, _ = make_base_and_adapters(tmp_path, kind)
+    weights = load_file(str(base / "model.safetensors"))
+    key = next(k for k in weights if k.endswith(("ln_f.bias", "embeddings.LayerNorm.bias")))
+    weights[key][0] = 1e6
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(lk.NonFiniteError, match=key):
+        merge_files(base, adapters[:1], out, dtype="float16")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    merge_files(base, adapters[:1], out, dtype="bfloat16")
+    assert torch.isfinite(load_file(str(out / "model.safetensors"))[key]).all()
