@@ -705,7 +705,8 @@ class LoraModel(nn.Module):
             check_base: Verify the base fingerprint recorded in the files (if present).
 
         A registered adapter (:meth:`register_adapter`) is reloaded from ``source`` from then on
-        when the cache evicts it, so it must come from files, not a state dict.
+        when the cache evicts it, so it must come from files, not a state dict. One the cache does
+        not hold now (evicted, or never selected) is loaded first, and pinned during the swap.
 
         Raises:
             AdapterNameError: Unknown adapter, or a state dict for a registered adapter.
@@ -715,7 +716,6 @@ class LoraModel(nn.Module):
             MergedStateError: Adapters are merged into the base weights (unmerge first).
         """
         self._refuse_if_merged("swap_adapter")  # the merged delta would no longer match
-        record = self.adapter_record(name)
         cache = self._adapter_cache()
         registered = cache is not None and cache.is_registered(name)
         if isinstance(source, Mapping) and registered:
@@ -724,6 +724,20 @@ class LoraModel(nn.Module):
                 f"from its source after an eviction, and a state dict cannot be reloaded: "
                 f"save it as an adapter directory and swap from that"
             )
+        # A registered adapter is loaded first (evicted or never used yet) and pinned, so the
+        # cache cannot evict it part-way.
+        with self._pinned((name,) if registered else ()):
+            self._swap(name, source, check_base=check_base, registered=registered)
+
+    def _swap(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | AdapterFiles | Mapping[str, Tensor],
+        *,
+        check_base: bool,
+        registered: bool,
+    ) -> None:
+        record = self.adapter_record(name)
         if isinstance(source, AdapterFiles | Mapping):
             files = (
                 source
@@ -742,8 +756,8 @@ class LoraModel(nn.Module):
             origin, path = os.fspath(source), resolve_adapter(source)
             config = swap_from_directory(self, name, path, check_base=check_base)
         self._adapters[name] = replace(record, config=config, source=str(path))
-        if cache is not None and registered:  # reload what it holds now, not what it held
-            cache.set_source(name, origin)
+        if registered:  # reload what it holds now, not what it held
+            self.cache.set_source(name, origin)
 
     @property
     def cache(self) -> AdapterCache:

@@ -199,6 +199,32 @@ def test_swapped_registered_adapter_survives_eviction(root: Path) -> None:
         assert torch.allclose(logits(lm, ids), refs["c"], atol=1e-5)
 
 
+def test_swap_into_a_registered_adapter_the_cache_does_not_hold(root: Path) -> None:
+    """A registered adapter that is evicted, or was never selected, is loaded and then swapped
+    (it used to be refused as "no adapter named ...")."""
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.set_cache_budget(max_resident=1)
+    lm.register_adapter("live", root / "a", max_rank=8)
+    lm.register_adapter("fresh", root / "a", max_rank=8)
+    lm.register_adapter("other", root / "b")
+    ids = input_ids(2)
+    refs = _reference(root, ids)
+    for name, source in (("live", "c"), ("fresh", "b")):
+        if name == "live":
+            with lm.using(name):  # loaded, then evicted by "other"
+                pass
+        with lm.using("other"):
+            pass
+        assert name not in lm.adapters
+        lm.swap_adapter(name, root / source)
+        with lm.using(name):
+            assert torch.allclose(logits(lm, ids), refs[source], atol=1e-5)
+        with lm.using("other"):  # evicted again: it reloads what was swapped in
+            pass
+        with lm.using(name):
+            assert torch.allclose(logits(lm, ids), refs[source], atol=1e-5)
+
+
 def test_a_registered_name_cannot_be_loaded_directly(root: Path) -> None:
     """Loading or adding under a registered name is refused, so the cache can still load it."""
     lm = _registered(root, budget=1)
