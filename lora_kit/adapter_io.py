@@ -113,7 +113,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> tuple[Path, dict[str, A
     try:
         text = config_path.read_text(encoding="utf-8")
         peft_config = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an over-long integer
         raise AdapterFormatError(f"{config_path}: not valid JSON ({exc})") from exc
     if not isinstance(peft_config, dict):
         raise AdapterFormatError(f"{config_path}: expected a JSON object")
@@ -291,7 +291,7 @@ def decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(META_PREFIX) :]
         try:
             out[name] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also an over-long integer
             out[name] = value
     return out
 

@@ -254,7 +254,7 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
         return None
     try:
         metadata, end = _DECODER.raw_decode(text, len(_METADATA_FIRST))
-    except (json.JSONDecodeError, RecursionError):  # the whole-header parse names the error
+    except (ValueError, RecursionError):  # the whole-header parse names the error
         return None
     if type(metadata) is not dict or not all(
         type(k) is str and type(v) is str for k, v in metadata.items()
@@ -272,7 +272,12 @@ def _split_metadata(header: bytes) -> tuple[tuple[tuple[str, str], ...], bytes] 
     return None
 
 
-_DECODER = json.JSONDecoder()
+def _no_constant(name: str) -> object:
+    """Refuse ``NaN``/``Infinity``: not JSON (the library refuses them)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _JSON_SPACE = " \t\n\r"
 
 
@@ -344,9 +349,10 @@ def layout_for(tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> L
 
 def _parse_header(raw: bytes) -> dict[str, object]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        # RecursionError: nesting deeper than the parser goes (a corrupt or hostile file)
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the parser goes (a corrupt or hostile file);
+        # ValueError: also an over-long integer, NaN or Infinity
         raise SafetensorsFormatError(f"header is not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise SafetensorsFormatError("header is not a JSON object")

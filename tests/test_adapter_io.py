@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_kit as lk
-from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from lora_kit.adapter_io import CONFIG_NAME, WEIGHTS_NAME, decode_metadata, read_adapter
 from tests.conftest import GPT2, Arch, logits, randomize, state_copy
 
 
@@ -105,6 +105,11 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     ),
     "deeply nested json": (
         lambda p: (p / CONFIG_NAME).write_text('{"r": ' + "[" * 200_000),
+        lk.AdapterFormatError,
+        "not valid JSON",
+    ),
+    "over-long integer in json": (  # found by fuzzing: was a bare ValueError
+        lambda p: (p / CONFIG_NAME).write_text('{"r": ' + "9" * 5000 + "}"),
         lk.AdapterFormatError,
         "not valid JSON",
     ),
@@ -455,3 +460,9 @@ def test_a_symlink_inside_an_adapter_folder_stays_a_link_when_saved_over(tmp_pat
     assert (folder / "data").is_symlink() and (folder / "notes.md").is_symlink()
     assert (data / "train.bin").read_bytes() == b"\x00" * 64
     assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_metadata_value_with_an_over_long_integer_is_kept_as_text() -> None:
+    """Found by fuzzing: json.loads raised a bare ValueError on it."""
+    value = "9" * 5000
+    assert decode_metadata({"lora_kit.note": value}) == {"note": value}

@@ -540,3 +540,26 @@ def test_split_headers_read_as_json_loads_reads_the_whole_one_under_random_edits
             safetensors_read._memo_layout.cache_clear()
         expected = _outcome(safetensors_read._layout, edited, size)
         assert _outcome(safetensors_read._checked_layout, edited, size) == expected, edited
+
+
+_X8 = '"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]'
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("{" + _X8 + ',"extra":NaN}}', "NaN"),
+        ("{" + _X8 + ',"extra":-Infinity}}', "Infinity"),
+        ("{" + _X8 + ',"n":' + "9" * 5000 + "}}", "digits"),
+    ],
+)
+def test_non_json_constants_and_huge_integers_are_refused(
+    tmp_path: Path, header: str, message: str
+) -> None:
+    """Found by fuzzing: NaN parsed (the library refuses it), a 5000-digit integer raised a
+    bare ValueError."""
+    path = tmp_path / "bad.safetensors"
+    _raw_text_file(path, header, F32)
+    for read in (read_safetensors, safetensors_read.read_header):
+        with pytest.raises(SafetensorsFormatError, match=message):
+            read(path)
