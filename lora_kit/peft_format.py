@@ -268,6 +268,10 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     layers = data.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    if layers and not isinstance(layers, list):  # tuple() of a float raised a bare TypeError
+        raise AdapterFormatError(
+            f"{source}: invalid layers_to_transform: {layers!r} is not an int or a list of ints"
+        )
     # PEFT reads layers_pattern only with a non-empty layers_to_transform, and an empty one
     # ("", []) as no pattern; a pattern without layers it refuses.
     layers_pattern = data.get("layers_pattern") or None

@@ -113,6 +113,11 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         lk.AdapterFormatError,
         "not valid JSON",
     ),
+    "float layers_to_transform": (  # found by fuzzing: was a bare TypeError
+        _edit_config("layers_to_transform", 1.5),
+        lk.AdapterFormatError,
+        "invalid layers_to_transform",
+    ),
     "truncated": (_truncate, lk.AdapterFormatError, "truncated or corrupt"),
     "dora": (_edit_config("use_dora", True), lk.AdapterFormatError, "use_dora"),
     "pissa": (_edit_config("init_lora_weights", "pissa"), lk.AdapterFormatError, "base weights"),
