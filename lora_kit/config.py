@@ -290,6 +290,18 @@ def as_number(value: object) -> float | None:
         return None
 
 
+def as_numbers(values: object) -> list[float] | None:
+    """A list of weights given by a caller, each read by `as_number`; None if ``values`` is not
+    an iterable of numbers (text, one number, or any entry that is not a number)."""
+    if isinstance(values, str | bytes):
+        return None
+    try:
+        found = [as_number(v) for v in values]  # type: ignore[attr-defined]
+    except TypeError:  # not iterable
+        return None
+    return None if None in found else found  # type: ignore[return-value]
+
+
 def reject_unknown_fields(cls: Any, data: Mapping[str, Any]) -> None:
     """Raise `ConfigError` naming any key of ``data`` that is not a field of dataclass ``cls``."""
     known = {f.name for f in fields(cls)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ from .base_model import (
     resolve_base,
     weight_files,
 )
+from .config import as_numbers
 from .errors import (
     AdapterMismatchError,
     ConfigError,
@@ -333,15 +335,20 @@ def _converted(stored: Tensor, dtype: torch.dtype, key: str) -> Tensor:
 def merge_arguments(n: int, weights: Sequence[float] | None, dtype: str | None) -> list[float]:
     """Check `merge_files`' arguments before any file is read; returns one weight per adapter.
 
+    Weights are read as `stack` and `LoraModel.set_adapter` read them (`config.as_numbers`).
+
     Raises:
-        ConfigError: A weight count other than ``n``, a non-finite weight, an unknown dtype.
+        ConfigError: Weights that are not a list of numbers, a weight count other than ``n``, a
+            non-finite weight, an unknown dtype.
     """
     _dtype(dtype)
-    values = [1.0] * n if weights is None else [float(w) for w in weights]
+    values = [1.0] * n if weights is None else as_numbers(weights)
+    if values is None:
+        raise ConfigError(f"merge weights must be a list of numbers, got {weights!r}")
     if len(values) != n:
         raise ConfigError(f"got {len(values)} weights for {n} adapters: give one per adapter")
     for w in values:
-        if not torch.isfinite(torch.tensor(w)):
+        if not math.isfinite(w):
             raise ConfigError(f"merge weights must be finite, got {w!r}")
     return values
 

@@ -43,7 +43,7 @@ from .adapter_io import (
     read_adapter,
     write_adapter,
 )
-from .config import LoraConfig, as_number
+from .config import LoraConfig, as_number, as_numbers
 from .errors import AdapterMismatchError, ConfigError
 from .heads import choose_heads, saved_module_names
 from .history import METADATA_NAME, History, source_record
@@ -143,7 +143,7 @@ def stack_arguments(
         raise ConfigError(f"unknown stacking method {method!r}; use one of {METHODS}")
     if count < 1:
         raise ConfigError("give at least one adapter directory to stack")
-    coeffs = [1.0] * count if weights is None else _numbers(weights)
+    coeffs = [1.0] * count if weights is None else as_numbers(weights)
     if coeffs is None:
         raise ConfigError(f"stack weights must be a list of numbers, got {weights!r}")
     if len(coeffs) != count:
@@ -156,17 +156,6 @@ def stack_arguments(
     if method in ("ties", "dare") and (dense is None or not 0.0 < dense <= 1.0):
         raise ConfigError(f"{method} needs --density in (0, 1], got {density!r}")
     return coeffs
-
-
-def _numbers(values: object) -> list[float] | None:
-    """A list of weights as floats, or None if it is not a list (or iterable) of numbers."""
-    if isinstance(values, str | bytes):
-        return None
-    try:
-        found = [as_number(v) for v in values]  # type: ignore[attr-defined]
-    except TypeError:  # not iterable
-        return None
-    return None if None in found else found  # type: ignore[return-value]
 
 
 def stack(

@@ -95,6 +95,10 @@ def test_bad_inputs_leave_nothing(tmp_path: Path) -> None:
     cases = [
         (lambda: merge_files(base, adapters, out, weights=[1.0]), lk.ConfigError),
         (lambda: merge_files(base, adapters, out, weights=[1.0, float("nan")]), lk.ConfigError),
+        # read as stack reads weights: these were a bare ValueError/TypeError, or parsed
+        (lambda: merge_files(base, adapters, out, weights=[1.0, "x"]), lk.ConfigError),  # type: ignore[list-item]
+        (lambda: merge_files(base, adapters, out, weights="12"), lk.ConfigError),  # type: ignore[arg-type]
+        (lambda: merge_files(base, adapters, out, weights=[1.0, 10**400]), lk.ConfigError),
         (lambda: merge_files(base, adapters, out, dtype="float8"), lk.ConfigError),
         (lambda: merge_files(tmp_path / "nope", adapters, out), BaseModelError),
         (lambda: merge_files(base, [tmp_path / "nope"], out), lk.AdapterFormatError),
