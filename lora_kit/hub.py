@@ -31,8 +31,6 @@ from .resolve import adapter_library
 
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"
-# What a `lorakit train` run keeps beside its adapter (`lora_kit.train`): never deleted by a pull.
-_RUN_FILES = ("checkpoint", "metrics.jsonl")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")  # \Z: "$" allows a final "\n"
 _LOGIN_HINT = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to it"
 
@@ -240,13 +238,8 @@ def pull_adapter(
             f"refusing to replace {str(target)!r}: it is not an adapter directory (no "
             f"{CONFIG_NAME}); choose another -o directory"
         )
-    run_files = [n for n in _RUN_FILES if (target / n).exists() or (target / n).is_symlink()]
-    if run_files:  # the pulled copy mirrors the repo: a training run there would be deleted
-        raise AdapterFormatError(
-            f"refusing to replace {str(target)!r}: it holds a training run "
-            f"({', '.join(run_files)}) that replacing the folder would delete; choose another "
-            f"-o directory"
-        )
+    if target.is_dir():
+        _refuse_training_run(target)
     offline = hub_offline() if offline is None else offline
     from huggingface_hub import snapshot_download
 
@@ -368,6 +361,28 @@ def _metrics(root: Path, metadata: dict[str, Any]) -> dict[str, Any]:
         return data
     found = metadata.get("metrics")
     return dict(found) if isinstance(found, dict) else {}
+
+
+def _refuse_training_run(target: Path) -> None:
+    """Refuse a folder holding what a `lorakit train` run keeps beside its adapter: the pulled
+    copy mirrors the repo, so replacing the folder would delete them.
+
+    Raises:
+        AdapterFormatError: Naming the run's files found there.
+    """
+    from .train.checkpoint import CHECKPOINT_DIR  # (the trainer: imported only here)
+    from .train.logging import METRICS_FILE
+
+    found = [
+        n
+        for n in (CHECKPOINT_DIR, METRICS_FILE)
+        if (target / n).exists() or (target / n).is_symlink()
+    ]
+    if found:
+        raise AdapterFormatError(
+            f"refusing to replace {str(target)!r}: it holds a training run ({', '.join(found)}) "
+            f"that replacing the folder would delete; choose another -o directory"
+        )
 
 
 def _copy_atomically(source: Path, target: Path) -> tuple[str, ...]:

@@ -202,7 +202,7 @@ def _check_run_dir(path: Path, out: str) -> None:
     """Refuse an existing folder that is not (or holds parts that are not) a lora_kit run."""
     from ..adapter_io import CONFIG_NAME
     from .checkpoint import CHECKPOINT_DIR, STATE_FILE
-    from .logging import METRICS_FILE
+    from .logging import METRICS_FILE, is_run_log
 
     fix = "pass a new or empty --out directory (or move those files away)"
     checkpoint, metrics = path / CHECKPOINT_DIR, path / METRICS_FILE
@@ -213,7 +213,7 @@ def _check_run_dir(path: Path, out: str) -> None:
             f"--out {out!r} holds {CHECKPOINT_DIR!r}, which is not a lora_kit checkpoint (no "
             f"{STATE_FILE}); a run would replace it; {fix}"
         )
-    if (metrics.exists() or metrics.is_symlink()) and not _is_run_log(metrics):
+    if (metrics.exists() or metrics.is_symlink()) and not is_run_log(metrics):
         raise ConfigError(
             f"--out {out!r} holds {METRICS_FILE!r}, which is not a lora_kit training log; a "
             f"run would rewrite it; {fix}"
@@ -224,24 +224,6 @@ def _check_run_dir(path: Path, out: str) -> None:
             f"--out {out!r} is a folder that is not empty and holds no lora_kit run or "
             f"adapter ({', '.join(ours)}); a run would write its files among yours; {fix}"
         )
-
-
-def _is_run_log(path: Path) -> bool:
-    """Whether ``path`` is empty or its first line is a lora_kit run record (has ``event``)."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        with path.open("rb") as handle:
-            first = handle.readline(1 << 16)
-    except OSError:
-        return False
-    if not first:
-        return True  # empty: nothing to lose
-    try:
-        record = json.loads(first)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(record, dict) and "event" in record
 
 
 def _positive_int(name: str, value: object) -> None:

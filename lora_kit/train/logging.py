@@ -114,17 +114,39 @@ class RunLogger:
             self._tb = None
 
 
+def is_run_log(path: Path) -> bool:
+    """Whether ``path`` is a ``metrics.jsonl`` a run may rewrite: a plain file (not a link)
+    that is empty or starts with one of lora_kit's records (a JSON object with ``event``)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(1 << 16)
+    except OSError:
+        return False
+    if not first:
+        return True  # empty: nothing to lose
+    record = _record(first)
+    return record is not None and "event" in record
+
+
 def _kept(line: str, step: int) -> bool:
     """Whether one JSONL record survives a rewind to ``step``: a record of a step up to it,
     not a run's ``end`` record (a line that is not a record goes too)."""
-    try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(record, dict):
+    record = _record(line)
+    if record is None:
         return False
     at = record.get("step")
     return isinstance(at, int) and at <= step and record.get("event") != "end"
+
+
+def _record(line: str | bytes) -> dict[str, Any] | None:
+    """One JSONL line as a record (a JSON object), or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _tensorboard(folder: Path) -> Any:
