@@ -29,7 +29,7 @@ from .layers import LoraAdapter, LoRALinear
 from .peft_format import PREFIX, head_key, lora_keys
 from .saved_modules import SavedModule
 from .surgery import refuse_adapted_heads, submodule, wrap_lora, wrap_saved
-from .targets import find_saved_modules, find_targets
+from .targets import find_saved_modules, find_targets, saves_module
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -299,7 +299,7 @@ def _check_key_sets(
     for key in unexpected:
         module = key.removeprefix("base_model.model.").rpartition(".")[0]  # less weight/bias
         for entry in saved:
-            if module.endswith(entry) and module != entry and not module.endswith("." + entry):
+            if module.endswith(entry) and not saves_module(entry, module):  # PEFT <= 0.21
                 part = module.rpartition(".")[2]
                 raise AdapterMismatchError(
                     f"{source}: unexpected tensor {key!r}: modules_to_save entry {entry!r} ends "

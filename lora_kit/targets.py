@@ -230,6 +230,12 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
     return matched
 
 
+def saves_module(entry: str, name: str) -> bool:
+    """Whether ``modules_to_save`` entry ``entry`` names module ``name``: PEFT's rule since
+    0.22, whole name parts only (``name`` is ``entry`` or ends with ``"." + entry``)."""
+    return name == entry or name.endswith("." + entry)
+
+
 def find_saved_modules(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
     """Names of the modules matched by ``modules_to_save`` suffixes (missing ones are skipped,
     as PEFT does for its task defaults such as ``"score"`` on a BERT model).
@@ -240,10 +246,9 @@ def find_saved_modules(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]
     """
     from .saved_modules import SavedModule
 
-    dotted = tuple("." + s for s in suffixes)
     found = []
     for name, module in iter_layers(model):
-        matched = bool(name) and (name in suffixes or name.endswith(dotted))
+        matched = bool(name) and any(saves_module(s, name) for s in suffixes)
         if matched and (isinstance(module, SavedModule) or any(True for _ in module.parameters())):
             found.append(name)
     return found
