@@ -27,7 +27,12 @@ def errors_to_exit() -> Iterator[None]:
     except LoraKitError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        fail(os_error_text(exc))
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OS error on a path as one line: ``reason: path`` (or the error itself without one)."""
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ import typer
 from lora_kit.errors import ConfigError, LoraKitError
 from lora_kit.resolve import adapter_library
 
+from ._tooling import os_error_text
+
 EMBEDDED_JOBS = {
     "bert-sentiment": "lora_kit.demo.default_job",
     "gpt2-shakespeare": "lora_kit.demo.shakespeare_job",
@@ -200,9 +202,8 @@ def _os_error(exc: OSError, out: str) -> str:
     """``exc`` as one line, said to be about writing the run only when its path is in ``out``
     (an unreadable --data file or base is an OSError too)."""
     name = exc.filename
-    where = f": {name}" if name else ""
     inside = isinstance(name, str) and Path(name).absolute().is_relative_to(Path(out).absolute())
-    return f"{'cannot write the run: ' if inside else ''}{exc.strerror or exc}{where}"
+    return f"{'cannot write the run: ' if inside else ''}{os_error_text(exc)}"
 
 
 def _given(ctx: typer.Context, key: str) -> bool:
