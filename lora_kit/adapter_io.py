@@ -314,10 +314,10 @@ def write_adapter(
 
     Raises:
         NonFiniteError: A tensor holds NaN or infinity (nothing is written).
-        AdapterFormatError: ``path`` exists and is not an adapter directory, or lies under a
-            file.
+        AdapterFormatError: ``path`` exists and is not an adapter directory, lies under a
+            file, or ends in ``.``/``..`` (see `named_dir`).
     """
-    root = Path(path)
+    root = named_dir(path)
     for key, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(
@@ -370,6 +370,25 @@ def _replace_dir(new: Path, target: Path) -> None:
             else:
                 shutil.copytree(entry, new / entry.name, symlinks=True)
     swap_dir(new, target)
+
+
+def named_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder this module may replace: one whose last part names it.
+
+    A folder is replaced by renaming (`swap_dir`), which needs its name: ``.`` and ``..`` (and
+    ``x/..``) have none to rename.
+
+    Raises:
+        AdapterFormatError: ``path`` ends in ``.`` or ``..``; the message gives its full path
+            to pass instead.
+    """
+    root = Path(path)
+    if root.name in ("", ".."):
+        raise AdapterFormatError(
+            f"cannot write to {str(path)!r}: the folder is replaced as a whole, so it must be "
+            f"named, not reached through '.' or '..'; pass {os.path.abspath(path)!r} instead"
+        )
+    return root
 
 
 def real_dir(path: Path) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .adapter_io import CONFIG_NAME, read_adapter, real_dir, swap_dir
+from .adapter_io import CONFIG_NAME, named_dir, read_adapter, real_dir, swap_dir
 from .base_model import hub_offline
 from .errors import AdapterFormatError, LoraKitError
 from .inspection import AdapterReport, inspect_files
@@ -223,11 +223,11 @@ def pull_adapter(
     Raises:
         HubError: Invalid id, not cached while offline, or the download failed.
         AdapterFormatError: The repo is not a readable LoRA adapter, or ``out`` exists (without
-            ``force``), is a file, is a non-empty folder that is not an adapter, or holds a
-            training run (``checkpoint/``, ``metrics.jsonl``).
+            ``force``), is a file, is a non-empty folder that is not an adapter, holds a
+            training run (``checkpoint/``, ``metrics.jsonl``), or ends in ``.``/``..``.
     """
     check_repo_id(repo_id)
-    target = Path(out) if out is not None else adapter_library() / repo_id.rsplit("/", 1)[-1]
+    target = named_dir(out) if out is not None else adapter_library() / repo_id.rsplit("/", 1)[-1]
     if target.is_file() or (target.exists() and any(target.iterdir()) and not force):
         raise AdapterFormatError(
             f"{str(target)!r} already exists; choose another -o directory or pass --force to "

@@ -432,6 +432,22 @@ def test_save_under_a_file_is_an_adapter_format_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.parametrize("where", [".", "..", "sub/.."])
+def test_save_to_dot_or_dotdot_is_refused_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Saving from inside the adapter folder to ``.`` raised a bare ValueError (``'.' has an
+    empty name``) from the atomic swap, after writing a temporary copy inside that folder."""
+    lm, folder = _saved(GPT2, tmp_path)
+    (folder / "sub").mkdir()
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.chdir(folder / "sub" if where == ".." else folder)
+    with pytest.raises(lk.AdapterFormatError, match=f"pass {str(folder)!r} instead"):
+        lm.save_adapter(where)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    lm.save_adapter(str(folder))  # the full path the message gives works
+
+
 def test_saving_through_a_symlink_updates_the_linked_folder_and_keeps_the_link(
     tmp_path: Path,
 ) -> None:

@@ -126,6 +126,19 @@ def test_pull_from_the_offline_cache(origin: str, adapter: Path, tmp_path: Path)
     assert tree_hashes(cache) == cache_before
 
 
+def test_pull_force_into_dot_is_refused_before_any_download(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pull --force REPO -o .`` from inside the adapter raised a bare ValueError at the swap."""
+    out = tmp_path / "remote"
+    shutil.copytree(adapter, out)
+    before = tree_hashes(out)
+    monkeypatch.chdir(out)
+    with pytest.raises(lk.AdapterFormatError, match=f"pass {str(out)!r} instead"):
+        pull_adapter("org/remote", ".", cache_dir=tmp_path / "no-cache", offline=True, force=True)
+    assert tree_hashes(out) == before
+
+
 def test_pull_force_failing_as_it_moves_in_keeps_the_old_adapter(
     adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
