@@ -9,14 +9,25 @@ from typing import Annotated
 import typer
 
 from lora_kit.errors import AdapterFormatError
-from lora_kit.hub import plan_push, pull_adapter, push_adapter
+from lora_kit.hub import HubError, check_repo_id, plan_push, pull_adapter, push_adapter
 
 from ._tooling import emit_json, errors_to_exit, fail, human_bytes
 
 
+def _repo_id(value: str) -> str:
+    """A malformed repo id is bad usage (exit 2), caught before anything is read."""
+    try:
+        return check_repo_id(value)
+    except HubError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def push(
     adapter: Annotated[Path, typer.Argument(help="The adapter directory to upload.")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repo, 'owner/name' (created if missing).")],
+    repo_id: Annotated[
+        str,
+        typer.Argument(help="Hub repo, 'owner/name' (created if missing).", callback=_repo_id),
+    ],
     private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
     metrics: Annotated[
@@ -62,7 +73,7 @@ def push(
 
 
 def pull(
-    repo_id: Annotated[str, typer.Argument(help="Hub repo, 'owner/name'.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, 'owner/name'.", callback=_repo_id)],
     out: Annotated[
         Path | None,
         typer.Option(

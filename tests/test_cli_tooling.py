@@ -176,7 +176,7 @@ def test_push_dry_run_and_offline_refusal(inputs: Path) -> None:
     offline = run(inputs, "push", g1, "me/g1", env={"HF_HUB_OFFLINE": "1"})
     fails(offline, 1, "HF_HUB_OFFLINE is set")
     fails(run(inputs, "push", str(inputs / "broken" / "not-adapter"), "me/x", "--dry-run"), 1)
-    fails(run(inputs, "push", g1, "not/a/repo", "--dry-run"), 1, "not a Hub repo id")
+    fails(run(inputs, "push", g1, "not/a/repo", "--dry-run"), 2, "not a Hub repo id")
 
 
 def test_pull(inputs: Path, tmp_path: Path) -> None:
@@ -191,6 +191,9 @@ def test_pull(inputs: Path, tmp_path: Path) -> None:
     missing = run(inputs, "pull", "org/absent", "-o", str(tmp_path / "x"), "--cache-dir", cache,
                   "--offline")  # fmt: skip
     fails(missing, 1, "'org/absent' (revision main) is not in cache", "offline mode is on")
+    bad_id = run(inputs, "pull", "org/../x", "-o", str(tmp_path / "y"), "--offline")
+    fails(bad_id, 2, "not a Hub repo id")  # bad usage, as any malformed argument
+    assert not (tmp_path / "y").exists()
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
