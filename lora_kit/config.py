@@ -274,13 +274,17 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_BOOL_DTYPES = ("bool", "torch.bool")  # NumPy's and torch's boolean dtypes, as text
+
+
 def as_number(value: object) -> float | None:
     """A weight given by a caller as a float (inf past float's range), or None if it is none.
 
-    Anything ``float()`` reads except text and bools: ints, floats, NumPy scalars, Decimal,
-    Fraction, one-element tensors. (Stacking and selection weights are read this way.)
+    Anything ``float()`` reads except text and bools (also NumPy's and boolean tensors): ints,
+    floats, NumPy scalars, Decimal, Fraction, one-element tensors. (Stacking and selection
+    weights are read this way.)
     """
-    if isinstance(value, str | bytes | bool):
+    if isinstance(value, str | bytes | bool) or str(getattr(value, "dtype", "")) in _BOOL_DTYPES:
         return None  # text is not parsed, a bool is not a weight
     try:
         return float(value)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from merge_helpers import broken_copies, config, logits, randomize, tiny, with_adapters
@@ -253,6 +254,9 @@ def test_overall_metrics_weight_modules_by_their_update(
     [
         ({"weights": [1, "x"]}, "weights must be a list of numbers"),
         ({"weights": [1, None]}, "weights must be a list of numbers"),
+        ({"weights": [1, True]}, "weights must be a list of numbers"),
+        ({"weights": [1, np.bool_(True)]}, "weights must be a list of numbers"),  # was 1.0
+        ({"weights": [1, torch.tensor(True)]}, "weights must be a list of numbers"),  # was 1.0
         ({"weights": "12"}, "weights must be a list of numbers"),  # was read as [1.0, 2.0]
         ({"method": "dare", "density": "x"}, "needs --density"),
         ({"method": "dare", "density": 0.5, "seed": "x"}, "seed must be an integer"),
