@@ -43,12 +43,19 @@ if TYPE_CHECKING:
 class Registration:
     """Where to (re)load a registered adapter from, and how.
 
+    A swap (``LoraModel.swap_adapter``) does not replace ``source``: the file swapped in may
+    adapt fewer modules (the others are held at zero), and loading it alone would give the
+    adapter only those, so a later swap back to the full set would be refused. A reload loads
+    ``source``, which sets the module set, and then swaps ``swapped`` in.
+
     Attributes:
         name: The adapter's name in the model.
-        source: Directory, library name or Hub repo id (see `lora_kit.resolve`).
+        source: Directory, library name or Hub repo id (see `lora_kit.resolve`) it was
+            registered with; it sets the modules the adapter holds.
         max_rank: Load it swappable at this padded rank (see `lora_kit.swap`).
         check_base: Verify the base fingerprint on each load.
         adapter_dtype: dtype of the loaded tensors.
+        swapped: The source last swapped into it (None: never swapped).
     """
 
     name: str
@@ -56,6 +63,7 @@ class Registration:
     max_rank: int | None = None
     check_base: bool = True
     adapter_dtype: torch.dtype = torch.float32
+    swapped: str | None = None
 
 
 class AdapterCache:
@@ -163,10 +171,10 @@ class AdapterCache:
         """Whether ``name`` is a registered adapter."""
         return name in self._registered
 
-    def set_source(self, name: str, source: str) -> None:
-        """(Re)load registered adapter ``name`` from ``source`` from now on (after a swap)."""
+    def set_swapped(self, name: str, source: str) -> None:
+        """Swap ``source`` into registered adapter ``name`` on each reload from now on."""
         with self._lock:
-            self._registered[name] = replace(self._registered[name], source=source)
+            self._registered[name] = replace(self._registered[name], swapped=source)
 
     def acquire(self, names: Iterable[str]) -> tuple[str, ...]:
         """Make the registered ones among ``names`` resident and pin them; returns those pinned.
@@ -240,13 +248,16 @@ class AdapterCache:
         reg = self._registered[name]
         self._loading = (threading.get_ident(), name)
         try:
-            self._lm.load_adapter(
-                reg.source,
-                name,
-                check_base=reg.check_base,
-                adapter_dtype=reg.adapter_dtype,
-                max_rank=reg.max_rank,
-            )
+            with self._lm._undoing_add(name):  # loaded and swapped into: both or neither
+                self._lm.load_adapter(
+                    reg.source,
+                    name,
+                    check_base=reg.check_base,
+                    adapter_dtype=reg.adapter_dtype,
+                    max_rank=reg.max_rank,
+                )
+                if reg.swapped is not None:  # over the registered modules (see `Registration`)
+                    self._lm._swap(name, reg.swapped, check_base=reg.check_base, registered=False)
         finally:
             self._loading = None
         size = sum(p.numel() * p.element_size() for p in self._lm.adapter_parameters(name))

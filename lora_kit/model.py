@@ -704,9 +704,10 @@ class LoraModel(nn.Module):
                 PEFT-keyed state dict (keeps ``name``'s config, ranks and scaling).
             check_base: Verify the base fingerprint recorded in the files (if present).
 
-        A registered adapter (:meth:`register_adapter`) is reloaded from ``source`` from then on
-        when the cache evicts it, so it must come from files, not a state dict. One the cache does
-        not hold now (evicted, or never selected) is loaded first, and pinned during the swap.
+        A registered adapter (:meth:`register_adapter`) is reloaded after an eviction from the
+        source it was registered with (which sets its modules) with ``source`` then swapped in,
+        so ``source`` must be files, not a state dict. One the cache does not hold now (evicted,
+        or never selected) is loaded first, and pinned during the swap.
 
         Raises:
             AdapterNameError: Unknown adapter, or a state dict for a registered adapter.
@@ -757,7 +758,7 @@ class LoraModel(nn.Module):
             config = swap_from_directory(self, name, path, check_base=check_base)
         self._adapters[name] = replace(record, config=config, source=str(path))
         if registered:  # reload what it holds now, not what it held
-            self.cache.set_source(name, origin)
+            self.cache.set_swapped(name, origin)
 
     @property
     def cache(self) -> AdapterCache:

@@ -6,6 +6,7 @@ for bit; mixed batches against per-row references use the atol 1e-5 of test_rows
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -430,3 +431,61 @@ def test_an_adapter_loaded_for_a_failed_call_stays_resident_and_evictable(root: 
     with lm.using("b"):
         pass
     assert lm.cache.resident == ("b",) and list(lm.adapters) == ["b"]
+
+
+def test_eviction_after_swapping_in_fewer_modules_keeps_the_registered_module_set(
+    root: Path,
+) -> None:
+    """A registered swappable adapter swapped to a file over fewer modules and then evicted
+    reloads over the modules it was registered with (it used to reload over the fewer ones
+    only, and swapping back to a file over all of them was refused).
+
+    Swapped back, it matches a fresh load of that file at the same ``max_rank`` bit for bit:
+    the same padded tensors, values and scale in the same kernels on one CPU.
+    """
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.set_cache_budget(max_resident=1)
+    lm.register_adapter("live", root / "a", max_rank=8)  # "a" adapts every module
+    lm.register_adapter("other", root / "b")
+    ids = input_ids(2)
+    with lm.using("live"):
+        modules = lm.adapter_record("live").modules
+    lm.swap_adapter("live", root / "b")  # "b" adapts c_attn only
+    with lm.using("other"):  # evicts "live"
+        pass
+    assert "live" not in lm.adapters
+    fresh_b = lk.LoraModel(make_model("gpt2"))
+    fresh_b.load_adapter(root / "b", "live", max_rank=8)
+    with lm.using("live"), fresh_b.using("live"):  # reloaded: still "b", over every module
+        assert lm.adapter_record("live").modules == modules
+        assert torch.equal(logits(lm, ids), logits(fresh_b, ids))
+    lm.swap_adapter("live", root / "a")  # was AdapterMismatchError
+    fresh_a = lk.LoraModel(make_model("gpt2"))
+    fresh_a.load_adapter(root / "a", "live", max_rank=8)
+    with lm.using("live"), fresh_a.using("live"):
+        assert torch.equal(logits(lm, ids), logits(fresh_a, ids))
+
+
+def test_a_reload_whose_swap_fails_leaves_nothing_loaded(root: Path, tmp_path: Path) -> None:
+    """The reload of a swapped registered adapter loads its registered source and swaps the
+    swapped-in one into it; when that swap fails (its files are gone) the load is taken back,
+    so fixing the files and selecting it again reloads it."""
+    moved = tmp_path / "b"
+    shutil.copytree(root / "b", moved)
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.set_cache_budget(max_resident=1)
+    lm.register_adapter("live", root / "a", max_rank=8)
+    lm.register_adapter("other", root / "c")
+    lm.swap_adapter("live", moved)
+    with lm.using("other"):  # evicts "live"
+        pass
+    shutil.rmtree(moved)
+    with pytest.raises(lk.LoraKitError), lm.using("live"):
+        pass
+    assert "live" not in lm.adapters and "live" not in lm.cache.resident
+    shutil.copytree(root / "b", moved)
+    ids = input_ids(2)
+    fresh = lk.LoraModel(make_model("gpt2"))
+    fresh.load_adapter(root / "b", "live", max_rank=8)
+    with lm.using("live"), fresh.using("live"):
+        assert torch.equal(logits(lm, ids), logits(fresh, ids))
