@@ -10,7 +10,7 @@ rank (up to the maximum) or alpha.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
@@ -60,6 +60,20 @@ class PaddedAdapter(LoraAdapter):
             device=device,
         )
         self.rank = max_rank
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PaddedAdapter:
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``...), keeping ``scale`` fp32.
+
+        ``scale`` follows the module's device but not its dtype: ``.half()`` would round a
+        scaling such as 0.6 to 0.60009765625, which a plain adapter's Python float scaling
+        does not do. Unmoved, it stays the same tensor (a view of the packed scales).
+        """
+        scale = self._buffers.get("scale")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("scale")
+        if scale is not None and moved is not None and moved is not scale:
+            self._buffers["scale"] = scale.to(device=moved.device, dtype=torch.float32)
+        return self
 
     @property
     def scaling(self) -> float:

@@ -359,3 +359,24 @@ def test_bad_state_dicts_are_refused_before_anything_changes(saved: tuple[str, P
         with pytest.raises(error, match=message):
             lm.swap_adapter("live", state)  # type: ignore[arg-type]
         assert model_state(lm) == before
+
+
+@pytest.mark.parametrize("cast", ["half", "to"])
+def test_scale_stays_fp32_through_dtype_casts(cast: str) -> None:
+    """``.half()``/``.to(float16)`` converts floating buffers; a swappable adapter's scale is
+    kept fp32 (its documented dtype). In fp16, a scaling of 0.6 (alpha 4.8, r 8) would become
+    0.60009765625, and stay so after casting back to fp32."""
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.add_adapter("x", lk.LoraConfig(r=8, alpha=4.8))
+    lm.make_swappable("x", 8)
+    if cast == "half":
+        lm.half()
+    else:
+        lm.to(torch.float16)
+    padded = [m for m in lm.modules() if isinstance(m, PaddedAdapter)]
+    assert padded and all(m.lora_A.dtype == torch.float16 for m in padded)
+    for adapter in padded:
+        assert adapter.scale.dtype == torch.float32
+        assert torch.equal(adapter.scale, torch.tensor(0.6))  # fp32 0.6, not fp16's
+    lm.float()
+    assert all(torch.equal(m.scale, torch.tensor(0.6)) for m in padded)
