@@ -176,6 +176,11 @@ class AdapterCache:
         with self._lock:
             self._registered[name] = replace(self._registered[name], swapped=source)
 
+    def set_max_rank(self, name: str, max_rank: int) -> None:
+        """Reload registered adapter ``name`` swappable at ``max_rank`` from now on."""
+        with self._lock:
+            self._registered[name] = replace(self._registered[name], max_rank=max_rank)
+
     def acquire(self, names: Iterable[str]) -> tuple[str, ...]:
         """Make the registered ones among ``names`` resident and pin them; returns those pinned.
 

@@ -671,13 +671,17 @@ class LoraModel(nn.Module):
     def make_swappable(self, name: str, max_rank: int) -> None:
         """Re-store adapter ``name`` zero-padded to ``max_rank`` for :meth:`swap_adapter`.
 
-        Outputs are unchanged (exactly: the padding is zeros). Call it before compiling.
+        Outputs are unchanged (exactly: the padding is zeros). Call it before compiling. A
+        registered adapter (:meth:`register_adapter`) is reloaded at ``max_rank`` after an
+        eviction, as if registered with it.
 
         Raises:
             AdapterNameError: Unknown adapter.
             AdapterMismatchError: One of its ranks exceeds ``max_rank``.
         """
         make_swappable(self, name, max_rank)
+        if self.cache.is_registered(name):
+            self.cache.set_max_rank(name, max_rank)
 
     def swap_adapter(
         self,

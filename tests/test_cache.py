@@ -466,6 +466,27 @@ def test_eviction_after_swapping_in_fewer_modules_keeps_the_registered_module_se
         assert torch.equal(logits(lm, ids), logits(fresh_a, ids))
 
 
+def test_a_registered_adapter_made_swappable_reloads_swappable(root: Path) -> None:
+    """``make_swappable`` on a resident registered adapter was forgotten at its eviction: it
+    reloaded unpadded, and a swap at a rank above its own was then refused."""
+    from lora_kit.swap import PaddedAdapter
+
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.set_cache_budget(max_resident=1)
+    lm.register_adapter("live", root / "a")  # rank 4, every module
+    lm.register_adapter("other", root / "c")
+    with lm.using("live"):
+        lm.make_swappable("live", 8)
+    with lm.using("other"):  # evicts "live"
+        pass
+    assert "live" not in lm.adapters
+    lm.swap_adapter("live", root / "b")  # reloads "live" first; b's rank 8 needs the padding
+    layers = [m for m in lm.model.modules() if isinstance(m, lk.LoRALinear)]
+    layers = [m for m in layers if "live" in m.adapters]
+    assert layers and all(isinstance(m.adapter("live"), PaddedAdapter) for m in layers)
+    assert all(m.adapter("live").r == 8 for m in layers)
+
+
 def test_a_reload_whose_swap_fails_leaves_nothing_loaded(root: Path, tmp_path: Path) -> None:
     """The reload of a swapped registered adapter loads its registered source and swaps the
     swapped-in one into it; when that swap fails (its files are gone) the load is taken back,
