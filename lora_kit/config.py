@@ -77,14 +77,17 @@ class LoraConfig:
             expression that must match the whole module name. ``None`` picks the default preset
             for ``model.config.model_type``.
         exclude: Modules never targeted, in the same forms as ``targets`` (no presets).
-        layers: Block indices to touch (the first integer in a module's dotted name);
-            ``None`` means every block. As in PEFT, it filters suffix matches only: a module
-            that a ``targets`` list names in full is adapted whatever its block.
+        layers: Block indices to touch; ``None`` means every block. As in PEFT, a module's
+            block is the first all-digit part of its dotted name with at least two parts
+            before it (``transformer.h.3.attn.c_attn``: 3); a name with none (a bare
+            ``GPT2Model``'s ``h.3.attn.c_attn``) is in no block: set ``layers_pattern`` there.
+            As in PEFT, it filters suffix matches only: a module that a ``targets`` list names
+            in full is adapted whatever its block.
         layers_pattern: With ``layers``, regexes for the module list whose index is the block
             (PEFT's ``layers_pattern``, e.g. ``"h"`` or ``"layers"``): a module's block is the
             integer right after the first dotted part of its name matching the first pattern
             that matches anywhere; a module no pattern matches is in no block. ``None``: the
-            first integer in the name.
+            rule given under ``layers``.
         rank_pattern: Per-module rank overrides; keys are regexes matched against a dot-separated
             suffix of the module name (PEFT's rule); the first matching key wins.
         alpha_pattern: Per-module alpha overrides, same matching rule. Like every field, the

@@ -8,6 +8,7 @@ not a preset name is a regular expression that must match the whole module name.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,18 +118,27 @@ def named_in_full(spec: str | tuple[str, ...], name: str) -> bool:
     return not isinstance(spec, str) and name in spec
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+# PEFT's default (no layers_pattern): the first all-digit part with at least two parts before
+# it and one after ("transformer.h.0.attn.c_attn" -> 0; a bare "h.0.attn.c_attn" -> none).
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
 def layer_index(name: str, patterns: tuple[str, ...] | None = None) -> int | None:
-    """The block index of a module.
+    """The block index of a module, read as PEFT reads it for ``layers_to_transform``.
 
-    Without ``patterns``, the first integer component of its dotted name. With them (PEFT's
-    ``layers_pattern``), the integer component that follows the earliest part of the name
-    matching a pattern, trying the patterns in order; ``None`` when none matches.
+    Args:
+        name: The module's dotted name in the model.
+        patterns: PEFT's ``layers_pattern``: regexes for the module list whose index is the
+            block, tried in order.
+
+    Returns:
+        Without ``patterns``, the first all-digit part of ``name`` that has at least two parts
+        before it and one after (so a bare ``GPT2Model``'s ``"h.0.attn.c_attn"`` has none, as
+        in PEFT; ``layers_pattern="h"`` finds its blocks). With them, the integer part that
+        follows the earliest part of the name matching a pattern. ``None`` when there is none.
     """
     if patterns is None:
-        match = _LAYER_INDEX.search(name)
+        match = _LAYER_INDEX.match(name)
         return int(match.group(1)) if match else None
     for pattern in patterns:
         # the pattern starts at the name's start or after a dot (shortest prefix first), and
@@ -178,6 +188,7 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
     wanted_layers = set(config.layers) if config.layers is not None else None
     matched: list[str] = []
     candidates: list[str] = []
+    unindexed: list[str] = []  # targets the layer filter dropped for want of a block index
     for name, module in iter_layers(model):
         if isinstance(module, SavedModule) or not name:
             continue
@@ -190,12 +201,12 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
             continue
         if inside_any(name, config.modules_to_save):
             continue  # a head trained whole never also gets an adapter (PEFT's rule too)
-        if (
-            wanted_layers is not None
-            and not named_in_full(spec, name)
-            and layer_index(name, config.layers_pattern) not in wanted_layers
-        ):
-            continue
+        if wanted_layers is not None and not named_in_full(spec, name):
+            index = layer_index(name, config.layers_pattern)
+            if index is None and is_supported:
+                unindexed.append(name)
+            if index not in wanted_layers:
+                continue
         if not is_supported:
             # A regex may sweep up containers ("h.0.attn") and parameter-free leaves (dropout,
             # activations); only a module with weights of its own is a real, unsupported target.
@@ -221,6 +232,9 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
             f"matched no Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D "
             f"modules are: {shown}."
         )
+        if unindexed:
+            prefix = f"{source}: the adapter's " if source is not None else ""
+            raise NoTargetsError(f"{prefix}{found} {_no_block_index(unindexed, config, source)}")
         if source is not None:
             raise NoTargetsError(
                 f"{source}: the adapter's {found} Was it saved for another model? Load it into "
@@ -228,6 +242,31 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
             )
         raise NoTargetsError(f"{found} Pass one of these suffixes or a preset: {sorted(PRESETS)}")
     return matched
+
+
+def _no_block_index(names: list[str], config: LoraConfig, source: str | None) -> str:
+    """Why the layer filter dropped ``names`` (no block index in them), and how to fix it."""
+    example = names[0]
+    if config.layers_pattern is None:
+        why = (
+            f"The layer filter found no block index in names like {example!r}: as in PEFT, "
+            f"without layers_pattern the block is the first integer part with at least two "
+            f"parts before it (e.g. 'transformer.h.0.attn.c_attn'); PEFT adapts nothing here "
+            f"either."
+        )
+    else:
+        why = (
+            f"The layer filter found no block index in names like {example!r}: no part of "
+            f"them matching layers_pattern={list(config.layers_pattern)} is followed by an "
+            f"integer part (PEFT reads them so too and adapts nothing)."
+        )
+    parts = example.split(".")
+    lists = [p for p, nxt in itertools.pairwise(parts[:-1]) if nxt.isdigit()]
+    suggestion = f"layers_pattern={lists[0]!r}" if lists else "a layers_pattern"
+    if source is not None:
+        key = f'"layers_pattern": "{lists[0]}"' if lists else '"layers_pattern"'
+        return f"{why} Set {key} in its adapter_config.json"
+    return f"{why} Set {suggestion} (the module list whose index is the block), or drop layers"
 
 
 def saves_module(entry: str, name: str) -> bool:
