@@ -324,6 +324,18 @@ def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda() -> None:
         resolve_precision("fp16", torch.device("cpu"))
 
 
+def test_empty_eval_data_is_no_eval_data(tmp_path: Path) -> None:
+    # An empty held-out split (eval_fraction=0) passed with eval_every used to log and return
+    # eval_loss 0.0 / perplexity 1.0 measured over nothing; it is now as if none was given.
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    empty = train_set.split(0.0, seed=0)[1]
+    assert len(empty) == 0
+    result = train(lm, train_set, _cfg(tmp_path, steps=4, eval_every=2), eval_data=empty)
+    assert result.metrics == {}
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert not [r for r in records if r["event"] == "eval"]
+
+
 def test_eval_loss_matches_the_models_own_loss(tmp_path: Path) -> None:
     # Token-weighted mean CE over equal-length blocks == HF's mean loss on one batch (1e-5:
     # same math, different reduction order).

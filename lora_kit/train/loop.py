@@ -103,7 +103,8 @@ def train(
             wrapped here.
         train_data: Training examples (see :mod:`lora_kit.train.data`).
         config: Hyper-parameters.
-        eval_data: Held-out examples evaluated every ``eval_every`` steps and at the end.
+        eval_data: Held-out examples evaluated every ``eval_every`` steps and at the end
+            (an empty one is as None: no eval records or metrics).
         resume: Continue from ``<config.out>/checkpoint`` (same config required).
         logger: Where to report; default a `RunLogger` on ``config.out`` (rank 0 only).
         callbacks: Called after every optimizer step (after any checkpoint).
@@ -131,6 +132,8 @@ def train(
     log = logger or RunLogger(config.out, enabled=ctx.is_main)
     if len(train_data) == 0:
         raise DataError("the training data set is empty")
+    if eval_data is not None and len(eval_data) == 0:
+        eval_data = None  # nothing to measure: no eval records or metrics, as without one
     if eval_data is not None:
         _check_eval_data(train_data, eval_data)
     _check_labels(lm, train_data)
@@ -263,7 +266,7 @@ def train(
             for callback in callbacks:
                 callback(info)
 
-        if eval_data is not None and len(eval_data) and evaluated != step:
+        if eval_data is not None and evaluated != step:
             # (a resumed finished run has its final metrics from the checkpoint)
             metrics = _evaluate_and_log(model, eval_data, config, plan, step, log)
             evaluated = step
