@@ -328,24 +328,36 @@ def _accumulate(
 ) -> tuple[float, int]:
     """Forward/backward over one accumulation window; returns the global mean loss and tokens.
 
-    Each micro-batch's mean loss is weighted by its share of the window's examples, so the
-    gradient equals that of one batch holding the whole window (equal-length blocks) whatever
-    ``grad_accum`` and the last, possibly smaller, micro-batch are.
+    The model's loss is a mean over a micro-batch's loss terms (examples; causal LM: predicted
+    tokens). Each is weighted by its micro-batch's share of the terms of the whole window on
+    all ranks (times the world size: DDP/FSDP average gradients over ranks), so the gradient
+    equals that of one batch holding the window whatever ``grad_accum``, the last, possibly
+    smaller, micro-batch and, for causal LM, the examples' lengths are (as HF Trainer's
+    ``num_items_in_batch``).
     """
     device = ctx.device
-    n_window = sum(len(mb) for mb in window)
+    counts = [_loss_terms(data, indices) for indices in window]
+    n_window = float(all_reduce_sum(torch.tensor([float(sum(counts))]), ctx)[0])
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
-    for indices in window:
+    for indices, count in zip(window, counts, strict=True):
         batch = {k: v.to(device) for k, v in data.collate(indices).items()}
         with plan.autocast():
             out = model(**batch)
-        loss = out.loss.float() * (len(indices) / n_window)
+        loss = out.loss.float() * (count * ctx.world_size / max(n_window, 1.0))
         scaler.scale(loss).backward()
         loss_sum += loss.detach().double().cpu()
         tokens += int(batch["attention_mask"].sum())
     totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)]), ctx)
     return float(totals[0]) / ctx.world_size, int(totals[1])
+
+
+def _loss_terms(data: Dataset, indices: Sequence[int]) -> int:
+    """How many terms the model's mean loss over micro-batch ``indices`` averages: examples,
+    or for causal LM the predicted tokens (each example's but its first; padding is -100)."""
+    if data.task == "causal-lm":
+        return sum(len(data.examples[i].input_ids) - 1 for i in indices)
+    return len(indices)
 
 
 # ---- evaluation --------------------------------------------------------------------------
