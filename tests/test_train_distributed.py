@@ -6,7 +6,7 @@ batch of 4: the DistributedSampler gives rank r the permutation's ``r::2`` slice
 sees the same 4 examples. Gradients differ only by fp32 reduction order (all-reduce average vs
 one batch mean, ~1e-7 relative); after 3 Adam steps (lr 1e-2) the adapters agree within
 rtol 1e-4 / atol 1e-5. A DDP and an FSDP2 run interrupted and resumed must equal their
-uninterrupted twins bit for bit.
+uninterrupted twins bit for bit, and DDP beside an inactive adapter trains as without it.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         with contextlib.suppress(_StopError):
             train(_model(), data, _config(out, 2, strategy), callbacks=[_stop_at_last])
         train(_model(), data, _config(out, 2, strategy), resume=True)
+    # Beside an inactive adapter, which the forward pass does not use (DDP failed in step 2
+    # waiting for its gradients): the same training as "ddp" (same init, seeded before it).
+    lm = _model()
+    lm.add_adapter("other", lk.LoraConfig(r=4, targets="gpt2-all"))
+    train(lm, data, _config(Path(tmp) / "ddp-two-adapters", 2, "ddp"))
+    assert all(p.requires_grad for p in lm.adapter_parameters("other"))  # flags put back
     dist.destroy_process_group()
 
 
@@ -117,3 +123,6 @@ def test_two_process_runs_match_one_process(tmp_path: Path) -> None:
         straight = load_file(str(tmp_path / strategy / "adapter_model.safetensors"))
         resumed = load_file(str(tmp_path / f"{strategy}-resumed" / "adapter_model.safetensors"))
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), strategy
+    beside = load_file(str(tmp_path / "ddp-two-adapters" / "adapter_model.safetensors"))
+    straight = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    assert all(torch.equal(straight[k], beside[k]) for k in straight)

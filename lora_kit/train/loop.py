@@ -156,6 +156,10 @@ def train(
     # modes of the model as passed: a caller's DDP/FSDP wrapper too, and the LoraModel in it).
     modes = [(module, module.training) for module in model.modules()]
     switched_checkpointing = False
+    # Other adapters take no part in the forward pass: while they require grad, DDP waits for
+    # their gradients and fails in the second step. Frozen until the end (only as passed
+    # unwrapped: a caller's wrapper has already taken its parameters' flags).
+    frozen = _freeze_other_adapters(lm, name) if model is lm else []
     try:
         if config.gradient_checkpointing and not checkpointing_on(lm.model):
             _set_checkpointing(lm, True)
@@ -289,6 +293,23 @@ def train(
         _restore_modes(modes)
         if switched_checkpointing:
             _set_checkpointing(lm, False)
+        for param in frozen:
+            param.requires_grad_(True)
+
+
+def _freeze_other_adapters(lm: LoraModel, name: str) -> list[nn.Parameter]:
+    """Stop the other adapters' parameters requiring grad; returns those it changed."""
+    ours = {id(p) for p in lm.adapter_parameters(name)}
+    frozen = [
+        p
+        for other in lm.adapters
+        if other != name
+        for p in lm.adapter_parameters(other)
+        if p.requires_grad and id(p) not in ours
+    ]
+    for param in frozen:
+        param.requires_grad_(False)
+    return frozen
 
 
 def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
