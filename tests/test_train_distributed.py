@@ -6,7 +6,8 @@ batch of 4: the DistributedSampler gives rank r the permutation's ``r::2`` slice
 sees the same 4 examples. Gradients differ only by fp32 reduction order (all-reduce average vs
 one batch mean, ~1e-7 relative); after 3 Adam steps (lr 1e-2) the adapters agree within
 rtol 1e-4 / atol 1e-5. A DDP and an FSDP2 run interrupted and resumed must equal their
-uninterrupted twins bit for bit, and DDP beside an inactive adapter trains as without it.
+uninterrupted twins bit for bit (DDP also with dropout and per-rank RNG streams);
+DDP beside an inactive adapter trains as without it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ MODES = ("ddp", "fsdp", "fsdp1", "fsdp2-user")
 STEPS = 3
 
 
-def _model() -> lk.LoraModel:
+def _model(dropout: float = 0.0) -> lk.LoraModel:
     torch.manual_seed(1)
-    return lk.inject(tiny_gpt2(), lk.LoraConfig(r=4, targets="gpt2-all"))
+    config = lk.LoraConfig(r=4, targets="gpt2-all", dropout=dropout)
+    return lk.inject(tiny_gpt2(dropout), config)
 
 
 def _config(out: Path, batch_size: int, strategy: str = "none") -> TrainConfig:
@@ -72,7 +74,22 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     lm.add_adapter("other", lk.LoraConfig(r=4, targets="gpt2-all"))
     train(lm, data, _config(Path(tmp) / "ddp-two-adapters", 2, "ddp"))
     assert all(p.requires_grad for p in lm.adapter_parameters("other"))  # flags put back
+    # Each rank's RNG its own (as each GPU's generator is: rank 1 here draws once more before
+    # step 2), dropout on: a resume restores every rank's, not rank 0's on all.
+    out = Path(tmp) / "ddp-dropout"
+    for run in ("straight", "resumed"):
+        stop = [_stop_at_last] if run == "resumed" else []
+        with contextlib.suppress(_StopError):
+            train(_model(0.1), data, _config(out / run, 2, "ddp"), callbacks=[_rank_rng, *stop])
+    train(_model(0.1), data, _config(out / "resumed", 2, "ddp"), resume=True)
     dist.destroy_process_group()
+
+
+def _rank_rng(info: StepInfo) -> None:
+    import torch.distributed as dist
+
+    if info.step == 1 and dist.get_rank() == 1:
+        torch.rand(3)
 
 
 class _StopError(Exception):
@@ -126,3 +143,8 @@ def test_two_process_runs_match_one_process(tmp_path: Path) -> None:
     beside = load_file(str(tmp_path / "ddp-two-adapters" / "adapter_model.safetensors"))
     straight = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
     assert all(torch.equal(straight[k], beside[k]) for k in straight)
+    straight, resumed = (
+        load_file(str(tmp_path / "ddp-dropout" / run / "adapter_model.safetensors"))
+        for run in ("straight", "resumed")
+    )
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -766,7 +766,7 @@ def _restore_state(
                     raise ValueError(f"{key} holds NaN or inf")
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(_own_rng(state))
     except torch.OutOfMemoryError:
         raise  # the machine's, not the checkpoint's
     except Exception as exc:  # torch raises KeyError/ValueError/RuntimeError/TypeError here
@@ -782,6 +782,18 @@ def _restore_state(
         {k: float(v) for k, v in metrics.items()},
         counters["evaluated"],
     )
+
+
+def _own_rng(state: dict[str, Any]) -> Any:
+    """This rank's RNG state: its own when the checkpoint has one per rank of as many ranks
+    (``rng_ranks``), else the one ``rng`` (rank 0's; one process, or another world size)."""
+    import torch.distributed as dist
+
+    ranks = state.get("rng_ranks")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if isinstance(ranks, list) and len(ranks) == world > 1:
+        return ranks[dist.get_rank()]
+    return state["rng"]
 
 
 _FRESH = "it was edited or damaged. Delete the checkpoint folder to start fresh"
@@ -805,6 +817,8 @@ def _save_checkpoint(
     ``position`` holds where the next step starts and the last evaluation (its metrics and
     step), so a resumed run neither repeats nor loses it.
     """
+    import torch.distributed as dist
+
     optimizer_state = _optimizer_state(model, optimizer)
     state = {
         "step": step,
@@ -817,9 +831,12 @@ def _save_checkpoint(
         "config": config.to_json(),
         "data": data_id,
     }
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank's own: each GPU's dropout generator is advanced by its rank alone.
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state["rng"])
+        state["rng_ranks"] = ranks
     path = Path(config.out) / "checkpoint"
-    import torch.distributed as dist
-
     main = not dist.is_initialized() or dist.get_rank() == 0
     with full_params(model):
         if main:
