@@ -344,6 +344,31 @@ def test_bf16_autocast_keeps_adapters_and_optimizer_fp32(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.parametrize("init_scale", [2.0**60, 1.0])
+def test_fp16_steps_the_scaler_skips_are_reported_skipped(
+    init_scale: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fp16 with loss scaling, emulated on CPU. A scale of 2**60 overflows every step, so the
+    # scaler skips each update (the adapter stays as initialised); they were reported
+    # skipped=False. An overflow is not divergence: no TrainingDivergedError.
+    plan = loop.PrecisionPlan("fp16", "cpu")
+    monkeypatch.setattr(loop, "resolve_precision", lambda requested, device: plan)
+    monkeypatch.setattr(
+        loop.PrecisionPlan,
+        "scaler",
+        lambda self: torch.amp.GradScaler("cpu", init_scale=init_scale),
+    )
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    before = [p.detach().clone() for p in lm.adapter_parameters("default")]
+    steps: list[StepInfo] = []
+    result = train(lm, train_set, _cfg(tmp_path, steps=3), callbacks=[steps.append])
+    overflow = init_scale > 1
+    assert [info.skipped for info in steps] == [overflow] * 3
+    assert [r["skipped"] for r in _train_records(result.adapter_path)] == [overflow] * 3
+    after = lm.adapter_parameters("default")
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) == overflow
+
+
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda() -> None:
     assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):

@@ -210,10 +210,13 @@ def train(
             scaler.unscale_(optimizer)
             norm = grad_norm(model, params, config.clip_norm)
             bad = not (math.isfinite(loss) and math.isfinite(norm))
+            skipped = bad
             if scaler.is_enabled():
+                scale = scaler.get_scale()
                 scaler.step(optimizer)  # skips by itself on inf gradients (fp16 overflow)
                 scaler.update()
-                bad = not math.isfinite(loss)
+                bad = not math.isfinite(loss)  # an overflow is no divergence: only reported
+                skipped = bad or scaler.get_scale() < scale  # the scaler backs off on a skip
             elif not bad:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -232,7 +235,7 @@ def train(
                     "lr": lr,
                     "tokens": tokens,
                     "tokens_per_s": tokens / elapsed,
-                    "skipped": bad,
+                    "skipped": skipped,
                 }
             )
             if bad:
@@ -266,7 +269,7 @@ def train(
                     extra,
                     data_id,
                 )
-            info = StepInfo(step, total, loss, lr, bad)
+            info = StepInfo(step, total, loss, lr, skipped)
             for callback in callbacks:
                 callback(info)
 
