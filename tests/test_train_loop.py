@@ -590,6 +590,10 @@ def test_edited_trainer_state_is_a_checkpoint_error_and_changes_nothing(tmp_path
         (nan_moments, "exp_avg holds NaN"),
         (lambda s: s.update(scheduler={}), "does not fit this run"),
         (lambda s: s.update(rng={}), r"does not fit this run \(KeyError"),
+        # were a ConfigError (exit 2, as for a mistyped argument) and a bare TypeError/KeyError
+        (lambda s: s.update(config="{broken"), "saved run config is unreadable"),
+        (lambda s: s.update(config=5), "saved run config is unreadable"),
+        (lambda s: s.update(data={"sha": 1}), "record of the training data is damaged"),
     ]
     for edit, match in edits:
         state = copy.deepcopy(saved)

@@ -142,7 +142,7 @@ def train(
     checkpoint = read_checkpoint(config.out) if resume else None
     undo_resume: Callable[[], None] | None = None  # puts the adapter back until training starts
     if checkpoint is not None:
-        _check_resume(config, checkpoint.state, data_id)
+        _check_resume(config, checkpoint, data_id)
         if is_fsdp1(model) or is_fsdp2(model):
             raise ConfigError(
                 "resume=True needs the unsharded model: pass the LoraModel with "
@@ -593,10 +593,26 @@ def _data_id(data: Dataset) -> dict[str, Any]:
     return {"examples": len(data), "sha256": digest.hexdigest()}
 
 
-def _check_resume(config: TrainConfig, state: dict[str, Any], data_id: dict[str, Any]) -> None:
-    saved = TrainConfig.from_json(state["config"])
-    changed = config.resume_mismatch(saved)
+def _check_resume(config: TrainConfig, checkpoint: Checkpoint, data_id: dict[str, Any]) -> None:
+    """Refuse a resume whose settings or data differ from the checkpoint's.
+
+    Raises:
+        ConfigError: They differ (the run's arguments are the thing to change).
+        CheckpointError: The saved config or data record is unreadable (edited or damaged).
+    """
+    state, where = checkpoint.state, checkpoint.path / STATE_FILE
+    try:
+        saved = TrainConfig.from_json(state["config"])
+    except (ConfigError, TypeError) as exc:  # TypeError: not text at all
+        raise CheckpointError(
+            f"{where}: its saved run config is unreadable ({exc}); {_FRESH}"
+        ) from exc
     before = state.get("data")  # absent from checkpoints written before it was recorded
+    if before is not None and not (
+        isinstance(before, dict) and isinstance(before.get("examples"), int)
+    ):
+        raise CheckpointError(f"{where}: its record of the training data is damaged; {_FRESH}")
+    changed = config.resume_mismatch(saved)
     if before is not None and before != data_id:
         changed.append(
             f"the training data differs (checkpoint {before['examples']} examples, now "
