@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +351,9 @@ def test_fp16_steps_the_scaler_skips_are_reported_skipped(
 ) -> None:
     # fp16 with loss scaling, emulated on CPU. A scale of 2**60 overflows every step, so the
     # scaler skips each update (the adapter stays as initialised); they were reported
-    # skipped=False. An overflow is not divergence: no TrainingDivergedError.
+    # skipped=False. An overflow is not divergence: no TrainingDivergedError. A skipped step
+    # does not advance the schedule (as accelerate/HF Trainer): it advanced, and torch warned
+    # that lr_scheduler.step() ran before optimizer.step().
     plan = loop.PrecisionPlan("fp16", "cpu")
     monkeypatch.setattr(loop, "resolve_precision", lambda requested, device: plan)
     monkeypatch.setattr(
@@ -361,10 +364,14 @@ def test_fp16_steps_the_scaler_skips_are_reported_skipped(
     lm, train_set, _ = _setup("gpt2", tmp_path)
     before = [p.detach().clone() for p in lm.adapter_parameters("default")]
     steps: list[StepInfo] = []
-    result = train(lm, train_set, _cfg(tmp_path, steps=3), callbacks=[steps.append])
+    config = _cfg(tmp_path, steps=3, warmup_steps=2, schedule="constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's scheduler-order warning among them
+        result = train(lm, train_set, config, callbacks=[steps.append])
     overflow = init_scale > 1
     assert [info.skipped for info in steps] == [overflow] * 3
     assert [r["skipped"] for r in _train_records(result.adapter_path)] == [overflow] * 3
+    assert [info.lr for info in steps] == ([0.0] * 3 if overflow else [0.0, 5e-3, 1e-2])
     after = lm.adapter_parameters("default")
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) == overflow
 

@@ -221,7 +221,8 @@ def train(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            if not skipped:  # the schedule follows the updates made (as accelerate/HF Trainer)
+                scheduler.step()
             step += 1
             bad_run = bad_run + 1 if bad else 0
             elapsed = max(time.perf_counter() - started, 1e-9)
