@@ -390,7 +390,7 @@ def test_empty_eval_data_is_no_eval_data(tmp_path: Path) -> None:
     assert len(empty) == 0
     result = train(lm, train_set, _cfg(tmp_path, steps=4, eval_every=2), eval_data=empty)
     assert result.metrics == {}
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["event"] == "eval"]
 
 
