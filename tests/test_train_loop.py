@@ -151,6 +151,30 @@ def test_accumulating_causal_lm_examples_of_unequal_length_weights_every_token_e
         torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_accumulating_with_an_empty_causal_lm_example_weights_every_token_equally(
+    tmp_path: Path,
+) -> None:
+    """An empty example (a Dataset built by hand) has no predicted token: it counted as -1 of
+    the window's tokens, so 4x2 and 1x8 steps differed."""
+    runs = []
+    for bs, accum in ((8, 1), (2, 4)):
+        lm, train_set, _ = _setup("gpt2", tmp_path)
+        examples = tuple(
+            Example(e.input_ids[: 0 if i == 3 else 4 + (i * 5) % 13])
+            for i, e in enumerate(train_set.examples)
+        )
+        data = Dataset("causal-lm", examples, (), train_set.pad_id)
+        steps: list[StepInfo] = []
+        cfg = _cfg(tmp_path / f"{bs}x{accum}", steps=3, batch_size=bs, grad_accum=accum)
+        result = train(lm, data, cfg, callbacks=[steps.append])
+        runs.append(([info.loss for info in steps], _adapter(result.adapter_path)))
+    (big_losses, big), (accum_losses, accumulated) = runs
+    assert all(math.isfinite(loss) for loss in big_losses + accum_losses)
+    assert accum_losses == pytest.approx(big_losses, rel=1e-5)
+    for key, value in big.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=1e-5)
+
+
 def _train_records(out: Path) -> list[dict[str, Any]]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["event"] == "train"]

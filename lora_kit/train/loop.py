@@ -379,9 +379,10 @@ def _accumulate(
 
 def _loss_terms(data: Dataset, indices: Sequence[int]) -> int:
     """How many terms the model's mean loss over micro-batch ``indices`` averages: examples,
-    or for causal LM the predicted tokens (each example's but its first; padding is -100)."""
+    or for causal LM the predicted tokens (each example's but its first, none of an empty
+    one's; padding is -100)."""
     if data.task == "causal-lm":
-        return sum(len(data.examples[i].input_ids) - 1 for i in indices)
+        return sum(max(len(data.examples[i].input_ids) - 1, 0) for i in indices)
     return len(indices)
 
 
