@@ -7,7 +7,7 @@ sees the same 4 examples. Gradients differ only by fp32 reduction order (all-red
 one batch mean, ~1e-7 relative); after 3 Adam steps (lr 1e-2) the adapters agree within
 rtol 1e-4 / atol 1e-5. A DDP and an FSDP2 run interrupted and resumed must equal their
 uninterrupted twins bit for bit (DDP also with dropout and per-rank RNG streams);
-DDP beside an inactive adapter trains as without it.
+DDP beside an inactive adapter trains as without it, and its flags are put back (FSDP2 too).
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     lm.add_adapter("other", lk.LoraConfig(r=4, targets="gpt2-all"))
     train(lm, data, _config(Path(tmp) / "ddp-two-adapters", 2, "ddp"))
     assert all(p.requires_grad for p in lm.adapter_parameters("other"))  # flags put back
+    # FSDP2 replaces the parameters with sharded ones: the flags are put back on those.
+    lm = _model()
+    lm.add_adapter("other", lk.LoraConfig(r=4, targets="gpt2-all"))
+    train(lm, data, _config(Path(tmp) / "fsdp-two-adapters", 2, "fsdp"))
+    assert all(p.requires_grad for p in lm.adapter_parameters("other")), "fsdp: flags not back"
     # Each rank's RNG its own (as each GPU's generator is: rank 1 here draws once more before
     # step 2), dropout on: a resume restores every rank's, not rank 0's on all.
     out = Path(tmp) / "ddp-dropout"

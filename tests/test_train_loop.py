@@ -175,6 +175,26 @@ def test_accumulating_with_an_empty_causal_lm_example_weights_every_token_equall
         torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_other_adapters_requires_grad_put_back_when_training_fails(tmp_path: Path) -> None:
+    """Frozen while another adapter trains; put back on an error too, and one the caller had
+    frozen stays frozen."""
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    lm.add_adapter("other", lk.LoraConfig(r=4, targets="gpt2-all"))
+    kept = lm.adapter_parameters("other")[0]
+    kept.requires_grad_(False)
+    seen: list[bool] = []
+
+    def boom(info: StepInfo) -> None:
+        seen.extend(p.requires_grad for p in lm.adapter_parameters("other"))
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        train(lm, train_set, _cfg(tmp_path, steps=2), callbacks=[boom])
+    assert seen and not any(seen)  # frozen during training
+    flags = [p.requires_grad for p in lm.adapter_parameters("other")]
+    assert flags == [False] + [True] * (len(flags) - 1)
+
+
 def _train_records(out: Path) -> list[dict[str, Any]]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["event"] == "train"]

@@ -159,7 +159,7 @@ def train(
     # Other adapters take no part in the forward pass: while they require grad, DDP waits for
     # their gradients and fails in the second step. Frozen until the end (only as passed
     # unwrapped: a caller's wrapper has already taken its parameters' flags).
-    frozen = _freeze_other_adapters(lm, name) if model is lm else []
+    thaw = _freeze_other_adapters(lm, name) if model is lm else None
     try:
         if config.gradient_checkpointing and not checkpointing_on(lm.model):
             _set_checkpointing(lm, True)
@@ -297,23 +297,34 @@ def train(
         _restore_modes(modes)
         if switched_checkpointing:
             _set_checkpointing(lm, False)
-        for param in frozen:
-            param.requires_grad_(True)
+        if thaw is not None:
+            thaw()
 
 
-def _freeze_other_adapters(lm: LoraModel, name: str) -> list[nn.Parameter]:
-    """Stop the other adapters' parameters requiring grad; returns those it changed."""
+def _freeze_other_adapters(lm: LoraModel, name: str) -> Callable[[], None]:
+    """Stop the other adapters' parameters requiring grad; returns what puts them back.
+
+    They are put back by position in ``adapter_parameters``, not as the objects frozen:
+    FSDP2 (``strategy="fsdp"``) replaces every parameter with a sharded one.
+    """
     ours = {id(p) for p in lm.adapter_parameters(name)}
-    frozen = [
-        p
-        for other in lm.adapters
-        if other != name
-        for p in lm.adapter_parameters(other)
-        if p.requires_grad and id(p) not in ours
-    ]
-    for param in frozen:
-        param.requires_grad_(False)
-    return frozen
+    frozen: dict[str, list[int]] = {}
+    for other in lm.adapters:
+        if other == name:
+            continue
+        for i, param in enumerate(lm.adapter_parameters(other)):
+            if param.requires_grad and id(param) not in ours:
+                param.requires_grad_(False)
+                frozen.setdefault(other, []).append(i)
+
+    def thaw() -> None:
+        for other, positions in frozen.items():
+            if other in lm.adapters:  # (not deleted meanwhile)
+                params = lm.adapter_parameters(other)
+                for i in positions:
+                    params[i].requires_grad_(True)
+
+    return thaw
 
 
 def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
