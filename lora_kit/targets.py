@@ -189,6 +189,7 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
     matched: list[str] = []
     candidates: list[str] = []
     unindexed: list[str] = []  # targets the layer filter dropped for want of a block index
+    indexed = False  # whether any target had one (then ``layers`` is what missed)
     for name, module in iter_layers(model):
         if isinstance(module, SavedModule) or not name:
             continue
@@ -205,6 +206,7 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
             index = layer_index(name, config.layers_pattern)
             if index is None and is_supported:
                 unindexed.append(name)
+            indexed = indexed or (index is not None and is_supported)
             if index not in wanted_layers:
                 continue
         if not is_supported:
@@ -232,7 +234,7 @@ def find_targets(model: nn.Module, config: LoraConfig, source: str | None = None
             f"matched no Linear/Conv1D module of this {type(model).__name__}. Its Linear/Conv1D "
             f"modules are: {shown}."
         )
-        if unindexed:
+        if unindexed and not indexed:
             prefix = f"{source}: the adapter's " if source is not None else ""
             raise NoTargetsError(f"{prefix}{found} {_no_block_index(unindexed, config, source)}")
         if source is not None:

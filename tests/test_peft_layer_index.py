@@ -186,6 +186,17 @@ def test_no_block_index_on_a_bare_gpt2_says_to_set_layers_pattern() -> None:
         lk.inject(BASES["gpt2-bare"][0](), lk.LoraConfig(targets=["c_attn"], layers=[0]))
 
 
+def test_layers_past_the_blocks_are_not_blamed_on_a_missing_block_index() -> None:
+    """A regex sweeping up the unindexed lm_head beside blocks of index 0 and 1: ``layers=[7]``
+    names no block, which is what the refusal says, not that no block index was found."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB))
+    config = lk.LoraConfig(targets=r".*(c_attn|lm_head)", layers=[7])
+    with pytest.raises(lk.NoTargetsError) as info:
+        lk.inject(model, config)
+    assert "no block index" not in str(info.value)
+    assert "layers=(7,)" in str(info.value)
+
+
 def test_a_file_without_the_pattern_is_refused_by_both_naming_the_fix(tmp_path: Path) -> None:
     """A bare GPT-2 adapter whose adapter_config.json selects block 1 by suffix and
     layers_to_transform without layers_pattern: PEFT adapts nothing with it and refuses it;
