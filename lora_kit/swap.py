@@ -66,13 +66,15 @@ class PaddedAdapter(LoraAdapter):
 
         ``scale`` follows the module's device but not its dtype: ``.half()`` would round a
         scaling such as 0.6 to 0.60009765625, which a plain adapter's Python float scaling
-        does not do. Unmoved, it stays the same tensor (a view of the packed scales).
+        does not do. Unmoved, it stays the same tensor (a view of the packed scales). From
+        the meta device (``to_empty``) there is no value to keep: ``fn``'s result, in fp32.
         """
         scale = self._buffers.get("scale")
         super()._apply(fn, recurse)
         moved = self._buffers.get("scale")
         if scale is not None and moved is not None and moved is not scale:
-            self._buffers["scale"] = scale.to(device=moved.device, dtype=torch.float32)
+            source = moved if scale.is_meta else scale
+            self._buffers["scale"] = source.to(device=moved.device, dtype=torch.float32)
         return self
 
     @property

@@ -380,3 +380,18 @@ def test_scale_stays_fp32_through_dtype_casts(cast: str) -> None:
         assert torch.equal(adapter.scale, torch.tensor(0.6))  # fp32 0.6, not fp16's
     lm.float()
     assert all(torch.equal(m.scale, torch.tensor(0.6)) for m in padded)
+
+
+def test_a_swappable_adapter_moves_to_and_from_meta() -> None:
+    """Keeping ``scale`` fp32 re-reads the scale before the move, which a meta tensor has no
+    value for: ``to_empty`` after ``.to("meta")`` raised NotImplementedError (Cannot copy out
+    of meta tensor). It gives an uninitialised fp32 scale, as every other tensor is."""
+    lm = lk.LoraModel(make_model("gpt2"))
+    lm.add_adapter("x", lk.LoraConfig(r=8, alpha=4.8))
+    lm.make_swappable("x", 8)
+    lm.to("meta")
+    lm.to_empty(device="cpu")
+    padded = [m for m in lm.modules() if isinstance(m, PaddedAdapter)]
+    assert padded
+    for adapter in padded:
+        assert adapter.scale.device.type == "cpu" and adapter.scale.dtype == torch.float32
