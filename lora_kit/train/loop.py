@@ -322,7 +322,8 @@ def _freeze_other_adapters(lm: LoraModel, name: str) -> Callable[[], None]:
             if other in lm.adapters:  # (not deleted meanwhile)
                 params = lm.adapter_parameters(other)
                 for i in positions:
-                    params[i].requires_grad_(True)
+                    if i < len(params):  # (not reloaded meanwhile over fewer modules)
+                        params[i].requires_grad_(True)
 
     return thaw
 
