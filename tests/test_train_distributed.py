@@ -18,6 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -153,3 +154,34 @@ def test_two_process_runs_match_one_process(tmp_path: Path) -> None:
         for run in ("straight", "resumed")
     )
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_collectives_run_on_the_compute_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's counts and losses live on the CPU; NCCL (the group on CUDA) reduces only
+    CUDA tensors, so reducing them where they were failed in the first step of a multi-GPU
+    run. The 2-process test above runs gloo on CPU, where both places are one."""
+    import torch.distributed as dist
+
+    from lora_kit.train.distributed import DistContext, all_reduce_sum
+
+    seen: list[torch.device] = []
+
+    def fake_all_reduce(tensor: torch.Tensor, op: object = None) -> None:
+        seen.append(tensor.device)
+        raise _ReducedError
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    ctx = DistContext(rank=0, world_size=2, device=torch.device("meta"))  # stands in for cuda
+    with pytest.raises(_ReducedError):
+        all_reduce_sum(torch.tensor([1.0, 2.0]), ctx)
+    assert seen == [torch.device("meta")]
+    monkeypatch.undo()
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: tensor.mul_(2))
+    values = torch.tensor([1.0, 2.0])
+    cpu = DistContext(rank=0, world_size=2, device=torch.device("cpu"))
+    assert torch.equal(all_reduce_sum(values, cpu), torch.tensor([2.0, 4.0]))
+    assert torch.equal(values, torch.tensor([1.0, 2.0]))  # the input is left as it was
+
+
+class _ReducedError(Exception):
+    """Stops the fake collective once it has seen its tensor."""

@@ -169,10 +169,15 @@ def grad_norm(model: nn.Module, params: Sequence[nn.Parameter], max_norm: float)
 
 
 def all_reduce_sum(values: Tensor, ctx: DistContext) -> Tensor:
-    """Sum ``values`` over all ranks (identity on one process)."""
+    """Sum ``values`` over all ranks (identity on one process), on ``values``' device.
+
+    The collective runs on ``ctx.device``: NCCL, the process group on CUDA, reduces only CUDA
+    tensors, and the trainer's counts and losses are gathered on the CPU.
+    """
     if ctx.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        summed = values.to(ctx.device, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(values.device)
     return values
 
 
