@@ -842,3 +842,23 @@ def test_out_holding_another_tools_checkpoint_is_refused_before_any_write(tmp_pa
         train(lm, train_set, _cfg(tmp_path, steps=1))
     assert [p.name for p in out.rglob("*")] == ["checkpoint", "weights.bin"]
     assert (out / "checkpoint" / "weights.bin").read_bytes() == b"not lora_kit's"
+
+
+def test_resuming_with_another_number_of_processes_warns(tmp_path: Path) -> None:
+    """Allowed (a job may come back on fewer GPUs) but silent before: the sampler shards each
+    epoch by rank, so the resumed run no longer sees the uninterrupted run's examples."""
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    with pytest.raises(_StopError):
+        train(lm, train_set, _cfg(tmp_path, steps=3, save_every=1), callbacks=[_stop_at(2)])
+    state_file = tmp_path / "out" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["world_size"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as written: no warning
+        lm, train_set, _ = _setup("gpt2", tmp_path)
+        train(lm, train_set, _cfg(tmp_path, steps=3, save_every=1), resume=True)
+    state["world_size"] = 4
+    torch.save(state, state_file)
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    with pytest.warns(UserWarning, match="written by 4 process.*with 1: the data order"):
+        train(lm, train_set, _cfg(tmp_path, steps=3, save_every=1), resume=True)

@@ -194,6 +194,7 @@ def train(
                 model, optimizer, scheduler, scaler, params, checkpoint, total
             )
             log.notice(f"resuming from {checkpoint.path} at step {step}/{total}")
+            _warn_if_world_changed(checkpoint, ctx.world_size)
 
         extra = _label_files(train_data)
         log.rewind(step)  # records of steps this run will (re)do go
@@ -832,6 +833,22 @@ def _own_rng(state: dict[str, Any]) -> Any:
 _FRESH = "it was edited or damaged. Delete the checkpoint folder to start fresh"
 
 
+def _warn_if_world_changed(checkpoint: Checkpoint, world_size: int) -> None:
+    """Warn when a run resumes with another number of processes than wrote its checkpoint.
+
+    Allowed (a job may come back on fewer GPUs), but the sampler shards each epoch by rank, so
+    the examples each later step sees differ from the uninterrupted run's.
+    """
+    saved = checkpoint.state.get("world_size")  # absent from checkpoints written before it
+    if isinstance(saved, int) and saved != world_size:
+        message = (
+            f"resuming a run written by {saved} process(es) with {world_size}: the data order "
+            f"from here on (and, with epochs, the number of steps) differs from an "
+            f"uninterrupted run's; resume with {saved} to reproduce it"
+        )
+        warnings.warn(message, stacklevel=3)
+
+
 def _save_checkpoint(
     model: nn.Module,
     lm: LoraModel,
@@ -863,6 +880,7 @@ def _save_checkpoint(
         "rng": rng_state(),
         "config": config.to_json(),
         "data": data_id,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Every rank's own: each GPU's dropout generator is advanced by its rank alone.
