@@ -18,10 +18,9 @@ from lora_kit.layers import LoRALinear
 VOCAB = 100
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    """A 2-block GPT-2 (Conv1D projections, n_embd 32), deterministic for ``seed``."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
+def tiny_gpt2_config() -> GPT2Config:
+    """The tiny GPT-2's config: 2 blocks, n_embd 32, 2 heads."""
+    return GPT2Config(
         n_layer=2,
         n_embd=32,
         n_head=2,
@@ -30,13 +29,11 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         bos_token_id=0,
         eos_token_id=0,
     )
-    return GPT2LMHeadModel(config).eval()
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    """A 2-layer BERT classifier (Linear projections, hidden 32, 3 labels), deterministic."""
-    torch.manual_seed(seed)
-    config = BertConfig(
+def tiny_bert_config() -> BertConfig:
+    """The tiny BERT's config: 2 layers, hidden 32, 2 heads, 3 labels."""
+    return BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -44,7 +41,18 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
         intermediate_size=64,
         num_labels=3,
     )
-    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-block GPT-2 (Conv1D projections, n_embd 32), deterministic for ``seed``."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_gpt2_config()).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    """A 2-layer BERT classifier (Linear projections, hidden 32, 3 labels), deterministic."""
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config()).eval()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
@@ -34,20 +33,13 @@ from transformers import (
 
 import lora_kit as lk
 from lora_kit.targets import layer_index
-from tests.conftest import VOCAB, randomize
+from tests.conftest import VOCAB, randomize, tiny_bert_config, tiny_gpt2_config
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # PEFT's NoMatchingPeftModuleError is a ValueError saying this (its module moved in 0.22)
 NO_MATCH = r"Target modules .* not found in the base model"
-_GPT2 = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)
-_BERT = BertConfig(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    num_labels=3,
-)
+_GPT2 = tiny_gpt2_config()
+_BERT = tiny_bert_config()
 
 
 def _builder(cls: Callable[[Any], nn.Module], config: Any) -> Callable[[], nn.Module]:
