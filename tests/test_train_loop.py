@@ -406,6 +406,24 @@ def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda() -> None:
         resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_causal_lm_data_with_nothing_to_predict_is_a_data_error(which: str, tmp_path: Path) -> None:
+    """Examples of one token have no next token: training ran NaN steps into a
+    TrainingDivergedError advising a lower LR, and evaluation logged a loss of 0 and a
+    perplexity of 1 measured over nothing."""
+    lm, train_set, _ = _setup("gpt2", tmp_path)
+    single = Dataset("causal-lm", tuple(Example(e.input_ids[:1]) for e in train_set.examples),
+                     (), train_set.pad_id)  # fmt: skip
+    data, eval_data = (single, None) if which == "train" else (train_set, single)
+    before = [p.detach().clone() for p in lm.adapter_parameters("default")]
+    what = "training" if which == "train" else "eval"
+    with pytest.raises(DataError, match=f"the {what} data has no token to predict"):
+        train(lm, data, _cfg(tmp_path, eval_every=2), eval_data=eval_data)
+    after = lm.adapter_parameters("default")
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_empty_eval_data_is_no_eval_data(tmp_path: Path) -> None:
     # An empty held-out split (eval_fraction=0) passed with eval_every used to log and return
     # eval_loss 0.0 / perplexity 1.0 measured over nothing; it is now as if none was given.

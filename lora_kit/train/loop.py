@@ -132,6 +132,7 @@ def train(
     log = logger or RunLogger(config.out, enabled=ctx.is_main)
     if len(train_data) == 0:
         raise DataError("the training data set is empty")
+    _check_predicts_something(train_data, "training")
     if eval_data is not None and len(eval_data) == 0:
         eval_data = None  # nothing to measure: no eval records or metrics, as without one
     if eval_data is not None:
@@ -559,8 +560,20 @@ def _check_active(lm: LoraModel, name: str) -> None:
         )
 
 
+def _check_predicts_something(data: Dataset, what: str) -> None:
+    """Refuse causal-LM data of examples of at most one token: there is no next token to
+    predict, so its mean loss is 0/0 (training: NaN steps; evaluation: a made-up 0)."""
+    if len(data) and _loss_terms(data, range(len(data))) == 0:
+        raise DataError(
+            f"the {what} data has no token to predict: each of its {len(data)} causal-LM "
+            f"examples has at most one token; give examples of two tokens or more"
+        )
+
+
 def _check_eval_data(train_data: Dataset, eval_data: Dataset) -> None:
-    """Refuse an eval set whose task or label ids mean something else than the training set's."""
+    """Refuse an eval set whose task or label ids mean something else than the training set's,
+    or that has nothing to predict."""
+    _check_predicts_something(eval_data, "eval")
     if eval_data.task != train_data.task:
         raise DataError(
             f"the eval data is {eval_data.task} but the training data is {train_data.task}; "
