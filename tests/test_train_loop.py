@@ -643,6 +643,7 @@ def test_edited_trainer_state_is_a_checkpoint_error_and_changes_nothing(tmp_path
         (lambda s: s.update(config="{broken"), "saved run config is unreadable"),
         (lambda s: s.update(config=5), "saved run config is unreadable"),
         (lambda s: s.update(data={"sha": 1}), "record of the training data is damaged"),
+        (lambda s: s["data"].pop("sha256"), "record of the training data is damaged"),
     ]
     for edit, match in edits:
         state = copy.deepcopy(saved)

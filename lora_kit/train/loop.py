@@ -637,7 +637,9 @@ def _check_resume(config: TrainConfig, checkpoint: Checkpoint, data_id: dict[str
         ) from exc
     before = state.get("data")  # absent from checkpoints written before it was recorded
     if before is not None and not (
-        isinstance(before, dict) and isinstance(before.get("examples"), int)
+        isinstance(before, dict)
+        and isinstance(before.get("examples"), int)
+        and isinstance(before.get("sha256"), str)
     ):
         raise CheckpointError(f"{where}: its record of the training data is damaged; {_FRESH}")
     changed = config.resume_mismatch(saved)
