@@ -2,7 +2,8 @@
 
 "Another architecture is a preset away": these presets were listed by ``lk.presets()`` and
 chosen from ``model_type`` but never run. Llama and Mistral projections have no bias (the
-unfused forward), Qwen2's q/k/v have one (the fused fp32 CPU forward). Checked against the real
+unfused forward), Qwen2's q/k/v have one (the fused fp32 CPU forward, forced on here at any
+size). Checked against the real
 PEFT both ways within 1e-5 (fp32; the same rounding argument as ``test_peft_interop``), merged
 against unmerged within 1e-5, and a save/load round trip bit for bit.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,6 +30,8 @@ from transformers import (
 )
 
 import lora_kit as lk
+from lora_kit import layers
+from lora_kit.layers import LoRALinear
 from tests.conftest import VOCAB, logits, randomize
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -75,7 +79,19 @@ def test_the_model_type_picks_the_query_value_preset(kind: str) -> None:
 
 
 @pytest.mark.parametrize("preset", ["llama-qv", "llama-all"])
-def test_adapters_move_between_lora_kit_and_peft(kind: str, preset: str, tmp_path: Path) -> None:
+def test_adapters_move_between_lora_kit_and_peft(
+    kind: str, preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fused forward at any size: Qwen2's biased q/k/v take it, bias-free layers cannot.
+    monkeypatch.setattr(layers, "FUSE_MIN_OUTPUTS", 0)
+    fused: list[str] = []
+    original = LoRALinear._fused_forward
+
+    def counted(self: LoRALinear, x: torch.Tensor, active: Any) -> torch.Tensor:
+        fused.append(type(self.base).__name__)
+        return original(self, x, active)
+
+    monkeypatch.setattr(LoRALinear, "_fused_forward", counted)
     base, inputs = _base(kind), _inputs()
     lm = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=4, alpha=8, targets=preset))
     randomize(lm)
@@ -95,6 +111,7 @@ def test_adapters_move_between_lora_kit_and_peft(kind: str, preset: str, tmp_pat
     theirs.save_pretrained(str(tmp_path / "peft"))
     loaded = lk.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(logits(loaded, inputs), logits(theirs, inputs), **TOL)
+    assert bool(fused) == (kind == "qwen2")
 
 
 def test_merge_and_round_trip(kind: str, tmp_path: Path) -> None:
