@@ -3,9 +3,9 @@
 "Another architecture is a preset away": these presets were listed by ``lk.presets()`` and
 chosen from ``model_type`` but never run. Llama and Mistral projections have no bias (the
 unfused forward), Qwen2's q/k/v have one (the fused fp32 CPU forward, forced on here at any
-size). Checked against the real
-PEFT both ways within 1e-5 (fp32; the same rounding argument as ``test_peft_interop``), merged
-against unmerged within 1e-5, and a save/load round trip bit for bit.
+size). Checked against the real PEFT both ways within 1e-5 (fp32; the same rounding argument
+as ``test_peft_interop``), merged against unmerged within 1e-5, and a save/load round trip bit
+for bit.
 """
 
 from __future__ import annotations
