@@ -265,6 +265,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str) -> LoraConfig:
     if unknown:
         warnings.warn(f"{source}: ignoring unknown adapter_config keys {unknown}", stacklevel=3)
     _check_target_modules(data, source)
+    _check_unversioned_pattern_keys(data, source)
     layers = data.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
@@ -347,6 +348,59 @@ def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
                 f"{source}: {key}={data[key]!r} with a regex target_modules; PEFT refuses this "
                 f"config too (the regex alone says which modules): fold the layers into it"
             )
+
+
+def _check_unversioned_pattern_keys(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a top-level ``|`` in a pattern key of a file without ``peft_version``.
+
+    PEFT releases that did not yet record ``peft_version`` (0.14 among them) matched a
+    ``rank_pattern``/``alpha_pattern`` key ``K`` with ``re.match(rf".*\\.{K}$", name)``: the
+    alternatives of ``"a|b"`` were not grouped, so ``b`` had to match from the start of the name
+    and applied to no module. Current PEFT (and lora_kit) group the key, so such a file would load
+    silently with other alphas (or ranks) than the PEFT that wrote it used.
+
+    Raises:
+        AdapterFormatError: Naming the field and the key.
+    """
+    if data.get("peft_version"):
+        return
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in data.get(field) or {}:
+            if isinstance(key, str) and _top_level_alternation(key):
+                raise AdapterFormatError(
+                    f"{source}: {field} key {key!r} has a top-level '|' in a file without "
+                    f"peft_version: the PEFT releases that wrote such files did not group the "
+                    f"alternatives (re.match(r'.*\\.' + key + '$')), so only the first one "
+                    f"applied, and only as a prefix; current PEFT applies every alternative. "
+                    f"Load it with the PEFT that wrote it, or rewrite the key as the modules it "
+                    f'meant and add "peft_version" to adapter_config.json'
+                )
+
+
+def _top_level_alternation(pattern: str) -> bool:
+    """Whether ``pattern`` has a ``|`` outside every group and character class."""
+    depth, in_class, i = 0, False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if pattern[i + 1 : i + 2] == "^":
+                i += 1
+            if pattern[i + 1 : i + 2] == "]":  # a leading ']' is a literal
+                i += 1
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            return True
+        i += 1
+    return False
 
 
 def _check_weight_tying(config: LoraConfig, source: str) -> None:
