@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .config import LoraConfig
+from .config import LoraConfig, pattern_matches
 from .errors import AdapterFormatError, ConfigError
 from .targets import PRESETS
 
@@ -375,6 +375,48 @@ def _check_unversioned_pattern_keys(data: Mapping[str, Any], source: str) -> Non
                     f"Load it with the PEFT that wrote it, or rewrite the key as the modules it "
                     f'meant and add "peft_version" to adapter_config.json'
                 )
+
+
+def check_pattern_order(
+    peft_config: Mapping[str, Any], written_by_peft: bool, modules: Iterable[str], source: str
+) -> None:
+    """Refuse pattern keys whose order decided a module's value but was not kept in the file.
+
+    When two ``rank_pattern``/``alpha_pattern`` keys match one module, the first wins. PEFT
+    before 0.22 saved ``adapter_config.json`` with sorted keys, so the file no longer holds the
+    order the writer used, and reading it may apply the other key (alpha: other outputs; rank:
+    a shape mismatch blamed on the base). Files from PEFT 0.22 on and from lora_kit keep it.
+
+    Args:
+        peft_config: The raw ``adapter_config.json``.
+        written_by_peft: Whether PEFT wrote the file (lora_kit's files keep the order).
+        modules: The adapted module names.
+        source: The adapter, for the message.
+
+    Raises:
+        AdapterFormatError: Naming the module, the two keys and their values.
+    """
+    if not written_by_peft or _version(peft_config.get("peft_version")) >= (0, 22):
+        return
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = peft_config.get(field) or {}
+        for module in modules:
+            hits = [(k, v) for k, v in patterns.items() if pattern_matches(k, module)]
+            if len({v for _, v in hits}) > 1:
+                (k1, v1), (k2, v2) = hits[0], next(h for h in hits if h[1] != hits[0][1])
+                raise AdapterFormatError(
+                    f"{source}: {field} keys {k1!r} ({v1}) and {k2!r} ({v2}) both match {module}; "
+                    f"PEFT before 0.22 saved adapter_config.json with sorted keys, so which one "
+                    f"its writer applied is lost. Keep only the key meant for {module} (or make "
+                    f"the keys match disjoint modules) in adapter_config.json"
+                )
+
+
+def _version(text: object) -> tuple[int, int]:
+    """``(major, minor)`` of a ``peft_version`` string; ``(0, 0)`` when absent or unreadable
+    (treated as old)."""
+    match = re.match(r"(\d+)\.(\d+)", text) if isinstance(text, str) else None
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def _top_level_alternation(pattern: str) -> bool:

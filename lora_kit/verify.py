@@ -16,10 +16,17 @@ from typing import Any
 from torch import nn
 
 from .adapter_io import AdapterFiles, read_adapter
-from .errors import AdapterMismatchError, LoraKitError, NoTargetsError, UnsupportedModuleError
+from .errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    LoraKitError,
+    NoTargetsError,
+    UnsupportedModuleError,
+)
 from .fingerprint import check_fingerprint, describe
 from .loading import check_keys, expected_tensors
 from .model import LoraModel
+from .peft_format import check_pattern_order
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,9 @@ def verify_fit(
     unused = tuple(sorted(set(files.tensors) - set(landed)))
     if expected:
         try:
+            check_pattern_order(files.peft_config, files.origin == "peft", targets, source)
             check_keys(expected, files.tensors, source, files.config.modules_to_save)
-        except AdapterMismatchError as exc:
+        except (AdapterFormatError, AdapterMismatchError) as exc:
             problems.append(str(exc))
     orientation = _orientation(files, base, targets)
     if orientation == "mismatch":

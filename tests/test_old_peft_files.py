@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import lora_kit as lk
 from lora_kit.errors import AdapterFormatError
 from lora_kit.peft_format import from_peft_dict
+from lora_kit.verify import verify_fit
+from tests.conftest import GPT2, logits, tiny_gpt2
 
 ALTERNATION = r"h\.0\.attn\.c_attn|h\.1\.mlp\.c_fc"
 
@@ -46,3 +52,62 @@ def test_a_versioned_file_keeps_current_peft_s_grouping() -> None:
     )
     assert config.alpha_for("transformer.h.1.mlp.c_fc") == 64
     assert config.alpha_for("transformer.h.0.attn.c_attn") == 64
+
+
+OVERLAP = {"mlp.c_proj": 64, "c_proj": 2}  # both match h.N.mlp.c_proj: the first one wins
+
+
+def _overlapping_peft_file(tmp_path: Path, version: str | None) -> Path:
+    """A PEFT 0.22 file whose alpha_pattern keys overlap, rewritten as an older PEFT wrote it
+    (sorted keys; ``version`` as its peft_version, None: none recorded)."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    config = PeftConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                        alpha_pattern=dict(OVERLAP), init_lora_weights=False)  # fmt: skip
+    get_peft_model(tiny_gpt2(), config).save_pretrained(str(tmp_path / "p"))
+    path = tmp_path / "p" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data.pop("peft_version", None)
+    if version is not None:
+        data["peft_version"] = version
+    path.write_text(json.dumps(data, sort_keys=True))  # as PEFT < 0.22 saved it
+    return tmp_path / "p"
+
+
+@pytest.mark.parametrize("version", [None, "0.21.0"])
+def test_overlapping_pattern_keys_in_a_sorted_older_file_are_refused(
+    version: str | None, tmp_path: Path
+) -> None:
+    """PEFT before 0.22 sorted the keys, losing which of two overlapping keys its writer used:
+    the file loaded with the other one's alpha (logits off by 0.63 in the audit)."""
+    path = _overlapping_peft_file(tmp_path, version)
+    lm = lk.inject(tiny_gpt2(), lk.LoraConfig(r=4, targets=["c_attn", "c_proj"]))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    match = r"alpha_pattern keys 'c_proj' \(2\) and 'mlp.c_proj' \(64\) both match .*mlp.c_proj"
+    with pytest.raises(AdapterFormatError, match=match):
+        lm.load_adapter(path, "old")
+    assert lm.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+    with pytest.raises(AdapterFormatError, match=match):
+        lm.swap_adapter("default", path)
+    report = verify_fit(path, tiny_gpt2())
+    assert not report.fits and any("both match" in p for p in report.problems)
+
+
+def test_overlapping_pattern_keys_load_where_the_order_was_kept(tmp_path: Path) -> None:
+    """PEFT 0.22 keeps the order (its file loads, as PEFT reads it), and so does lora_kit."""
+    from peft import PeftModel
+
+    path = _overlapping_peft_file(tmp_path, "0.22.0")
+    data = json.loads((path / "adapter_config.json").read_text())
+    data["alpha_pattern"] = dict(OVERLAP)  # the order PEFT 0.22 wrote
+    (path / "adapter_config.json").write_text(json.dumps(data))
+    lm = lk.LoraModel.from_pretrained(tiny_gpt2(), path)
+    assert lm.adapters["default"].alpha_for("transformer.h.0.mlp.c_proj") == 64
+    peft_model = PeftModel.from_pretrained(tiny_gpt2(), str(path)).eval()
+    inputs = GPT2.inputs()
+    torch.testing.assert_close(logits(lm, inputs), logits(peft_model, inputs), rtol=1e-5, atol=1e-5)
+    ours = lk.inject(tiny_gpt2(), lk.LoraConfig(r=4, targets=["c_attn", "c_proj"],
+                                                alpha_pattern=dict(OVERLAP)))  # fmt: skip
+    lk.LoraModel.from_pretrained(tiny_gpt2(), ours.save_adapter(tmp_path / "lk"))
