@@ -172,9 +172,12 @@ class AdapterCache:
         return name in self._registered
 
     def set_swapped(self, name: str, source: str) -> None:
-        """Swap ``source`` into registered adapter ``name`` on each reload from now on."""
+        """Swap ``source`` into registered adapter ``name`` on each reload from now on (its
+        registered source itself: a plain reload again)."""
         with self._lock:
-            self._registered[name] = replace(self._registered[name], swapped=source)
+            reg = self._registered[name]
+            swapped = None if source == reg.source else source
+            self._registered[name] = replace(reg, swapped=swapped)
 
     def set_max_rank(self, name: str, max_rank: int) -> None:
         """Reload registered adapter ``name`` swappable at ``max_rank`` from now on."""

@@ -464,6 +464,20 @@ def test_eviction_after_swapping_in_fewer_modules_keeps_the_registered_module_se
     fresh_a.load_adapter(root / "a", "live", max_rank=8)
     with lm.using("live"), fresh_a.using("live"):
         assert torch.equal(logits(lm, ids), logits(fresh_a, ids))
+    with lm.using("other"):  # evicts "live" again: back on its registered source, a plain
+        pass  # reload follows (it also loaded "a" a second time, to swap it into itself)
+    swaps: list[str] = []
+    swap = lk.LoraModel._swap
+
+    def counted(self: lk.LoraModel, name: str, *args: object, **kwargs: object) -> None:
+        swaps.append(name)
+        swap(self, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lk.LoraModel, "_swap", counted)
+        with lm.using("live"), fresh_a.using("live"):
+            assert torch.equal(logits(lm, ids), logits(fresh_a, ids))
+    assert swaps == []
 
 
 def test_a_registered_adapter_made_swappable_reloads_swappable(root: Path) -> None:
