@@ -350,19 +350,26 @@ def _check_target_modules(data: Mapping[str, Any], source: str) -> None:
             )
 
 
+# LoraConfig fields that PEFT 0.15 added (it writes every field, None included): an unversioned
+# file holding one was written by PEFT 0.15 to 0.17, which grouped pattern keys as PEFT does now.
+_GROUPING_PEFT_FIELDS = ("trainable_token_indices", "corda_config")
+
+
 def _check_unversioned_pattern_keys(data: Mapping[str, Any], source: str) -> None:
     """Refuse a top-level ``|`` in a pattern key of a file without ``peft_version``.
 
-    PEFT releases that did not yet record ``peft_version`` (0.14 among them) matched a
+    PEFT 0.14 and older (which did not record ``peft_version``) matched a
     ``rank_pattern``/``alpha_pattern`` key ``K`` with ``re.match(rf".*\\.{K}$", name)``: the
     alternatives of ``"a|b"`` were not grouped, so ``b`` had to match from the start of the name
     and applied to no module. Current PEFT (and lora_kit) group the key, so such a file would load
-    silently with other alphas (or ranks) than the PEFT that wrote it used.
+    silently with other alphas (or ranks) than the PEFT that wrote it used. PEFT 0.15 to 0.17
+    grouped it too but recorded no ``peft_version`` either (from 0.18 on it does); their files
+    carry fields that 0.14's lacked (`_GROUPING_PEFT_FIELDS`) and are not refused.
 
     Raises:
         AdapterFormatError: Naming the field and the key.
     """
-    if data.get("peft_version"):
+    if data.get("peft_version") or any(name in data for name in _GROUPING_PEFT_FIELDS):
         return
     for field in ("rank_pattern", "alpha_pattern"):
         for key in data.get(field) or {}:

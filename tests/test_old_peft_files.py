@@ -111,3 +111,12 @@ def test_overlapping_pattern_keys_load_where_the_order_was_kept(tmp_path: Path) 
     ours = lk.inject(tiny_gpt2(), lk.LoraConfig(r=4, targets=["c_attn", "c_proj"],
                                                 alpha_pattern=dict(OVERLAP)))  # fmt: skip
     lk.LoraModel.from_pretrained(tiny_gpt2(), ours.save_adapter(tmp_path / "lk"))
+
+
+@pytest.mark.parametrize("marker", ["trainable_token_indices", "corda_config"])
+def test_an_alternation_in_an_unversioned_peft_0_15_to_0_17_file_loads(marker: str) -> None:
+    r"""PEFT 0.15 to 0.17 wrote no peft_version either, but grouped the key as PEFT does today
+    (re.match(r"(.*\.)?(" + key + ")$")); their files carry fields that 0.14 lacked."""
+    config = from_peft_dict(_config(**{marker: None, "alpha_pattern": {ALTERNATION: 64}}), "p.json")
+    assert config.alpha_for("transformer.h.1.mlp.c_fc") == 64
+    assert config.alpha_for("transformer.h.0.attn.c_attn") == 64
