@@ -120,3 +120,21 @@ def test_an_alternation_in_an_unversioned_peft_0_15_to_0_17_file_loads(marker: s
     config = from_peft_dict(_config(**{marker: None, "alpha_pattern": {ALTERNATION: 64}}), "p.json")
     assert config.alpha_for("transformer.h.1.mlp.c_fc") == 64
     assert config.alpha_for("transformer.h.0.attn.c_attn") == 64
+
+
+def test_stack_and_merge_on_disk_refuse_overlapping_keys_of_a_sorted_older_file(
+    tmp_path: Path,
+) -> None:
+    """``lorakit stack`` and ``lorakit merge`` read the scalings from the file too: they baked the
+    other key's alpha into their output (stack's output then loaded without a word)."""
+    from lora_kit.merge_files import merge_files
+
+    path = _overlapping_peft_file(tmp_path, "0.21.0")
+    match = r"alpha_pattern keys 'c_proj' \(2\) and 'mlp.c_proj' \(64\) both match"
+    with pytest.raises(AdapterFormatError, match=match):
+        lk.stack([path], out=tmp_path / "stacked")
+    assert not (tmp_path / "stacked").exists()
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    with pytest.raises(AdapterFormatError, match=match):
+        merge_files(tmp_path / "base", [path], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
