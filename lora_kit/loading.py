@@ -121,7 +121,7 @@ def load_files(
     config, source, model = files.config, str(files.path), lm.model
     targets, heads, expected = expected_tensors(model, config, source)
     refuse_adapted_heads(model, heads, source)
-    check_pattern_order(files.peft_config, files.origin == "peft", targets, source)
+    check_pattern_order(files.peft_config, files.origin == "peft", targets, source, files.tensors)
     check_keys(expected, files.tensors, source, config.modules_to_save)
     modules = {target: submodule(model, target) for target in targets}  # resolved once
     check_base_weights(modules, files.base_weights, source)

@@ -485,7 +485,7 @@ def _plan(
     fan_default = bool(files.peft_config.get("fan_in_fan_out", False))
     pairs = lora_pairs(files.tensors, source)
     adapted = [module for module, _, _ in pairs]
-    check_pattern_order(files.peft_config, files.origin == "peft", adapted, source)
+    check_pattern_order(files.peft_config, files.origin == "peft", adapted, source, files.tensors)
     for module, a, b in pairs:  # heads: see _heads
         base_key = _base_key(module, store.shards, source)
         shape = store.shape(base_key)

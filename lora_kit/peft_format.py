@@ -385,7 +385,11 @@ def _check_unversioned_pattern_keys(data: Mapping[str, Any], source: str) -> Non
 
 
 def check_pattern_order(
-    peft_config: Mapping[str, Any], written_by_peft: bool, modules: Iterable[str], source: str
+    peft_config: Mapping[str, Any],
+    written_by_peft: bool,
+    modules: Iterable[str],
+    source: str,
+    tensors: Mapping[str, Any],
 ) -> None:
     """Refuse pattern keys whose order decided a module's value but was not kept in the file.
 
@@ -399,6 +403,9 @@ def check_pattern_order(
         written_by_peft: Whether PEFT wrote the file (lora_kit's files keep the order).
         modules: The adapted module names.
         source: The adapter, for the message.
+        tensors: The file's tensors: a module's ``lora_A`` holds the rank its writer applied, so
+            overlapping ``rank_pattern`` keys are refused only where the key read first gives
+            another rank (the sorted order may well be the writer's).
 
     Raises:
         AdapterFormatError: Naming the module, the two keys and their values.
@@ -409,6 +416,13 @@ def check_pattern_order(
         patterns = peft_config.get(field) or {}
         for module in modules:
             hits = [(k, v) for k, v in patterns.items() if pattern_matches(k, module)]
+            down = tensors.get(lora_keys(module)[0])
+            if (
+                field == "rank_pattern"
+                and hits
+                and getattr(down, "shape", (None,))[0] == hits[0][1]
+            ):
+                continue  # the rank read is the rank the tensors have
             if len({v for _, v in hits}) > 1:
                 (k1, v1), (k2, v2) = hits[0], next(h for h in hits if h[1] != hits[0][1])
                 raise AdapterFormatError(

@@ -332,7 +332,9 @@ def _collect(inputs: Sequence[AdapterFiles], coeffs: Sequence[float]) -> dict[st
     for files, coeff in zip(inputs, coeffs, strict=True):
         pairs = lora_pairs(files.tensors, str(files.path))
         modules = [module for module, _, _ in pairs]
-        check_pattern_order(files.peft_config, files.origin == "peft", modules, str(files.path))
+        check_pattern_order(
+            files.peft_config, files.origin == "peft", modules, str(files.path), files.tensors
+        )
         for module, a, b in pairs:
             t = terms.setdefault(module, _Terms([], []))
             t.a.append(a.float())

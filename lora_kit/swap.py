@@ -362,7 +362,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"{source}: does not adapt {left_out[0]!r}, which adapter {name!r} does; swapping in "
             f"an adapter over fewer modules needs {name!r} loaded with max_rank="
         )
-    check_pattern_order(files.peft_config, files.origin == "peft", targets, source)
+    check_pattern_order(files.peft_config, files.origin == "peft", targets, source, files.tensors)
     ranks = {target: config.rank_for(target) for target in targets}
     for target, rank in ranks.items():
         adapter = slots[target].adapter

@@ -96,7 +96,9 @@ def verify_fit(
     unused = tuple(sorted(set(files.tensors) - set(landed)))
     if expected:
         try:
-            check_pattern_order(files.peft_config, files.origin == "peft", targets, source)
+            check_pattern_order(
+                files.peft_config, files.origin == "peft", targets, source, files.tensors
+            )
             check_keys(expected, files.tensors, source, files.config.modules_to_save)
         except (AdapterFormatError, AdapterMismatchError) as exc:
             problems.append(str(exc))

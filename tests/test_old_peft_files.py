@@ -138,3 +138,30 @@ def test_stack_and_merge_on_disk_refuse_overlapping_keys_of_a_sorted_older_file(
     with pytest.raises(AdapterFormatError, match=match):
         merge_files(tmp_path / "base", [path], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_overlapping_rank_keys_load_where_the_tensors_show_the_applied_rank(
+    tmp_path: Path,
+) -> None:
+    """Ranks are in the tensors: where the key read first (sorted) gives the rank the file's
+    tensors have, it is the one the writer applied, and the file loads as PEFT reads it."""
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    ranks = {"attn.c_proj": 6, "c_proj": 2}  # sorted already: the writer's order survives
+    config = PeftConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                        rank_pattern=dict(ranks), init_lora_weights=False)  # fmt: skip
+    get_peft_model(tiny_gpt2(), config).save_pretrained(str(tmp_path / "p"))
+    path = tmp_path / "p" / "adapter_config.json"
+    data = json.loads(path.read_text()) | {"peft_version": "0.21.0"}
+    path.write_text(json.dumps(data, sort_keys=True))
+    lm = lk.LoraModel.from_pretrained(tiny_gpt2(), tmp_path / "p")
+    assert lm.adapters["default"].rank_for("transformer.h.0.attn.c_proj") == 6
+    peft_model = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "p")).eval()
+    inputs = GPT2.inputs()
+    torch.testing.assert_close(logits(lm, inputs), logits(peft_model, inputs), rtol=1e-5, atol=1e-5)
+    assert verify_fit(tmp_path / "p", tiny_gpt2()).fits
+    data["rank_pattern"] = {"attn.c_proj": 2, "c_proj": 6}  # the tensors say 6, read first: 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(AdapterFormatError, match=r"rank_pattern keys 'attn.c_proj' \(2\)"):
+        lk.LoraModel.from_pretrained(tiny_gpt2(), tmp_path / "p")
