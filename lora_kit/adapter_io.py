@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from torch import Tensor
 from ._version import __version__
 from .config import LoraConfig
 from .errors import AdapterFormatError, NonFiniteError
-from .peft_format import check_tied_tensors, from_peft_dict, unknown_keys
+from .peft_format import check_pattern_order, check_tied_tensors, from_peft_dict, unknown_keys
 from .safetensors_read import (
     NATIVE_LITTLE_ENDIAN,
     SafetensorsFormatError,
@@ -73,6 +73,17 @@ class AdapterFiles:
     def origin(self) -> str:
         """``"lora_kit"`` if lora_kit wrote it, else ``"peft"``."""
         return "lora_kit" if "format_version" in self.metadata else "peft"
+
+    def check_pattern_order(self, modules: Iterable[str]) -> None:
+        """Refuse pattern keys of a PEFT file older than 0.22 whose lost order decides a value
+        of one of ``modules`` (see `peft_format.check_pattern_order`).
+
+        Raises:
+            AdapterFormatError: Naming the module and the two keys.
+        """
+        check_pattern_order(
+            self.peft_config, self.origin == "peft", modules, str(self.path), self.tensors
+        )
 
 
 def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:

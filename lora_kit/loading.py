@@ -26,7 +26,7 @@ from .config import LoraConfig
 from .errors import AdapterMismatchError, ConfigError
 from .fingerprint import check_fingerprint, describe
 from .layers import LoraAdapter, LoRALinear
-from .peft_format import PREFIX, check_pattern_order, head_key, lora_keys
+from .peft_format import PREFIX, head_key, lora_keys
 from .saved_modules import SavedModule
 from .surgery import refuse_adapted_heads, submodule, wrap_lora, wrap_saved
 from .targets import find_saved_modules, find_targets, saves_module
@@ -121,7 +121,7 @@ def load_files(
     config, source, model = files.config, str(files.path), lm.model
     targets, heads, expected = expected_tensors(model, config, source)
     refuse_adapted_heads(model, heads, source)
-    check_pattern_order(files.peft_config, files.origin == "peft", targets, source, files.tensors)
+    files.check_pattern_order(targets)
     check_keys(expected, files.tensors, source, config.modules_to_save)
     modules = {target: submodule(model, target) for target in targets}  # resolved once
     check_base_weights(modules, files.base_weights, source)

@@ -58,7 +58,7 @@ from .fingerprint import HASH_DTYPE
 from .heads import choose_heads
 from .history import HEADER_KEY, History, HistorySource, Scalar, source_record
 from .merge import merge_update, weighted_delta
-from .peft_format import PREFIX, check_pattern_order, lora_pairs
+from .peft_format import PREFIX, lora_pairs
 from .safetensors_read import SafetensorsFormatError, read_header
 from .safetensors_stream import ByteRange, write_streaming
 from .task_head import TaskLayout, read_labels, task_layout
@@ -484,8 +484,7 @@ def _plan(
     fp_modules = (files.metadata.get("base_fingerprint") or {}).get("modules", {})
     fan_default = bool(files.peft_config.get("fan_in_fan_out", False))
     pairs = lora_pairs(files.tensors, source)
-    adapted = [module for module, _, _ in pairs]
-    check_pattern_order(files.peft_config, files.origin == "peft", adapted, source, files.tensors)
+    files.check_pattern_order(module for module, _, _ in pairs)
     for module, a, b in pairs:  # heads: see _heads
         base_key = _base_key(module, store.shards, source)
         shape = store.shape(base_key)

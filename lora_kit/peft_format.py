@@ -412,6 +412,7 @@ def check_pattern_order(
     """
     if not written_by_peft or _version(peft_config.get("peft_version")) >= (0, 22):
         return
+    modules = tuple(modules)  # read once per field
     for field in ("rank_pattern", "alpha_pattern"):
         patterns = peft_config.get(field) or {}
         for module in modules:

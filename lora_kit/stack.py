@@ -47,7 +47,7 @@ from .config import LoraConfig, as_number, as_numbers
 from .errors import AdapterMismatchError, ConfigError
 from .heads import choose_heads, saved_module_names
 from .history import METADATA_NAME, History, source_record
-from .peft_format import PREFIX, check_pattern_order, lora_pairs, to_peft_dict
+from .peft_format import PREFIX, lora_pairs, to_peft_dict
 
 StackMethod = Literal["cat", "svd", "ties", "dare"]
 METHODS: tuple[str, ...] = get_args(StackMethod)
@@ -331,10 +331,7 @@ def _collect(inputs: Sequence[AdapterFiles], coeffs: Sequence[float]) -> dict[st
     terms: dict[str, _Terms] = {}
     for files, coeff in zip(inputs, coeffs, strict=True):
         pairs = lora_pairs(files.tensors, str(files.path))
-        modules = [module for module, _, _ in pairs]
-        check_pattern_order(
-            files.peft_config, files.origin == "peft", modules, str(files.path), files.tensors
-        )
+        files.check_pattern_order(module for module, _, _ in pairs)
         for module, a, b in pairs:
             t = terms.setdefault(module, _Terms([], []))
             t.a.append(a.float())

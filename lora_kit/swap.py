@@ -22,7 +22,7 @@ from .adapter_io import AdapterFiles
 from .errors import AdapterMismatchError, ConfigError
 from .fingerprint import compare_fingerprint
 from .layers import LoraAdapter, LoRALinear, down_t
-from .peft_format import check_pattern_order, head_key, lora_keys
+from .peft_format import head_key, lora_keys
 from .swap_plan import forget_plans, swap_plan
 
 if TYPE_CHECKING:
@@ -362,7 +362,7 @@ def swap_in(lm: LoraModel, name: str, files: AdapterFiles, *, check_base: bool) 
             f"{source}: does not adapt {left_out[0]!r}, which adapter {name!r} does; swapping in "
             f"an adapter over fewer modules needs {name!r} loaded with max_rank="
         )
-    check_pattern_order(files.peft_config, files.origin == "peft", targets, source, files.tensors)
+    files.check_pattern_order(targets)
     ranks = {target: config.rank_for(target) for target in targets}
     for target, rank in ranks.items():
         adapter = slots[target].adapter

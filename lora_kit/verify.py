@@ -26,7 +26,6 @@ from .errors import (
 from .fingerprint import check_fingerprint, describe
 from .loading import check_keys, expected_tensors
 from .model import LoraModel
-from .peft_format import check_pattern_order
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,7 @@ def verify_fit(
     unused = tuple(sorted(set(files.tensors) - set(landed)))
     if expected:
         try:
-            check_pattern_order(
-                files.peft_config, files.origin == "peft", targets, source, files.tensors
-            )
+            files.check_pattern_order(targets)
             check_keys(expected, files.tensors, source, files.config.modules_to_save)
         except (AdapterFormatError, AdapterMismatchError) as exc:
             problems.append(str(exc))
