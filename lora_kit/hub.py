@@ -228,17 +228,18 @@ def pull_adapter(
     """
     check_repo_id(repo_id)
     target = named_dir(out) if out is not None else adapter_library() / repo_id.rsplit("/", 1)[-1]
-    if target.is_file() or (target.exists() and any(target.iterdir()) and not force):
+    filled = target.is_dir() and any(target.iterdir())  # listed once (an empty one is new)
+    if target.is_file() or (filled and not force):
         raise AdapterFormatError(
             f"{str(target)!r} already exists; choose another -o directory or pass --force to "
             f"replace it"
         )
-    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+    if filled and not (target / CONFIG_NAME).is_file():
         raise AdapterFormatError(  # --force replaces an adapter, never another folder's files
             f"refusing to replace {str(target)!r}: it is not an adapter directory (no "
             f"{CONFIG_NAME}); choose another -o directory"
         )
-    if target.is_dir():
+    if filled:
         _refuse_training_run(target)
     offline = hub_offline() if offline is None else offline
     from huggingface_hub import snapshot_download

@@ -884,6 +884,7 @@ def _save_checkpoint(
     """
     import torch.distributed as dist
 
+    world = dist.get_world_size() if dist.is_initialized() else 1
     optimizer_state = _optimizer_state(model, optimizer)
     state = {
         "step": step,
@@ -895,11 +896,11 @@ def _save_checkpoint(
         "rng": rng_state(),
         "config": config.to_json(),
         "data": data_id,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "world_size": world,
     }
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         # Every rank's own: each GPU's dropout generator is advanced by its rank alone.
-        ranks: list[Any] = [None] * dist.get_world_size()
+        ranks: list[Any] = [None] * world
         dist.all_gather_object(ranks, state["rng"])
         state["rng_ranks"] = ranks
     path = Path(config.out) / "checkpoint"
