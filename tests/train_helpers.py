@@ -7,13 +7,9 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from tests.conftest import tiny_bert_config, tiny_gpt2_config
 
 # Tiny models on a shared 2-core machine: extra intra-op threads only oversubscribe (20x slower).
 torch.set_num_threads(1)
@@ -22,36 +18,22 @@ WORDS = [f"w{i}" for i in range(90)]
 
 
 def tiny_gpt2(dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
+    """The tests' tiny GPT-2 (`tests.conftest.tiny_gpt2_config`), with ``dropout`` everywhere."""
     torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
+    config = tiny_gpt2_config()
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
     return GPT2LMHeadModel(config)
 
 
 def tiny_bert(
     num_labels: int = 3, dropout: float = 0.0, seed: int = 0
 ) -> BertForSequenceClassification:
+    """The tests' tiny BERT (`tests.conftest.tiny_bert_config`) with ``num_labels`` classes and
+    ``dropout`` everywhere."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
+    config = tiny_bert_config()
+    config.num_labels = num_labels
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     return BertForSequenceClassification(config)
 
 
